@@ -1,0 +1,363 @@
+//! The MySQL backend (seed section 2.5): a database per instance, a user per binding with
+//! the plan's `MAX_USER_CONNECTIONS`, storage checked against the plan on downgrade.
+//!
+//! Names are derived from ids, never taken from them: a database is `cf_<id>` only for
+//! ids of `[a-z0-9-]`, otherwise a hash; a user is a hash of the binding id (MySQL 8
+//! allows 32 characters). Grants escape `_` so one instance's grant never matches another
+//! instance's database.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Pool};
+use rand::distr::{Alphanumeric, SampleString};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use tracing::instrument;
+
+use super::{only_known_parameters, Backend, BackendError, Parameters};
+use crate::catalog::PlanLimits;
+use crate::config::MysqlBackendConfig;
+use crate::mysql::{self, SqlError};
+
+pub struct MysqlBackend {
+    pool: Pool,
+    /// host:port as the broker reaches the server, for messages.
+    admin_address: String,
+    public_host: String,
+    public_port: u16,
+    timeout: Duration,
+}
+
+const BIND_PARAMETERS: &[&str] = &["read-only"];
+
+impl MysqlBackend {
+    pub fn new(config: &MysqlBackendConfig) -> anyhow::Result<Self> {
+        let url = url::Url::parse(config.url.expose())?;
+        let host = url.host_str().unwrap_or("127.0.0.1").to_string();
+        let port = url.port().unwrap_or(3306);
+        Ok(MysqlBackend {
+            pool: mysql::pool(config.url.expose(), config.max_connections)
+                .map_err(|e| anyhow::anyhow!("backends.mysql.url: {e}"))?,
+            admin_address: format!("{host}:{port}"),
+            public_host: config.public_host.clone().unwrap_or(host),
+            public_port: config.public_port.unwrap_or(port),
+            timeout: Duration::from_secs(config.connect_timeout_secs.max(1)),
+        })
+    }
+
+    async fn conn(&self) -> Result<Conn, BackendError> {
+        mysql::conn(&self.pool, self.timeout)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: impl Into<SqlError>) -> BackendError {
+        let e = e.into();
+        if e.is_unreachable() {
+            BackendError::Unavailable(format!(
+                "the MySQL server at {} is unreachable: {e}",
+                self.admin_address
+            ))
+        } else {
+            BackendError::Failed(format!("MySQL server at {}: {e}", self.admin_address))
+        }
+    }
+
+    async fn database_exists(&self, conn: &mut Conn, db: &str) -> Result<bool, BackendError> {
+        let found: Option<String> = conn
+            .exec_first(
+                "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                (db,),
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(found.is_some())
+    }
+
+    /// Bytes the instance's tables use (data and indexes), current without ANALYZE on MariaDB.
+    pub async fn usage_bytes(&self, instance_id: &str) -> Result<u64, BackendError> {
+        let mut conn = self.conn().await?;
+        let used: Option<u64> = conn
+            .exec_first(
+                "SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS UNSIGNED)
+                 FROM information_schema.TABLES WHERE table_schema = ?",
+                (database_name(instance_id),),
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(used.unwrap_or(0))
+    }
+
+    /// The users holding grants on an instance's database.
+    async fn users_of(&self, conn: &mut Conn, db: &str) -> Result<Vec<String>, BackendError> {
+        let users: Vec<String> = conn
+            .exec(
+                "SELECT DISTINCT User FROM mysql.db WHERE Db = ? AND Host = '%'",
+                (grant_pattern(db),),
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(users.into_iter().filter(|u| is_binding_user(u)).collect())
+    }
+
+    async fn drop_user(&self, conn: &mut Conn, user: &str) -> Result<(), BackendError> {
+        assert!(is_binding_user(user), "only derived names are ever dropped");
+        conn.query_drop(format!("DROP USER IF EXISTS '{user}'@'%'"))
+            .await
+            .map_err(|e| self.error(e))?;
+        // Dropping a user leaves its sessions open: end them.
+        let sessions: Vec<u64> = conn
+            .exec(
+                "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ?",
+                (user,),
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        for id in sessions {
+            // The session may have ended meanwhile (1094: unknown thread).
+            match conn.query_drop(format!("KILL CONNECTION {id}")).await {
+                Ok(()) => {}
+                Err(mysql_async::Error::Server(s)) if s.code == 1094 => {}
+                Err(e) => return Err(self.error(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for MysqlBackend {
+    fn describe(&self) -> String {
+        format!("mysql backend at {}", self.admin_address)
+    }
+
+    async fn check(&self) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        conn.query_drop("SELECT 1").await.map_err(|e| self.error(e))
+    }
+
+    #[instrument(skip(self, parameters), fields(backend = "mysql"))]
+    async fn provision(
+        &self,
+        instance_id: &str,
+        _limits: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        only_known_parameters(parameters, &[])?;
+        let db = database_name(instance_id);
+        let mut conn = self.conn().await?;
+        if self.database_exists(&mut conn, &db).await? {
+            return Err(BackendError::Conflict(format!(
+                "database {db} already exists on the MySQL server; Brokerage has no record of it"
+            )));
+        }
+        conn.query_drop(format!(
+            "CREATE DATABASE `{db}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+        ))
+        .await
+        .map_err(|e| self.error(e))
+    }
+
+    #[instrument(skip(self, parameters), fields(backend = "mysql"))]
+    async fn update(
+        &self,
+        instance_id: &str,
+        from: PlanLimits,
+        to: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        only_known_parameters(parameters, &[])?;
+        let db = database_name(instance_id);
+        if to.max_storage_mb < from.max_storage_mb {
+            let used = self.usage_bytes(instance_id).await?;
+            if used > to.max_storage_mb * 1024 * 1024 {
+                return Err(BackendError::Rejected(format!(
+                    "the database uses {:.1} MB, more than the {} MB the new plan allows; \
+                     delete data first",
+                    used as f64 / (1024.0 * 1024.0),
+                    to.max_storage_mb
+                )));
+            }
+        }
+        let mut conn = self.conn().await?;
+        for user in self.users_of(&mut conn, &db).await? {
+            conn.query_drop(format!(
+                "ALTER USER '{user}'@'%' WITH MAX_USER_CONNECTIONS {}",
+                to.max_user_connections
+            ))
+            .await
+            .map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
+    #[instrument(skip(self), fields(backend = "mysql"))]
+    async fn deprovision(&self, instance_id: &str) -> Result<(), BackendError> {
+        let db = database_name(instance_id);
+        let mut conn = self.conn().await?;
+        for user in self.users_of(&mut conn, &db).await? {
+            self.drop_user(&mut conn, &user).await?;
+        }
+        conn.query_drop(format!("DROP DATABASE IF EXISTS `{db}`"))
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    #[instrument(skip(self, parameters), fields(backend = "mysql"))]
+    async fn bind(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        limits: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<Map<String, Value>, BackendError> {
+        only_known_parameters(parameters, BIND_PARAMETERS)?;
+        let read_only = match parameters.and_then(|p| p.get("read-only")) {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(BackendError::BadRequest(
+                    "parameter read-only must be true or false".into(),
+                ))
+            }
+        };
+        let db = database_name(instance_id);
+        let user = user_name(binding_id);
+        let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
+        let mut conn = self.conn().await?;
+        if !self.database_exists(&mut conn, &db).await? {
+            return Err(BackendError::Failed(format!(
+                "database {db} is missing on the MySQL server"
+            )));
+        }
+        // A user left by an interrupted bind of this same binding is replaced.
+        self.drop_user(&mut conn, &user).await?;
+        conn.query_drop(format!(
+            "CREATE USER '{user}'@'%' IDENTIFIED BY '{password}' WITH MAX_USER_CONNECTIONS {}",
+            limits.max_user_connections
+        ))
+        .await
+        .map_err(|e| self.error(e))?;
+        let privileges = if read_only {
+            "SELECT"
+        } else {
+            "ALL PRIVILEGES"
+        };
+        let granted = conn
+            .query_drop(format!(
+                "GRANT {privileges} ON `{}`.* TO '{user}'@'%'",
+                grant_pattern(&db)
+            ))
+            .await;
+        if let Err(e) = granted {
+            let e = self.error(e);
+            self.drop_user(&mut conn, &user).await?;
+            return Err(e);
+        }
+        let (host, port) = (&self.public_host, self.public_port);
+        let credentials = json!({
+            "hostname": host,
+            "port": port,
+            "name": db,
+            "username": user,
+            "password": password,
+            "uri": format!("mysql://{user}:{password}@{host}:{port}/{db}?reconnect=true"),
+            "jdbcUrl": format!("jdbc:mysql://{host}:{port}/{db}?user={user}&password={password}"),
+        });
+        match credentials {
+            Value::Object(map) => Ok(map),
+            _ => unreachable!("a JSON object literal"),
+        }
+    }
+
+    #[instrument(skip(self), fields(backend = "mysql"))]
+    async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        self.drop_user(&mut conn, &user_name(binding_id)).await
+    }
+}
+
+/// The database an instance owns.
+pub fn database_name(instance_id: &str) -> String {
+    let plain = !instance_id.is_empty()
+        && instance_id.len() <= 60
+        && instance_id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if plain {
+        format!("cf_{}", instance_id.replace('-', "_"))
+    } else {
+        format!("cf_h{}", &hex::encode(Sha256::digest(instance_id))[..40])
+    }
+}
+
+/// The MySQL user a binding owns: 32 characters, the most MySQL 8 allows.
+pub fn user_name(binding_id: &str) -> String {
+    format!("u_{}", &hex::encode(Sha256::digest(binding_id))[..30])
+}
+
+fn is_binding_user(name: &str) -> bool {
+    name.len() == 32 && name.starts_with("u_") && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A database name as GRANT and `mysql.db` read it: `_` and `%` are wildcards there.
+fn grant_pattern(db: &str) -> String {
+    db.replace('_', "\\_").replace('%', "\\%")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn safe(name: &str) -> bool {
+        name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }
+
+    #[test]
+    fn database_names_are_safe_and_distinct() {
+        let ids = [
+            "5a0e5c2a-3b1d-4c7e-9f00-1234567890ab",
+            "a-b",
+            "a_b",
+            "axb",
+            "AB",
+            "ab",
+            "x'; DROP DATABASE mysql; --",
+            "back`tick",
+            "../etc/passwd",
+            "é",
+            &"a".repeat(300),
+        ];
+        let names: Vec<String> = ids.iter().map(|id| database_name(id)).collect();
+        for (id, name) in ids.iter().zip(&names) {
+            assert!(safe(name), "{id:?} -> {name:?}");
+        }
+        let distinct: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{names:?}");
+        assert_eq!(
+            database_name("5a0e5c2a-3b1d-4c7e-9f00-1234567890ab"),
+            "cf_5a0e5c2a_3b1d_4c7e_9f00_1234567890ab"
+        );
+    }
+
+    #[test]
+    fn user_names_fit_mysql8_and_are_recognised() {
+        for id in ["b1", "0c8f6a5e-0000-4000-8000-000000000000", "'`\"", ""] {
+            let user = user_name(id);
+            assert_eq!(user.len(), 32);
+            assert!(is_binding_user(&user));
+        }
+        assert!(!is_binding_user("root"));
+        assert_ne!(user_name("a"), user_name("b"));
+    }
+
+    #[test]
+    fn grants_escape_wildcards() {
+        assert_eq!(grant_pattern("cf_a_b"), "cf\\_a\\_b");
+    }
+}

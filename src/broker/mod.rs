@@ -1,0 +1,931 @@
+//! The broker's domain: what each OSB call means for the records and the backends.
+//!
+//! Every call that changes something follows one path:
+//! 1. validate the request against the catalog;
+//! 2. claim the resource by recording an operation "in progress" in the state store
+//!    (an insert for new resources, a compare-and-swap otherwise): whoever loses the
+//!    claim is answered 200/202/409/422 from the winner's record;
+//! 3. run the backend work, inline or in the background for asynchronous plans;
+//! 4. record the outcome durably, and only then answer.
+//!
+//! A synchronous failure leaves the records as they were before step 2; an asynchronous
+//! one is recorded as a failed operation that `last_operation` reports.
+
+mod token;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use tokio_util::task::TaskTracker;
+use upstreams::osb::{self, BindRequest, LastOperation, ProvisionRequest, UpdateRequest};
+
+pub use token::OperationToken;
+
+use crate::backend::{Backend, BackendError, Backends};
+use crate::catalog::{LocalCatalog, LocalPlan, LocalService};
+use crate::error::OsbError;
+use crate::store::records::{self, Inserted, Record, Stored};
+use crate::store::{BindingRecord, InstanceRecord, OpKind, OpState, OperationRecord, StateStore};
+
+/// A successful answer: the status, the JSON body and, for polls, `Retry-After`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after: Option<u64>,
+}
+
+impl Reply {
+    fn new(status: u16, body: Value) -> Self {
+        Reply {
+            status,
+            body,
+            retry_after: None,
+        }
+    }
+}
+
+/// Timing settings of the broker.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// The longest one backend operation may run.
+    pub operation_timeout: Duration,
+    /// `Retry-After` on "in progress" polls.
+    pub retry_after_secs: u64,
+}
+
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn StateStore>,
+    catalog: LocalCatalog,
+    backends: Backends,
+    links: sso::DashboardLinks,
+    timing: Timing,
+    background: TaskTracker,
+}
+
+/// What becomes of a record once its operation ends.
+enum Outcome<R> {
+    Keep(R),
+    Remove,
+}
+
+type Settled<R> = (Outcome<R>, Result<Reply, OsbError>);
+
+/// The longest an id may be; Cloud Foundry's are 36-character GUIDs.
+const MAX_ID_LEN: usize = 128;
+
+/// Instance and binding ids: 1 to 128 of `[A-Za-z0-9._-]`, not `.` or `..`. Anything
+/// else could reach a backend's names, a path or a log line, and is refused whole.
+pub fn check_id(what: &str, id: &str) -> Result<(), OsbError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(OsbError::BadRequest(format!(
+            "{what} must be 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, '-', '_' and '.'"
+        )))
+    }
+}
+
+fn required(value: Option<String>, name: &str) -> Result<String, OsbError> {
+    value.ok_or_else(|| OsbError::BadRequest(format!("{name} is required")))
+}
+
+fn check_maintenance(
+    plan: &LocalPlan,
+    requested: Option<&osb::MaintenanceInfo>,
+) -> Result<(), OsbError> {
+    let Some(requested) = requested else {
+        return Ok(());
+    };
+    match &plan.wire.maintenance_info {
+        Some(offered) if offered.version == requested.version => Ok(()),
+        Some(offered) => Err(OsbError::MaintenanceInfoConflict(format!(
+            "maintenance_info.version {} does not match the plan's {}; fetch the catalog again",
+            requested.version, offered.version
+        ))),
+        None => Err(OsbError::MaintenanceInfoConflict(format!(
+            "plan {} has no maintenance_info, but {} was requested",
+            plan.wire.name, requested.version
+        ))),
+    }
+}
+
+fn object(map: Map<String, Value>) -> Value {
+    Value::Object(map)
+}
+
+impl Broker {
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        catalog: LocalCatalog,
+        backends: Backends,
+        links: sso::DashboardLinks,
+        timing: Timing,
+    ) -> Self {
+        Broker {
+            inner: Arc::new(Inner {
+                store,
+                catalog,
+                backends,
+                links,
+                timing,
+                background: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn catalog(&self) -> &LocalCatalog {
+        &self.inner.catalog
+    }
+
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.inner.store
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.inner.backends
+    }
+
+    /// Waits for background operations to record their outcome (graceful shutdown).
+    pub async fn drain(&self) {
+        self.inner.background.close();
+        self.inner.background.wait().await;
+    }
+
+    fn store_ref(&self) -> &dyn StateStore {
+        &*self.inner.store
+    }
+
+    fn lease(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.inner.timing.operation_timeout)
+            .unwrap_or(chrono::Duration::MAX)
+            + chrono::Duration::seconds(30)
+    }
+
+    fn start(&self, kind: OpKind, asynchronous: bool) -> OperationRecord {
+        OperationRecord::start(kind, asynchronous, self.lease())
+    }
+
+    fn service(&self, service_id: &str) -> Result<&LocalService, OsbError> {
+        self.inner.catalog.service(service_id).ok_or_else(|| {
+            OsbError::BadRequest(format!("service_id {service_id:?} is not in the catalog"))
+        })
+    }
+
+    fn plan<'a>(
+        &self,
+        service: &'a LocalService,
+        plan_id: &str,
+    ) -> Result<&'a LocalPlan, OsbError> {
+        service.plan(plan_id).ok_or_else(|| {
+            OsbError::BadRequest(format!(
+                "plan_id {plan_id:?} is not a plan of service {}",
+                service.wire.name
+            ))
+        })
+    }
+
+    /// The service and plan a stored instance uses, which the catalog must still offer.
+    fn offering(&self, instance: &InstanceRecord) -> Result<(&LocalService, &LocalPlan), OsbError> {
+        let service = self
+            .inner
+            .catalog
+            .service(&instance.service_id)
+            .ok_or_else(|| {
+                OsbError::Unprocessable(format!(
+                    "the instance's service {} is no longer in the catalog",
+                    instance.service_id
+                ))
+            })?;
+        let plan = service.plan(&instance.plan_id).ok_or_else(|| {
+            OsbError::Unprocessable(format!(
+                "the instance's plan {} is no longer in the catalog",
+                instance.plan_id
+            ))
+        })?;
+        Ok((service, plan))
+    }
+
+    fn backend(&self, service: &LocalService) -> Result<Arc<dyn Backend>, OsbError> {
+        self.inner
+            .backends
+            .get(&service.backend)
+            .cloned()
+            .ok_or_else(|| OsbError::Internal(format!("backend {} missing", service.backend)))
+    }
+
+    fn token(&self, kind: OpKind, op: &OperationRecord) -> String {
+        OperationToken::local(kind, &op.id).encode()
+    }
+
+    fn accepted(&self, op: &OperationRecord, extra: Map<String, Value>) -> Reply {
+        let mut body = extra;
+        body.insert("operation".into(), json!(self.token(op.kind, op)));
+        Reply::new(202, object(body))
+    }
+
+    fn dashboard(record: &InstanceRecord) -> Map<String, Value> {
+        let mut body = Map::new();
+        if let Some(url) = &record.dashboard_url {
+            body.insert("dashboard_url".into(), json!(url));
+        }
+        body
+    }
+
+    /// Runs a claimed operation's backend work and records its outcome: inline, or in the
+    /// background with an immediate 202.
+    /// `accepted` is the body of the 202 beside `operation`.
+    async fn drive<R, T, W, S>(
+        &self,
+        record: R,
+        version: u64,
+        accepted: Map<String, Value>,
+        work: W,
+        settle: S,
+    ) -> Result<Reply, OsbError>
+    where
+        R: Record + Clone + 'static,
+        T: Send + 'static,
+        W: Future<Output = Result<T, BackendError>> + Send + 'static,
+        S: FnOnce(R, Result<T, BackendError>) -> Settled<R> + Send + 'static,
+    {
+        let timeout = self.inner.timing.operation_timeout;
+        let timed = async move {
+            match tokio::time::timeout(timeout, work).await {
+                Ok(result) => result,
+                Err(_) => Err(BackendError::Unavailable(format!(
+                    "the backend did not finish within {} s",
+                    timeout.as_secs()
+                ))),
+            }
+        };
+        let op = record.operation().clone();
+        if !op.asynchronous {
+            let (outcome, reply) = settle(record.clone(), timed.await);
+            self.record_outcome::<R>(record.id(), version, outcome)
+                .await?;
+            return reply;
+        }
+        let this = self.clone();
+        let id = record.id().to_string();
+        self.inner.background.spawn(async move {
+            let (outcome, _) = settle(record, timed.await);
+            if let Err(e) = this.record_outcome::<R>(&id, version, outcome).await {
+                tracing::error!(table = R::TABLE.name(), %id, error = %e, "could not record the end of a background operation");
+            }
+        });
+        Ok(self.accepted(&op, accepted))
+    }
+
+    async fn record_outcome<R: Record>(
+        &self,
+        id: &str,
+        version: u64,
+        outcome: Outcome<R>,
+    ) -> Result<(), OsbError> {
+        let done = match outcome {
+            Outcome::Keep(record) => records::replace(self.store_ref(), &record, version)
+                .await?
+                .is_some(),
+            Outcome::Remove => records::remove::<R>(self.store_ref(), id, version).await?,
+        };
+        if done {
+            Ok(())
+        } else {
+            Err(OsbError::Internal(format!(
+                "{}/{id} changed while its operation ran",
+                R::TABLE.name()
+            )))
+        }
+    }
+
+    // ---- instances -------------------------------------------------------------------
+
+    pub async fn provision(
+        &self,
+        id: &str,
+        req: ProvisionRequest,
+        accepts_incomplete: bool,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", id)?;
+        let service_id = required(req.service_id, "service_id")?;
+        let plan_id = required(req.plan_id, "plan_id")?;
+        let organization_guid = required(req.organization_guid, "organization_guid")?;
+        let space_guid = required(req.space_guid, "space_guid")?;
+        let service = self.service(&service_id)?;
+        let plan = self.plan(service, &plan_id)?;
+        check_maintenance(plan, req.maintenance_info.as_ref())?;
+        if plan.asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        let backend = self.backend(service)?;
+        let record = InstanceRecord {
+            id: id.to_string(),
+            service_id,
+            plan_id,
+            organization_guid,
+            space_guid,
+            context: req.context,
+            parameters: req.parameters,
+            maintenance_version: plan
+                .wire
+                .maintenance_info
+                .as_ref()
+                .map(|m| m.version.clone()),
+            dashboard_url: service
+                .wire
+                .dashboard_client
+                .as_ref()
+                .map(|_| self.inner.links.dashboard_url(id).to_string()),
+            provisioned: false,
+            created_at: chrono::Utc::now(),
+            operation: self.start(OpKind::Provision, plan.asynchronous),
+        };
+        let (version, takeover) = match records::insert(self.store_ref(), &record, None).await? {
+            Inserted::Inserted => (1, false),
+            Inserted::ParentChanged => unreachable!("instances have no parent"),
+            Inserted::Exists(existing) => {
+                let e = &existing.record;
+                let same = e.service_id == record.service_id
+                    && e.plan_id == record.plan_id
+                    && e.organization_guid == record.organization_guid
+                    && e.space_guid == record.space_guid
+                    && e.parameters == record.parameters;
+                if !same {
+                    return Err(OsbError::Conflict(format!(
+                        "instance {id} already exists with other attributes"
+                    )));
+                }
+                let op = &e.operation;
+                if op.in_flight() {
+                    if op.kind == OpKind::Provision && op.asynchronous && accepts_incomplete {
+                        return Ok(self.accepted(op, Self::dashboard(e)));
+                    }
+                    return Err(OsbError::concurrency());
+                }
+                if e.provisioned {
+                    return Ok(Reply::new(200, object(Self::dashboard(e))));
+                }
+                // An earlier attempt failed or was abandoned: this request takes it over.
+                match records::replace(self.store_ref(), &record, existing.version).await? {
+                    Some(v) => (v, true),
+                    None => return Err(OsbError::concurrency()),
+                }
+            }
+        };
+        tracing::info!(instance_id = id, service = %service.wire.name, plan = %plan.wire.name, "provisioning");
+        let limits = plan.limits;
+        let parameters = record.parameters.clone();
+        let instance_id = id.to_string();
+        let work = async move {
+            if takeover {
+                backend.deprovision(&instance_id).await?;
+            }
+            backend
+                .provision(&instance_id, limits, parameters.as_ref())
+                .await
+        };
+        let accepted = Self::dashboard(&record);
+        self.drive(
+            record,
+            version,
+            accepted,
+            work,
+            |mut record, result| match result {
+                Ok(()) => {
+                    record.provisioned = true;
+                    record.operation.finish(OpState::Succeeded, None);
+                    let body = object(Self::dashboard(&record));
+                    (Outcome::Keep(record), Ok(Reply::new(201, body)))
+                }
+                Err(e) if record.operation.asynchronous => {
+                    record
+                        .operation
+                        .finish(OpState::Failed, Some(e.to_string()));
+                    (Outcome::Keep(record), Err(e.into()))
+                }
+                Err(e) => (Outcome::Remove, Err(e.into())),
+            },
+        )
+        .await
+    }
+
+    pub async fn update(
+        &self,
+        id: &str,
+        req: UpdateRequest,
+        accepts_incomplete: bool,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", id)?;
+        let service_id = required(req.service_id, "service_id")?;
+        let stored = self.existing_instance(id).await?;
+        let current = stored.record.clone();
+        if current.operation.in_flight() {
+            return Err(OsbError::concurrency());
+        }
+        if service_id != current.service_id {
+            return Err(OsbError::BadRequest(format!(
+                "service_id {service_id:?} is not the instance's service"
+            )));
+        }
+        let (service, from) = self.offering(&current)?;
+        let to = match &req.plan_id {
+            Some(plan_id) => self.plan(service, plan_id)?,
+            None => from,
+        };
+        if to.wire.id != from.wire.id && !service.plan_updateable(from) {
+            return Err(OsbError::Unprocessable(format!(
+                "plan changes are not supported for {} instances on plan {}",
+                service.wire.name, from.wire.name
+            )));
+        }
+        check_maintenance(to, req.maintenance_info.as_ref())?;
+        if to.asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        let backend = self.backend(service)?;
+        let mut record = current.clone();
+        record.operation = self.start(OpKind::Update, to.asynchronous);
+        record.operation.target_plan_id = Some(to.wire.id.clone());
+        let Some(version) = records::replace(self.store_ref(), &record, stored.version).await?
+        else {
+            return Err(OsbError::concurrency());
+        };
+        tracing::info!(instance_id = id, from = %from.wire.name, to = %to.wire.name, "updating");
+        let (from_limits, to_limits) = (from.limits, to.limits);
+        let parameters = req.parameters.clone();
+        let instance_id = id.to_string();
+        let work = async move {
+            backend
+                .update(&instance_id, from_limits, to_limits, parameters.as_ref())
+                .await
+        };
+        let target_maintenance = to.wire.maintenance_info.as_ref().map(|m| m.version.clone());
+        let previous_op = current.operation;
+        let (new_parameters, new_context) = (req.parameters, req.context);
+        let accepted = Self::dashboard(&record);
+        self.drive(
+            record,
+            version,
+            accepted,
+            work,
+            move |mut record, result| match result {
+                Ok(()) => {
+                    if let Some(plan) = record.operation.target_plan_id.clone() {
+                        record.plan_id = plan;
+                    }
+                    if new_parameters.is_some() {
+                        record.parameters = new_parameters;
+                    }
+                    if new_context.is_some() {
+                        record.context = new_context;
+                    }
+                    record.maintenance_version = target_maintenance;
+                    record.operation.finish(OpState::Succeeded, None);
+                    let body = object(Self::dashboard(&record));
+                    (Outcome::Keep(record), Ok(Reply::new(200, body)))
+                }
+                Err(e) if record.operation.asynchronous => {
+                    record
+                        .operation
+                        .finish(OpState::Failed, Some(e.to_string()));
+                    (Outcome::Keep(record), Err(e.into()))
+                }
+                Err(e) => {
+                    record.operation = previous_op;
+                    (Outcome::Keep(record), Err(e.into()))
+                }
+            },
+        )
+        .await
+    }
+
+    pub async fn deprovision(
+        &self,
+        id: &str,
+        service_id: Option<String>,
+        plan_id: Option<String>,
+        accepts_incomplete: bool,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", id)?;
+        let service_id = required(service_id, "service_id")?;
+        required(plan_id, "plan_id")?;
+        let Some(stored) = records::load::<InstanceRecord>(self.store_ref(), id).await? else {
+            return Err(OsbError::Gone);
+        };
+        let current = stored.record.clone();
+        if service_id != current.service_id {
+            return Err(OsbError::BadRequest(format!(
+                "service_id {service_id:?} is not the instance's service"
+            )));
+        }
+        let op = &current.operation;
+        if op.in_flight() {
+            if op.kind == OpKind::Deprovision && op.asynchronous && accepts_incomplete {
+                return Ok(self.accepted(op, Map::new()));
+            }
+            return Err(OsbError::concurrency());
+        }
+        let (service, plan) = self.offering(&current)?;
+        if plan.asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        let backend = self.backend(service)?;
+        let mut record = current.clone();
+        record.operation = self.start(OpKind::Deprovision, plan.asynchronous);
+        let Some(version) = records::replace(self.store_ref(), &record, stored.version).await?
+        else {
+            return Err(OsbError::concurrency());
+        };
+        // Listed only after the claim: a bind that raced it either shows here or failed.
+        let bindings = records::bindings_of(self.store_ref(), id).await?;
+        if !bindings.is_empty() && service.refuse_deprovision_with_bindings {
+            let mut restored = record.clone();
+            restored.operation = current.operation.clone();
+            self.record_outcome(id, version, Outcome::Keep(restored))
+                .await?;
+            return Err(OsbError::Unprocessable(format!(
+                "instance {id} still has {} binding{}: unbind {} first",
+                bindings.len(),
+                if bindings.len() == 1 { "" } else { "s" },
+                if bindings.len() == 1 { "it" } else { "them" }
+            )));
+        }
+        tracing::info!(instance_id = id, "deprovisioning");
+        let instance_id = id.to_string();
+        let work = async move { backend.deprovision(&instance_id).await };
+        let previous_op = current.operation;
+        self.drive(
+            record,
+            version,
+            Map::new(),
+            work,
+            move |mut record, result| match result {
+                Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),
+                Err(e) if record.operation.asynchronous => {
+                    record
+                        .operation
+                        .finish(OpState::Failed, Some(e.to_string()));
+                    (Outcome::Keep(record), Err(e.into()))
+                }
+                Err(e) => {
+                    record.operation = previous_op;
+                    (Outcome::Keep(record), Err(e.into()))
+                }
+            },
+        )
+        .await
+    }
+
+    async fn existing_instance(&self, id: &str) -> Result<Stored<InstanceRecord>, OsbError> {
+        match records::load::<InstanceRecord>(self.store_ref(), id).await? {
+            Some(stored) if stored.record.provisioned => Ok(stored),
+            Some(stored) if stored.record.operation.in_flight() => Err(OsbError::concurrency()),
+            _ => Err(OsbError::NotFound(format!("instance {id} does not exist"))),
+        }
+    }
+
+    pub async fn fetch_instance(&self, id: &str) -> Result<Reply, OsbError> {
+        check_id("instance_id", id)?;
+        let Some(stored) = records::load::<InstanceRecord>(self.store_ref(), id).await? else {
+            return Err(OsbError::NotFound(format!("instance {id} does not exist")));
+        };
+        let r = stored.record;
+        if !r.provisioned {
+            return Err(OsbError::NotFound(format!(
+                "instance {id} is not provisioned"
+            )));
+        }
+        if r.operation.kind == OpKind::Update && r.operation.in_flight() {
+            return Err(OsbError::concurrency());
+        }
+        let mut body = Self::dashboard(&r);
+        body.insert("service_id".into(), json!(r.service_id));
+        body.insert("plan_id".into(), json!(r.plan_id));
+        if let Some(p) = r.parameters {
+            body.insert("parameters".into(), Value::Object(p));
+        }
+        if let Some(v) = r.maintenance_version {
+            body.insert("maintenance_info".into(), json!({ "version": v }));
+        }
+        Ok(Reply::new(200, object(body)))
+    }
+
+    // ---- bindings --------------------------------------------------------------------
+
+    pub async fn bind(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        req: BindRequest,
+        accepts_incomplete: bool,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", instance_id)?;
+        check_id("binding_id", binding_id)?;
+        let service_id = required(req.service_id, "service_id")?;
+        let plan_id = required(req.plan_id, "plan_id")?;
+        let instance = self.existing_instance(instance_id).await?;
+        if service_id != instance.record.service_id {
+            return Err(OsbError::BadRequest(format!(
+                "service_id {service_id:?} is not the instance's service"
+            )));
+        }
+        let (service, plan) = self.offering(&instance.record)?;
+        self.plan(service, &plan_id)?;
+        if !service.bindable(plan) {
+            return Err(OsbError::BadRequest(format!(
+                "plan {} of {} is not bindable",
+                plan.wire.name, service.wire.name
+            )));
+        }
+        if instance.record.operation.in_flight() {
+            return Err(OsbError::concurrency());
+        }
+        if plan.asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        let backend = self.backend(service)?;
+        let record = BindingRecord {
+            id: binding_id.to_string(),
+            instance_id: instance_id.to_string(),
+            service_id,
+            plan_id,
+            app_guid: req.app_guid,
+            bind_resource: req.bind_resource,
+            parameters: req.parameters,
+            context: req.context,
+            credentials: None,
+            created_at: chrono::Utc::now(),
+            operation: self.start(OpKind::Bind, plan.asynchronous),
+        };
+        let parent = Some((instance_id, instance.version));
+        let version = match records::insert(self.store_ref(), &record, parent).await? {
+            Inserted::Inserted => 1,
+            Inserted::ParentChanged => return Err(OsbError::concurrency()),
+            Inserted::Exists(existing) => {
+                let e = &existing.record;
+                let same = e.instance_id == record.instance_id
+                    && e.service_id == record.service_id
+                    && e.plan_id == record.plan_id
+                    && e.app_guid == record.app_guid
+                    && e.bind_resource == record.bind_resource
+                    && e.parameters == record.parameters;
+                if !same {
+                    return Err(OsbError::Conflict(format!(
+                        "binding {binding_id} already exists with other attributes"
+                    )));
+                }
+                let op = &e.operation;
+                if op.in_flight() {
+                    if op.kind == OpKind::Bind && op.asynchronous && accepts_incomplete {
+                        return Ok(self.accepted(op, Map::new()));
+                    }
+                    return Err(OsbError::concurrency());
+                }
+                if let Some(credentials) = &e.credentials {
+                    return Ok(Reply::new(200, json!({ "credentials": credentials })));
+                }
+                match records::replace(self.store_ref(), &record, existing.version).await? {
+                    Some(v) => v,
+                    None => return Err(OsbError::concurrency()),
+                }
+            }
+        };
+        tracing::info!(instance_id, binding_id, "binding");
+        let limits = plan.limits;
+        let parameters = record.parameters.clone();
+        let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
+        let work = async move { backend.bind(&iid, &bid, limits, parameters.as_ref()).await };
+        self.drive(
+            record,
+            version,
+            Map::new(),
+            work,
+            |mut record, result| match result {
+                Ok(credentials) => {
+                    let body = json!({ "credentials": credentials });
+                    record.credentials = Some(credentials);
+                    record.operation.finish(OpState::Succeeded, None);
+                    (Outcome::Keep(record), Ok(Reply::new(201, body)))
+                }
+                Err(e) if record.operation.asynchronous => {
+                    record
+                        .operation
+                        .finish(OpState::Failed, Some(e.to_string()));
+                    (Outcome::Keep(record), Err(e.into()))
+                }
+                Err(e) => (Outcome::Remove, Err(e.into())),
+            },
+        )
+        .await
+    }
+
+    pub async fn unbind(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        service_id: Option<String>,
+        plan_id: Option<String>,
+        accepts_incomplete: bool,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", instance_id)?;
+        check_id("binding_id", binding_id)?;
+        required(service_id, "service_id")?;
+        required(plan_id, "plan_id")?;
+        let stored = match records::load::<BindingRecord>(self.store_ref(), binding_id).await? {
+            Some(s) if s.record.instance_id == instance_id => s,
+            _ => return Err(OsbError::Gone),
+        };
+        let current = stored.record.clone();
+        let op = &current.operation;
+        if op.in_flight() {
+            if op.kind == OpKind::Unbind && op.asynchronous && accepts_incomplete {
+                return Ok(self.accepted(op, Map::new()));
+            }
+            return Err(OsbError::concurrency());
+        }
+        let service = self.service(&current.service_id)?;
+        let asynchronous = service
+            .plan(&current.plan_id)
+            .is_some_and(|p| p.asynchronous);
+        if asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        let backend = self.backend(service)?;
+        let mut record = current.clone();
+        record.operation = self.start(OpKind::Unbind, asynchronous);
+        let Some(version) = records::replace(self.store_ref(), &record, stored.version).await?
+        else {
+            return Err(OsbError::concurrency());
+        };
+        tracing::info!(instance_id, binding_id, "unbinding");
+        let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
+        let work = async move { backend.unbind(&iid, &bid).await };
+        let previous_op = current.operation;
+        self.drive(
+            record,
+            version,
+            Map::new(),
+            work,
+            move |mut record, result| match result {
+                Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),
+                Err(e) if record.operation.asynchronous => {
+                    record
+                        .operation
+                        .finish(OpState::Failed, Some(e.to_string()));
+                    (Outcome::Keep(record), Err(e.into()))
+                }
+                Err(e) => {
+                    record.operation = previous_op;
+                    (Outcome::Keep(record), Err(e.into()))
+                }
+            },
+        )
+        .await
+    }
+
+    pub async fn fetch_binding(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", instance_id)?;
+        check_id("binding_id", binding_id)?;
+        let not_found = || OsbError::NotFound(format!("binding {binding_id} does not exist"));
+        let Some(stored) = records::load::<BindingRecord>(self.store_ref(), binding_id).await?
+        else {
+            return Err(not_found());
+        };
+        let r = stored.record;
+        if r.instance_id != instance_id {
+            return Err(not_found());
+        }
+        let Some(credentials) = r.credentials else {
+            return Err(not_found());
+        };
+        let mut body = Map::new();
+        body.insert("credentials".into(), Value::Object(credentials));
+        if let Some(p) = r.parameters {
+            body.insert("parameters".into(), Value::Object(p));
+        }
+        Ok(Reply::new(200, object(body)))
+    }
+
+    // ---- last_operation --------------------------------------------------------------
+
+    pub async fn instance_last_operation(
+        &self,
+        id: &str,
+        operation: Option<String>,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", id)?;
+        let stored = records::load::<InstanceRecord>(self.store_ref(), id).await?;
+        self.last_operation(stored.map(|s| s.record), operation)
+    }
+
+    pub async fn binding_last_operation(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        operation: Option<String>,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", instance_id)?;
+        check_id("binding_id", binding_id)?;
+        let stored = records::load::<BindingRecord>(self.store_ref(), binding_id).await?;
+        let record = stored
+            .map(|s| s.record)
+            .filter(|r| r.instance_id == instance_id);
+        self.last_operation(record, operation)
+    }
+
+    fn last_operation<R: Record>(
+        &self,
+        record: Option<R>,
+        operation: Option<String>,
+    ) -> Result<Reply, OsbError> {
+        let token = operation
+            .as_deref()
+            .map(OperationToken::decode)
+            .transpose()?;
+        let Some(record) = record else {
+            // Gone after a delete is the success the platform waits for.
+            return match &token {
+                None => Err(OsbError::Gone),
+                Some(t) if t.kind.deletes() => Err(OsbError::Gone),
+                Some(_) => Err(OsbError::NotFound("no such resource".into())),
+            };
+        };
+        let op = record.operation();
+        if let Some(t) = &token {
+            if t.id != op.id {
+                return Err(OsbError::BadRequest(
+                    "operation is not the resource's current operation".into(),
+                ));
+            }
+        }
+        let state = match op.effective_state() {
+            OpState::InProgress => osb::OperationState::InProgress,
+            OpState::Succeeded => osb::OperationState::Succeeded,
+            OpState::Failed => osb::OperationState::Failed,
+        };
+        let failed = state == osb::OperationState::Failed;
+        let answer = LastOperation {
+            state,
+            description: op.effective_description(),
+            instance_usable: (failed && R::TABLE == crate::store::Table::Instances)
+                .then_some(matches!(op.kind, OpKind::Update | OpKind::Deprovision)),
+            update_repeatable: (failed && op.kind == OpKind::Update).then_some(true),
+        };
+        let mut reply = Reply::new(200, serde_json::to_value(answer).expect("serializes"));
+        if state == osb::OperationState::InProgress {
+            reply.retry_after = Some(self.inner.timing.retry_after_secs);
+        }
+        Ok(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_id;
+
+    #[test]
+    fn ids() {
+        for ok in [
+            "5a0e5c2a-3b1d-4c7e-9f00-1234567890ab",
+            "a",
+            "A.b_c-d",
+            &"x".repeat(128),
+        ] {
+            assert!(check_id("id", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a'b",
+            "a`b",
+            "a\"b",
+            "é",
+            "a b",
+            &"x".repeat(129),
+        ] {
+            assert!(check_id("id", bad).is_err(), "{bad}");
+        }
+    }
+}

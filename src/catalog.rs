@@ -1,0 +1,247 @@
+//! The local catalog: the services Brokerage's own backends offer, read from
+//! configuration in the seed's settings.yml shape, validated once at start-up, and
+//! published as OSB wire types.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+use upstreams::osb;
+
+use crate::config::Config;
+
+/// One local service as configured: the published fields plus what only the broker reads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ServiceConfig {
+    /// The local backend doing the work (`mysql`).
+    pub backend: String,
+    /// Refuse deprovision while bindings exist (the seed's rule) instead of dropping them.
+    #[serde(default = "yes")]
+    pub refuse_deprovision_with_bindings: bool,
+    pub plans: Vec<PlanConfig>,
+    #[serde(flatten)]
+    pub service: osb::Service,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PlanConfig {
+    #[serde(default)]
+    pub max_storage_mb: Option<u64>,
+    #[serde(default)]
+    pub max_user_connections: Option<u32>,
+    /// Backend work runs in the background; requires `accepts_incomplete=true`.
+    #[serde(default)]
+    pub asynchronous: bool,
+    #[serde(flatten)]
+    pub plan: osb::Plan,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What a backend may use of a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanLimits {
+    pub max_storage_mb: u64,
+    pub max_user_connections: u32,
+}
+
+/// A plan as the broker uses it.
+#[derive(Debug, Clone)]
+pub struct LocalPlan {
+    pub wire: osb::Plan,
+    pub limits: PlanLimits,
+    pub asynchronous: bool,
+}
+
+/// A service as the broker uses it.
+#[derive(Debug, Clone)]
+pub struct LocalService {
+    pub wire: osb::Service,
+    pub backend: String,
+    pub refuse_deprovision_with_bindings: bool,
+    pub plans: Vec<LocalPlan>,
+}
+
+impl LocalService {
+    pub fn plan(&self, plan_id: &str) -> Option<&LocalPlan> {
+        self.plans.iter().find(|p| p.wire.id == plan_id)
+    }
+
+    pub fn plan_updateable(&self, plan: &LocalPlan) -> bool {
+        plan.wire
+            .plan_updateable
+            .or(self.wire.plan_updateable)
+            .unwrap_or(false)
+    }
+
+    pub fn bindable(&self, plan: &LocalPlan) -> bool {
+        plan.wire.bindable.unwrap_or(self.wire.bindable)
+    }
+}
+
+/// The validated local catalog, cheap to share.
+#[derive(Debug, Clone)]
+pub struct LocalCatalog {
+    services: Arc<Vec<LocalService>>,
+    by_id: Arc<HashMap<String, usize>>,
+    published: Arc<osb::Catalog>,
+}
+
+/// The backends Brokerage knows, with the plan limits each needs.
+const BACKENDS: &[&str] = &["mysql"];
+
+impl LocalCatalog {
+    /// Validates the configured services: unique ids and names, CLI-friendly names, every
+    /// plan's limits present, a known backend that is configured.
+    pub fn build(services: &[ServiceConfig], config: &Config) -> anyhow::Result<LocalCatalog> {
+        let mut ids = HashSet::new();
+        let mut names = HashSet::new();
+        let mut dashboard_ids = HashSet::new();
+        let mut built = Vec::new();
+        for (i, s) in services.iter().enumerate() {
+            let key = format!("catalog.services[{i}]");
+            let w = &s.service;
+            check_id(&format!("{key}.id"), &w.id)?;
+            check_name(&format!("{key}.name"), &w.name)?;
+            if !ids.insert(w.id.clone()) {
+                bail!("{key}.id: {:?} is used twice", w.id);
+            }
+            if !names.insert(w.name.clone()) {
+                bail!("{key}.name: {:?} is used twice", w.name);
+            }
+            if w.description.trim().is_empty() {
+                bail!("{key}.description: must not be empty");
+            }
+            if !BACKENDS.contains(&s.backend.as_str()) {
+                bail!(
+                    "{key}.backend: {:?} is not a backend Brokerage has (known: {})",
+                    s.backend,
+                    BACKENDS.join(", ")
+                );
+            }
+            if s.backend == "mysql" && config.backends.mysql.is_none() {
+                bail!("{key}.backend: mysql is used but backends.mysql is not configured");
+            }
+            if let Some(dc) = &w.dashboard_client {
+                if dc.id.is_empty() || dc.secret.is_empty() {
+                    bail!("{key}.dashboard_client: id and secret must not be empty");
+                }
+                if !dashboard_ids.insert(dc.id.clone()) {
+                    bail!("{key}.dashboard_client.id: {:?} is used twice", dc.id);
+                }
+            }
+            if s.plans.is_empty() {
+                bail!("{key}.plans: a service needs at least one plan");
+            }
+            let mut plan_names = HashSet::new();
+            let mut plans = Vec::new();
+            for (j, p) in s.plans.iter().enumerate() {
+                let pkey = format!("{key}.plans[{j}]");
+                check_id(&format!("{pkey}.id"), &p.plan.id)?;
+                check_name(&format!("{pkey}.name"), &p.plan.name)?;
+                if !ids.insert(p.plan.id.clone()) {
+                    bail!("{pkey}.id: {:?} is used twice in the catalog", p.plan.id);
+                }
+                if !plan_names.insert(p.plan.name.clone()) {
+                    bail!("{pkey}.name: {:?} is used twice in {}", p.plan.name, w.name);
+                }
+                let Some(max_storage_mb) = p.max_storage_mb.filter(|v| *v > 0) else {
+                    bail!("{pkey}.max_storage_mb: required, a positive number of megabytes");
+                };
+                let Some(max_user_connections) = p.max_user_connections.filter(|v| *v > 0) else {
+                    bail!("{pkey}.max_user_connections: required, a positive number");
+                };
+                plans.push(LocalPlan {
+                    wire: p.plan.clone(),
+                    limits: PlanLimits {
+                        max_storage_mb,
+                        max_user_connections,
+                    },
+                    asynchronous: p.asynchronous,
+                });
+            }
+            let mut wire = w.clone();
+            wire.plans = plans.iter().map(|p| p.wire.clone()).collect();
+            built.push(LocalService {
+                wire,
+                backend: s.backend.clone(),
+                refuse_deprovision_with_bindings: s.refuse_deprovision_with_bindings,
+                plans,
+            });
+        }
+        let by_id = built
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.wire.id.clone(), i))
+            .collect();
+        let published = osb::Catalog {
+            services: built.iter().map(|s| s.wire.clone()).collect(),
+        };
+        Ok(LocalCatalog {
+            services: Arc::new(built),
+            by_id: Arc::new(by_id),
+            published: Arc::new(published),
+        })
+    }
+
+    pub fn service(&self, service_id: &str) -> Option<&LocalService> {
+        self.by_id.get(service_id).map(|&i| &self.services[i])
+    }
+
+    pub fn services(&self) -> &[LocalService] {
+        &self.services
+    }
+
+    /// The catalog as `GET /v2/catalog` publishes it.
+    pub fn published(&self) -> &osb::Catalog {
+        &self.published
+    }
+}
+
+fn check_id(key: &str, id: &str) -> anyhow::Result<()> {
+    if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control()) {
+        bail!("{key}: must be 1 to 255 printable characters");
+    }
+    Ok(())
+}
+
+/// Names Cloud Foundry's CLI handles everywhere: `[a-z0-9-]`, not starting with `-`.
+pub fn is_cli_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn check_name(key: &str, name: &str) -> anyhow::Result<()> {
+    if !is_cli_name(name) {
+        bail!("{key}: {name:?} must use only a-z, 0-9 and '-'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_names() {
+        for (name, ok) in [
+            ("mysql-db", true),
+            ("a1", true),
+            ("MySQL", false),
+            ("my_sql", false),
+            ("my sql", false),
+            ("-x", false),
+            ("", false),
+            ("é", false),
+        ] {
+            assert_eq!(is_cli_name(name), ok, "{name}");
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Configuration: the defaults compiled in from `config/brokerage.yml`, the operator's
+//! file, `BROKERAGE_*` environment variables, then `$PORT`. Everything is validated
+//! before a port is bound; errors name the key.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use figment::providers::{Env, Format, Serialized, Yaml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::catalog::ServiceConfig;
+
+pub const DEFAULTS: &str = include_str!("../config/brokerage.yml");
+pub const DEFAULT_PASSWORD: &str = "brokerage-dev-password";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: Listen,
+    pub auth: Auth,
+    pub store: StoreConfig,
+    pub broker: BrokerSettings,
+    pub log: LogConfig,
+    pub backends: Backends,
+    pub catalog: CatalogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    pub credentials: Vec<Credential>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    pub username: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    Embedded {
+        path: PathBuf,
+        #[serde(default, skip_serializing)]
+        url: Option<Secret>,
+    },
+    Mysql {
+        url: Secret,
+        #[serde(default, skip_serializing)]
+        path: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSettings {
+    pub external_url: String,
+    pub operation_timeout_secs: u64,
+    pub retry_after_secs: u64,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backends {
+    #[serde(default)]
+    pub mysql: Option<MysqlBackendConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlBackendConfig {
+    pub url: Secret,
+    #[serde(default)]
+    pub public_host: Option<String>,
+    #[serde(default)]
+    pub public_port: Option<u16>,
+    pub connect_timeout_secs: u64,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    pub services: Vec<ServiceConfig>,
+}
+
+/// A configuration value that must never be printed: passwords and URLs that carry them.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// Printing the effective configuration masks every secret.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&redact_url(&self.0).unwrap_or_else(|| "***".into()))
+    }
+}
+
+/// A URL with its password replaced by `***`, or `None` when the text is no URL.
+pub fn redact_url(text: &str) -> Option<String> {
+    let mut url = Url::parse(text).ok()?;
+    if url.cannot_be_a_base() {
+        return None;
+    }
+    if url.password().is_some() {
+        url.set_password(Some("***")).ok()?;
+    }
+    Some(url.to_string())
+}
+
+impl Config {
+    /// Loads the layers in order and validates the result.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut figment = Figment::new().merge(Yaml::string(DEFAULTS));
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("configuration file {} does not exist", file.display());
+            }
+            figment = figment.merge(Yaml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("BROKERAGE_").split("__"));
+        if let Ok(port) = std::env::var("PORT") {
+            let port: u16 = port
+                .parse()
+                .with_context(|| format!("$PORT {port:?} is not a TCP port"))?;
+            figment = figment.merge(Serialized::default("listen.port", port));
+        }
+        let config: Config = figment.extract().map_err(describe_figment_error)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.auth.credentials.is_empty() {
+            bail!("auth.credentials: at least one username/password pair is required");
+        }
+        for (i, c) in self.auth.credentials.iter().enumerate() {
+            if c.username.is_empty() || c.username.contains(':') {
+                bail!("auth.credentials[{i}].username: must be non-empty and contain no ':'");
+            }
+            if c.password.expose().len() < 8 {
+                bail!("auth.credentials[{i}].password: must be at least 8 characters");
+            }
+        }
+        sso::DashboardLinks::new(&self.broker.external_url)
+            .map_err(|e| anyhow::anyhow!("broker.external_url: {e}"))?;
+        if self.broker.operation_timeout_secs == 0 || self.broker.operation_timeout_secs > 55 {
+            bail!("broker.operation_timeout_secs: must be between 1 and 55 (Cloud Controller gives up after 60)");
+        }
+        if self.broker.max_body_bytes < 1024 {
+            bail!("broker.max_body_bytes: must be at least 1024");
+        }
+        match &self.store {
+            StoreConfig::Mysql { url, .. } => check_mysql_url("store.url", url)?,
+            StoreConfig::Embedded { path, .. } if path.as_os_str().is_empty() => {
+                bail!("store.path: must name a file")
+            }
+            StoreConfig::Embedded { .. } => {}
+        }
+        if let Some(mysql) = &self.backends.mysql {
+            check_mysql_url("backends.mysql.url", &mysql.url)?;
+            if mysql.max_connections == 0 {
+                bail!("backends.mysql.max_connections: must be at least 1");
+            }
+        }
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            bail!("log.level: {:?} is not a tracing filter", self.log.level);
+        }
+        crate::catalog::LocalCatalog::build(&self.catalog.services, self)?;
+        Ok(())
+    }
+
+    pub fn uses_default_password(&self) -> bool {
+        self.auth
+            .credentials
+            .iter()
+            .any(|c| c.password.expose() == DEFAULT_PASSWORD)
+    }
+
+    /// The effective configuration as YAML, every secret masked.
+    pub fn to_masked_yaml(&self) -> String {
+        let mut masked = self.clone();
+        for c in &mut masked.auth.credentials {
+            c.password = Secret::new("***");
+        }
+        serde_yaml::to_string(&masked).unwrap_or_default()
+    }
+}
+
+fn check_mysql_url(key: &str, url: &Secret) -> anyhow::Result<()> {
+    let parsed = Url::parse(url.expose()).map_err(|e| anyhow::anyhow!("{key}: not a URL ({e})"))?;
+    if parsed.scheme() != "mysql" || parsed.host_str().is_none() {
+        bail!("{key}: must look like mysql://user:password@host:port/database");
+    }
+    Ok(())
+}
+
+fn describe_figment_error(e: figment::Error) -> anyhow::Error {
+    let messages: Vec<String> = e
+        .into_iter()
+        .map(|err| {
+            let key = err.path.join(".");
+            if key.is_empty() {
+                format!("configuration: {}", err.kind)
+            } else {
+                format!("{key}: {}", err.kind)
+            }
+        })
+        .collect();
+    anyhow::anyhow!(messages.join("; "))
+}

@@ -1,0 +1,404 @@
+//! The HTTP layer, the only code that knows axum: routes, authentication, the API version
+//! check, request tracing, and the mapping of domain results to OSB responses. Handlers
+//! extract, call the [`Broker`], and map the answer; nothing else.
+
+mod extract;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::header::{HeaderName, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tracing::Instrument;
+use upstreams::osb::{ApiVersion, BindRequest, ProvisionRequest, UpdateRequest};
+
+use crate::broker::{Broker, Reply};
+use crate::config::Credential;
+use crate::error::OsbError;
+use extract::{OsbJson, OsbPath, OsbQuery};
+
+const API_VERSION: HeaderName = HeaderName::from_static("x-broker-api-version");
+const REQUEST_IDENTITY: HeaderName = HeaderName::from_static("x-broker-api-request-identity");
+const ORIGINATING_IDENTITY: HeaderName =
+    HeaderName::from_static("x-broker-api-originating-identity");
+
+/// What the handlers share: cheap handles only.
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Broker,
+    credentials: Arc<BrokerCredentials>,
+    catalog_json: Bytes,
+    pub max_body_bytes: usize,
+}
+
+impl AppState {
+    pub fn new(broker: Broker, credentials: &[Credential], max_body_bytes: usize) -> Self {
+        let catalog_json = Bytes::from(
+            serde_json::to_vec(broker.catalog().published()).expect("catalog serializes"),
+        );
+        AppState {
+            broker,
+            credentials: Arc::new(BrokerCredentials::new(credentials)),
+            catalog_json,
+            max_body_bytes,
+        }
+    }
+}
+
+/// The accepted basic-auth pairs, kept only as SHA-256 digests of `user:password`.
+struct BrokerCredentials {
+    digests: Vec<[u8; 32]>,
+}
+
+impl BrokerCredentials {
+    fn new(credentials: &[Credential]) -> Self {
+        let digests = credentials
+            .iter()
+            .map(|c| digest(&format!("{}:{}", c.username, c.password.expose())))
+            .collect();
+        BrokerCredentials { digests }
+    }
+
+    /// Compares against every pair in constant time, whatever matches first.
+    fn accepts(&self, header: Option<&HeaderValue>) -> bool {
+        let Some(pair) = header
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| {
+                h.strip_prefix("Basic ")
+                    .or_else(|| h.strip_prefix("basic "))
+            })
+            .and_then(|b64| STANDARD.decode(b64.trim()).ok())
+            .and_then(|raw| String::from_utf8(raw).ok())
+        else {
+            return false;
+        };
+        let presented = digest(&pair);
+        self.digests
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, d| acc | d.ct_eq(&presented))
+            .into()
+    }
+}
+
+fn digest(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+pub fn router(state: AppState) -> Router {
+    use axum::routing::get as g;
+    let osb = Router::new()
+        .route("/v2/catalog", g(catalog))
+        .route(
+            "/v2/service_instances/{instance_id}",
+            g(fetch_instance)
+                .put(provision)
+                .patch(update)
+                .delete(deprovision),
+        )
+        .route(
+            "/v2/service_instances/{instance_id}/last_operation",
+            g(instance_last_operation),
+        )
+        .route(
+            "/v2/service_instances/{instance_id}/service_bindings/{binding_id}",
+            g(fetch_binding).put(bind).delete(unbind),
+        )
+        .route(
+            "/v2/service_instances/{instance_id}/service_bindings/{binding_id}/last_operation",
+            g(binding_last_operation),
+        )
+        .route_layer(middleware::from_fn(check_api_version))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(osb)
+        .route("/health", get(health))
+        .method_not_allowed_fallback(|| async { OsbError::MethodNotAllowed })
+        .fallback(|| async { OsbError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn(trace_request))
+        .with_state(state)
+}
+
+/// One span per request carrying its identity; the identity is echoed back.
+async fn trace_request(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = req
+        .headers()
+        .get(&REQUEST_IDENTITY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 200)
+        .map(str::to_string);
+    let user = req
+        .headers()
+        .get(&ORIGINATING_IDENTITY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(originating_user);
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        request_id = request_id.as_deref().unwrap_or(""),
+        user = user.as_deref().unwrap_or(""),
+    );
+    let mut response = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "answered"
+        )
+    });
+    if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+        response.headers_mut().insert(REQUEST_IDENTITY, id);
+    }
+    response
+}
+
+/// `platform base64(json)` -> the user id only, never the rest of the identity.
+fn originating_user(header: &str) -> Option<String> {
+    let (platform, encoded) = header.trim().split_once(' ')?;
+    let raw = STANDARD.decode(encoded.trim()).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    let user = value
+        .get("user_id")
+        .or_else(|| value.get("username"))?
+        .as_str()?;
+    let user: String = user.chars().filter(|c| !c.is_control()).take(100).collect();
+    Some(format!("{platform}:{user}"))
+}
+
+async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.credentials.accepts(req.headers().get(AUTHORIZATION)) {
+        next.run(req).await
+    } else {
+        OsbError::Unauthorized.into_response()
+    }
+}
+
+async fn check_api_version(req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(&API_VERSION)
+        .and_then(|v| v.to_str().ok());
+    match header.and_then(ApiVersion::parse) {
+        Some(v) if v.is_supported() => next.run(req).await,
+        _ => OsbError::PreconditionFailed(format!(
+            "X-Broker-API-Version {} is not supported: this broker answers {} up to {} (any 2.x from {})",
+            header.map(|h| format!("{h:?}")).unwrap_or_else(|| "(missing)".into()),
+            ApiVersion::OLDEST,
+            ApiVersion::CURRENT,
+            ApiVersion::OLDEST,
+        ))
+        .into_response(),
+    }
+}
+
+impl IntoResponse for OsbError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, "request refused");
+        }
+        if matches!(self, OsbError::Gone) {
+            return (status, Json(json!({}))).into_response();
+        }
+        let body = upstreams::osb::ErrorBody {
+            error: Some(self.code().into()),
+            description: Some(self.description()),
+            ..Default::default()
+        };
+        let mut response = (status, Json(body)).into_response();
+        if matches!(self, OsbError::Unauthorized) {
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"brokerage\""),
+            );
+        }
+        response
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
+        let mut response = (status, Json(self.body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+type Answer = Result<Reply, OsbError>;
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn catalog(State(state): State<AppState>) -> Response {
+    (
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        state.catalog_json.clone(),
+    )
+        .into_response()
+}
+
+async fn provision(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    query: OsbQuery,
+    OsbJson(body): OsbJson<ProvisionRequest>,
+) -> Answer {
+    state
+        .broker
+        .provision(&instance_id, body, query.accepts_incomplete())
+        .await
+}
+
+async fn update(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    query: OsbQuery,
+    OsbJson(body): OsbJson<UpdateRequest>,
+) -> Answer {
+    state
+        .broker
+        .update(&instance_id, body, query.accepts_incomplete())
+        .await
+}
+
+async fn deprovision(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    query: OsbQuery,
+) -> Answer {
+    state
+        .broker
+        .deprovision(
+            &instance_id,
+            query.service_id(),
+            query.plan_id(),
+            query.accepts_incomplete(),
+        )
+        .await
+}
+
+async fn fetch_instance(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+) -> Answer {
+    state.broker.fetch_instance(&instance_id).await
+}
+
+async fn instance_last_operation(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    query: OsbQuery,
+) -> Answer {
+    state
+        .broker
+        .instance_last_operation(&instance_id, query.operation())
+        .await
+}
+
+async fn bind(
+    State(state): State<AppState>,
+    OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
+    query: OsbQuery,
+    OsbJson(body): OsbJson<BindRequest>,
+) -> Answer {
+    state
+        .broker
+        .bind(&instance_id, &binding_id, body, query.accepts_incomplete())
+        .await
+}
+
+async fn unbind(
+    State(state): State<AppState>,
+    OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
+    query: OsbQuery,
+) -> Answer {
+    state
+        .broker
+        .unbind(
+            &instance_id,
+            &binding_id,
+            query.service_id(),
+            query.plan_id(),
+            query.accepts_incomplete(),
+        )
+        .await
+}
+
+async fn fetch_binding(
+    State(state): State<AppState>,
+    OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
+) -> Answer {
+    state.broker.fetch_binding(&instance_id, &binding_id).await
+}
+
+async fn binding_last_operation(
+    State(state): State<AppState>,
+    OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
+    query: OsbQuery,
+) -> Answer {
+    state
+        .broker
+        .binding_last_operation(&instance_id, &binding_id, query.operation())
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn basic_auth_accepts_any_listed_pair_only() {
+        let creds = BrokerCredentials::new(&[
+            Credential {
+                username: "a".into(),
+                password: Secret::new("first-password"),
+            },
+            Credential {
+                username: "b".into(),
+                password: Secret::new("second-password"),
+            },
+        ]);
+        let header = |pair: &str| {
+            HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(pair))).unwrap()
+        };
+        assert!(creds.accepts(Some(&header("a:first-password"))));
+        assert!(creds.accepts(Some(&header("b:second-password"))));
+        assert!(!creds.accepts(Some(&header("a:second-password"))));
+        assert!(!creds.accepts(Some(&header("a:first-password "))));
+        assert!(!creds.accepts(Some(&HeaderValue::from_static("Bearer x"))));
+        assert!(!creds.accepts(None));
+    }
+
+    #[test]
+    fn originating_identity_yields_the_user_only() {
+        let encoded = STANDARD.encode(r#"{"user_id":"683ea748","email":"secret@example.com"}"#);
+        assert_eq!(
+            originating_user(&format!("cloudfoundry {encoded}")).as_deref(),
+            Some("cloudfoundry:683ea748")
+        );
+        assert_eq!(originating_user("cloudfoundry !!"), None);
+        assert_eq!(originating_user("nothing"), None);
+    }
+}

@@ -1,0 +1,24 @@
+//! Brokerage: one Open Service Broker endpoint for Cloud Foundry, in front of local
+//! backends and remote brokers.
+//!
+//! # Layout
+//! - [`config`]: layered configuration (defaults, file, environment, `$PORT`), validated
+//!   before anything starts.
+//! - [`catalog`]: the local catalog, validated and published.
+//! - [`http`]: the only module that knows axum: routes, auth, version check, tracing.
+//! - [`broker`]: what each OSB call means: claim, run, record, answer.
+//! - [`store`]: durable records of instances, bindings and operations (embedded or MySQL).
+//! - [`backend`]: the local backends that do the work (MySQL).
+//! - [`mysql`]: connection helpers the MySQL store and backend share.
+//! - [`error`]: the OSB error every call fails with.
+//! - [`startup`]: wiring for `main` and the tests.
+
+pub mod backend;
+pub mod broker;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod mysql;
+pub mod startup;
+pub mod store;

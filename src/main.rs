@@ -1,0 +1,101 @@
+//! The `brokerage` command: parse, load configuration, then hand over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use brokerage::config::Config;
+use brokerage::startup;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A marketplace aggregator Open Service Broker for Cloud Foundry"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the OSB API.
+    Serve {
+        /// A YAML file laid over the built-in defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the catalog this configuration serves, as JSON.
+    Catalog {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration and reach the store and every backend.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Also print the effective configuration, secrets masked.
+        #[arg(long)]
+        show_config: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("brokerage: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(config.as_deref())?;
+            startup::init_tracing(&config);
+            let address = format!("{}:{}", config.listen.host, config.listen.port);
+            let listener = tokio::net::TcpListener::bind(&address)
+                .await
+                .with_context(|| format!("listen: cannot bind {address}"))?;
+            startup::serve(&config, listener, startup::shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Catalog { config } => {
+            let config = Config::load(config.as_deref())?;
+            let catalog =
+                brokerage::catalog::LocalCatalog::build(&config.catalog.services, &config)?;
+            println!("{}", serde_json::to_string_pretty(catalog.published())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            config,
+            show_config,
+        } => {
+            let config = Config::load(config.as_deref())?;
+            println!("ok    configuration");
+            if show_config {
+                print!("{}", config.to_masked_yaml());
+            }
+            let mut failed = false;
+            for probe in startup::check(&config).await {
+                match probe.result {
+                    Ok(detail) => println!("ok    {}: {detail}", probe.what),
+                    Err(detail) => {
+                        failed = true;
+                        println!("FAIL  {}: {detail}", probe.what)
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Wiring: configuration in, a running server out. `main` calls these; so do the tests.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::broker::{Broker, Timing};
+use crate::catalog::LocalCatalog;
+use crate::config::{Config, LogFormat};
+use crate::http::{self, AppState};
+use crate::{backend, store};
+
+/// Logs to stderr, text or JSON; `RUST_LOG` overrides the configured level.
+pub fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The broker and its routes. Opens the store; reaches no backend.
+pub async fn build(config: &Config) -> anyhow::Result<(Broker, Router)> {
+    let catalog = LocalCatalog::build(&config.catalog.services, config)?;
+    let store = store::open(&config.store).await?;
+    let backends = backend::from_config(config)?;
+    let links = sso::DashboardLinks::new(&config.broker.external_url)?;
+    let timing = Timing {
+        operation_timeout: Duration::from_secs(config.broker.operation_timeout_secs),
+        retry_after_secs: config.broker.retry_after_secs,
+    };
+    let broker = Broker::new(store, catalog, backends, links, timing);
+    let state = AppState::new(
+        broker.clone(),
+        &config.auth.credentials,
+        config.broker.max_body_bytes,
+    );
+    Ok((broker, http::router(state)))
+}
+
+/// Serves until `shutdown` resolves, then lets background operations record their end.
+pub async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (broker, router) = build(config).await?;
+    if config.uses_default_password() {
+        tracing::warn!("auth.credentials uses the built-in default password: set your own before registering this broker");
+    }
+    tracing::info!(
+        address = %listener.local_addr()?,
+        store = %broker.store().describe(),
+        services = broker.catalog().services().len(),
+        "brokerage serving"
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("draining background operations");
+    if tokio::time::timeout(
+        Duration::from_secs(config.broker.operation_timeout_secs + 5),
+        broker.drain(),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            "background operations still running at exit; they will read as interrupted"
+        );
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// One line of `brokerage check`: what was reached, and how it went.
+pub struct Probe {
+    pub what: String,
+    pub result: Result<String, String>,
+}
+
+/// Reaches the store and every backend the configuration names.
+pub async fn check(config: &Config) -> Vec<Probe> {
+    let mut probes = Vec::new();
+    match store::open(&config.store).await {
+        Ok(store) => probes.push(Probe {
+            what: "store".into(),
+            result: store
+                .check()
+                .await
+                .map(|()| store.describe())
+                .map_err(|e| format!("{}: {e}", store.describe())),
+        }),
+        Err(e) => probes.push(Probe {
+            what: "store".into(),
+            result: Err(format!("{e:#}")),
+        }),
+    }
+    match backend::from_config(config) {
+        Ok(backends) => {
+            let mut names: Vec<_> = backends.keys().cloned().collect();
+            names.sort();
+            for name in names {
+                let backend = &backends[&name];
+                probes.push(Probe {
+                    what: format!("backends.{name}"),
+                    result: backend
+                        .check()
+                        .await
+                        .map(|()| backend.describe())
+                        .map_err(|e| e.to_string()),
+                });
+            }
+        }
+        Err(e) => probes.push(Probe {
+            what: "backends".into(),
+            result: Err(format!("{e:#}")),
+        }),
+    }
+    probes
+}

@@ -1,0 +1,258 @@
+//! The shared store: two tables in a MySQL/MariaDB database that every broker process
+//! behind a load balancer uses. The broker creates the database when it may, and migrates
+//! its tables under a named lock so processes starting together do not race.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Pool, TxOpts};
+
+use super::{Insert, StateStore, StoreError, Table, Versioned};
+use crate::mysql::{self, SqlError};
+
+const MIGRATIONS: &[&[&str]] = &[&[
+    "CREATE TABLE IF NOT EXISTS brokerage_instances (
+        id VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+        parent VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL DEFAULT '',
+        version BIGINT UNSIGNED NOT NULL,
+        doc LONGBLOB NOT NULL
+    ) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS brokerage_bindings (
+        id VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+        parent VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL DEFAULT '',
+        version BIGINT UNSIGNED NOT NULL,
+        doc LONGBLOB NOT NULL,
+        INDEX by_parent (parent)
+    ) ENGINE=InnoDB",
+]];
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct MysqlStore {
+    pool: Pool,
+    describe: String,
+}
+
+fn table(t: Table) -> &'static str {
+    match t {
+        Table::Instances => "brokerage_instances",
+        Table::Bindings => "brokerage_bindings",
+    }
+}
+
+impl From<SqlError> for StoreError {
+    fn from(e: SqlError) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+impl MysqlStore {
+    /// Connects, creates the database if it is missing, and migrates the schema.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let describe = format!(
+            "mysql store {}",
+            crate::config::redact_url(url).unwrap_or_default()
+        );
+        let pool = mysql::pool(url, 20)?;
+        let store = MysqlStore { pool, describe };
+        let migrate = async {
+            let mut conn = match store.conn().await {
+                Err(SqlError::Server { code: 1049, .. }) => {
+                    mysql::create_database_of(url, TIMEOUT).await?;
+                    store.conn().await?
+                }
+                other => other?,
+            };
+            migrate(&mut conn).await
+        };
+        migrate
+            .await
+            .map_err(|e| anyhow::anyhow!("store.url ({}): {e}", store.describe))?;
+        Ok(store)
+    }
+
+    async fn conn(&self) -> Result<Conn, SqlError> {
+        mysql::conn(&self.pool, TIMEOUT).await
+    }
+}
+
+async fn migrate(conn: &mut Conn) -> Result<(), SqlError> {
+    let locked: Option<i64> = conn
+        .query_first("SELECT GET_LOCK('brokerage_schema', 30)")
+        .await?;
+    if locked != Some(1) {
+        return Err(SqlError::Other(
+            "could not take the schema migration lock within 30 s".into(),
+        ));
+    }
+    let result = async {
+        conn.query_drop(
+            "CREATE TABLE IF NOT EXISTS brokerage_migrations (
+                version INT NOT NULL PRIMARY KEY,
+                applied_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP
+            ) ENGINE=InnoDB",
+        )
+        .await?;
+        let current: Option<i64> = conn
+            .query_first("SELECT COALESCE(MAX(version), 0) FROM brokerage_migrations")
+            .await?;
+        for (i, statements) in MIGRATIONS.iter().enumerate() {
+            let version = i as i64 + 1;
+            if version <= current.unwrap_or(0) {
+                continue;
+            }
+            for statement in *statements {
+                conn.query_drop(*statement).await?;
+            }
+            conn.exec_drop(
+                "INSERT INTO brokerage_migrations (version) VALUES (?)",
+                (version,),
+            )
+            .await?;
+        }
+        Ok::<_, SqlError>(())
+    }
+    .await;
+    conn.query_drop("SELECT RELEASE_LOCK('brokerage_schema')")
+        .await?;
+    result
+}
+
+#[async_trait]
+impl StateStore for MysqlStore {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        conn.query_drop("SELECT 1 FROM brokerage_instances LIMIT 1")
+            .await
+            .map_err(SqlError::from)?;
+        Ok(())
+    }
+
+    async fn get(&self, t: Table, id: &str) -> Result<Option<Versioned>, StoreError> {
+        let mut conn = self.conn().await?;
+        let row: Option<(u64, Vec<u8>)> = conn
+            .exec_first(
+                format!("SELECT version, doc FROM {} WHERE id = ?", table(t)),
+                (id,),
+            )
+            .await
+            .map_err(SqlError::from)?;
+        Ok(row.map(|(version, doc)| Versioned { version, doc }))
+    }
+
+    async fn insert(
+        &self,
+        t: Table,
+        id: &str,
+        parent: Option<(&str, u64)>,
+        doc: &[u8],
+    ) -> Result<Insert, StoreError> {
+        loop {
+            let mut conn = self.conn().await?;
+            let mut tx = conn
+                .start_transaction(TxOpts::default())
+                .await
+                .map_err(SqlError::from)?;
+            if let Some((pid, pversion)) = parent {
+                let current: Option<u64> = tx
+                    .exec_first(
+                        "SELECT version FROM brokerage_instances WHERE id = ? FOR UPDATE",
+                        (pid,),
+                    )
+                    .await
+                    .map_err(SqlError::from)?;
+                if current != Some(pversion) {
+                    tx.rollback().await.map_err(SqlError::from)?;
+                    return Ok(Insert::ParentChanged);
+                }
+            }
+            let inserted = tx
+                .exec_drop(
+                    format!(
+                        "INSERT INTO {} (id, parent, version, doc) VALUES (?, ?, 1, ?)",
+                        table(t)
+                    ),
+                    (id, parent.map(|p| p.0).unwrap_or(""), doc),
+                )
+                .await
+                .map_err(SqlError::from);
+            match inserted {
+                Ok(()) => {
+                    tx.commit().await.map_err(SqlError::from)?;
+                    return Ok(Insert::Inserted);
+                }
+                Err(SqlError::Server { code: 1062, .. }) => {
+                    tx.rollback().await.map_err(SqlError::from)?;
+                    drop(conn);
+                    // Read the winner; if it vanished meanwhile, try the insert again.
+                    if let Some(existing) = self.get(t, id).await? {
+                        return Ok(Insert::Exists(existing));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn replace(
+        &self,
+        t: Table,
+        id: &str,
+        version: u64,
+        doc: &[u8],
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        conn.exec_drop(
+            format!(
+                "UPDATE {} SET version = version + 1, doc = ? WHERE id = ? AND version = ?",
+                table(t)
+            ),
+            (doc, id, version),
+        )
+        .await
+        .map_err(SqlError::from)?;
+        Ok(conn.affected_rows() == 1)
+    }
+
+    async fn remove(&self, t: Table, id: &str, version: u64) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let mut tx = conn
+            .start_transaction(TxOpts::default())
+            .await
+            .map_err(SqlError::from)?;
+        tx.exec_drop(
+            format!("DELETE FROM {} WHERE id = ? AND version = ?", table(t)),
+            (id, version),
+        )
+        .await
+        .map_err(SqlError::from)?;
+        let removed = tx.affected_rows() == 1;
+        if removed && t == Table::Instances {
+            tx.exec_drop("DELETE FROM brokerage_bindings WHERE parent = ?", (id,))
+                .await
+                .map_err(SqlError::from)?;
+        }
+        tx.commit().await.map_err(SqlError::from)?;
+        Ok(removed)
+    }
+
+    async fn bindings_of(&self, instance_id: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, u64, Vec<u8>)> = conn
+            .exec(
+                "SELECT id, version, doc FROM brokerage_bindings WHERE parent = ? ORDER BY id",
+                (instance_id,),
+            )
+            .await
+            .map_err(SqlError::from)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, version, doc)| (id, Versioned { version, doc }))
+            .collect())
+    }
+}

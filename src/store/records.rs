@@ -1,0 +1,284 @@
+//! The records the broker keeps, separate from the OSB wire types, and typed access to
+//! them over any [`StateStore`].
+
+use chrono::{DateTime, Duration, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{Insert, StateStore, StoreError, Table};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    Provision,
+    Update,
+    Deprovision,
+    Bind,
+    Unbind,
+}
+
+impl OpKind {
+    /// Whether the record is gone once this operation succeeds.
+    pub fn deletes(self) -> bool {
+        matches!(self, OpKind::Deprovision | OpKind::Unbind)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpState {
+    InProgress,
+    Succeeded,
+    Failed,
+}
+
+/// The last operation run on an instance or binding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationRecord {
+    pub id: String,
+    pub kind: OpKind,
+    pub state: OpState,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub started_at: DateTime<Utc>,
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// An operation still "in progress" after this moment was abandoned by a broker
+    /// process that died; it reads as failed and may be taken over.
+    pub lease_until: DateTime<Utc>,
+    /// Whether the client was answered 202 and polls `last_operation`.
+    pub asynchronous: bool,
+    /// The plan an update moves to.
+    #[serde(default)]
+    pub target_plan_id: Option<String>,
+}
+
+impl OperationRecord {
+    pub fn start(kind: OpKind, asynchronous: bool, lease: Duration) -> Self {
+        let now = Utc::now();
+        OperationRecord {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            kind,
+            state: OpState::InProgress,
+            description: None,
+            started_at: now,
+            finished_at: None,
+            lease_until: now + lease,
+            asynchronous,
+            target_plan_id: None,
+        }
+    }
+
+    /// The state as clients see it: an abandoned operation has failed.
+    pub fn effective_state(&self) -> OpState {
+        if self.state == OpState::InProgress && Utc::now() > self.lease_until {
+            OpState::Failed
+        } else {
+            self.state
+        }
+    }
+
+    pub fn in_flight(&self) -> bool {
+        self.effective_state() == OpState::InProgress
+    }
+
+    pub fn effective_description(&self) -> Option<String> {
+        if self.state == OpState::InProgress && !self.in_flight() {
+            Some("interrupted: the broker process running it stopped; repeat the request".into())
+        } else {
+            self.description.clone()
+        }
+    }
+
+    pub fn finish(&mut self, state: OpState, description: Option<String>) {
+        self.state = state;
+        self.description = description;
+        self.finished_at = Some(Utc::now());
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub service_id: String,
+    pub plan_id: String,
+    pub organization_guid: String,
+    pub space_guid: String,
+    #[serde(default)]
+    pub context: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub maintenance_version: Option<String>,
+    #[serde(default)]
+    pub dashboard_url: Option<String>,
+    /// The backend's resources exist (the first provision succeeded).
+    pub provisioned: bool,
+    pub created_at: DateTime<Utc>,
+    pub operation: OperationRecord,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct BindingRecord {
+    pub id: String,
+    pub instance_id: String,
+    pub service_id: String,
+    pub plan_id: String,
+    #[serde(default)]
+    pub app_guid: Option<String>,
+    #[serde(default)]
+    pub bind_resource: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub context: Option<Map<String, Value>>,
+    /// What the backend handed out; present once the bind succeeded.
+    #[serde(default)]
+    pub credentials: Option<Map<String, Value>>,
+    pub created_at: DateTime<Utc>,
+    pub operation: OperationRecord,
+}
+
+/// Credentials never reach a log through `{:?}`.
+impl std::fmt::Debug for BindingRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BindingRecord")
+            .field("id", &self.id)
+            .field("instance_id", &self.instance_id)
+            .field("service_id", &self.service_id)
+            .field("plan_id", &self.plan_id)
+            .field("credentials", &self.credentials.as_ref().map(|_| "***"))
+            .field("operation", &self.operation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A record type and where it lives.
+pub trait Record: Serialize + DeserializeOwned + Send + Sync {
+    const TABLE: Table;
+    fn id(&self) -> &str;
+    fn operation(&self) -> &OperationRecord;
+    fn operation_mut(&mut self) -> &mut OperationRecord;
+}
+
+impl Record for InstanceRecord {
+    const TABLE: Table = Table::Instances;
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn operation(&self) -> &OperationRecord {
+        &self.operation
+    }
+    fn operation_mut(&mut self) -> &mut OperationRecord {
+        &mut self.operation
+    }
+}
+
+impl Record for BindingRecord {
+    const TABLE: Table = Table::Bindings;
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn operation(&self) -> &OperationRecord {
+        &self.operation
+    }
+    fn operation_mut(&mut self) -> &mut OperationRecord {
+        &mut self.operation
+    }
+}
+
+/// A record read from the store with the version it was read at.
+#[derive(Debug, Clone)]
+pub struct Stored<R> {
+    pub version: u64,
+    pub record: R,
+}
+
+pub enum Inserted<R> {
+    Inserted,
+    Exists(Stored<R>),
+    ParentChanged,
+}
+
+fn decode<R: Record>(id: &str, doc: &[u8]) -> Result<R, StoreError> {
+    serde_json::from_slice(doc).map_err(|e| StoreError::Corrupt {
+        table: R::TABLE.name(),
+        id: id.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<R: Record>(record: &R) -> Vec<u8> {
+    serde_json::to_vec(record).expect("records serialize")
+}
+
+pub async fn load<R: Record>(
+    store: &dyn StateStore,
+    id: &str,
+) -> Result<Option<Stored<R>>, StoreError> {
+    match store.get(R::TABLE, id).await? {
+        None => Ok(None),
+        Some(v) => Ok(Some(Stored {
+            version: v.version,
+            record: decode(id, &v.doc)?,
+        })),
+    }
+}
+
+pub async fn insert<R: Record>(
+    store: &dyn StateStore,
+    record: &R,
+    parent: Option<(&str, u64)>,
+) -> Result<Inserted<R>, StoreError> {
+    Ok(
+        match store
+            .insert(R::TABLE, record.id(), parent, &encode(record))
+            .await?
+        {
+            Insert::Inserted => Inserted::Inserted,
+            Insert::ParentChanged => Inserted::ParentChanged,
+            Insert::Exists(v) => Inserted::Exists(Stored {
+                version: v.version,
+                record: decode(record.id(), &v.doc)?,
+            }),
+        },
+    )
+}
+
+/// Compare-and-swap: the new version, or `None` when someone changed the record first.
+pub async fn replace<R: Record>(
+    store: &dyn StateStore,
+    record: &R,
+    version: u64,
+) -> Result<Option<u64>, StoreError> {
+    Ok(store
+        .replace(R::TABLE, record.id(), version, &encode(record))
+        .await?
+        .then_some(version + 1))
+}
+
+pub async fn remove<R: Record>(
+    store: &dyn StateStore,
+    id: &str,
+    version: u64,
+) -> Result<bool, StoreError> {
+    store.remove(R::TABLE, id, version).await
+}
+
+pub async fn bindings_of(
+    store: &dyn StateStore,
+    instance_id: &str,
+) -> Result<Vec<Stored<BindingRecord>>, StoreError> {
+    store
+        .bindings_of(instance_id)
+        .await?
+        .into_iter()
+        .map(|(id, v)| {
+            Ok(Stored {
+                version: v.version,
+                record: decode(&id, &v.doc)?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,98 @@
+//! # Layout
+//! Dashboard single sign-on for Brokerage. Holds no HTTP framework types.
+//! - [`DashboardLinks`]: the broker's external URL and the dashboard and callback URLs
+//!   derived from it, which the catalog's `dashboard_client` and a provision's
+//!   `dashboard_url` publish.
+
+use url::Url;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LinkError {
+    #[error("external_url {0:?} is not an absolute http(s) URL")]
+    NotHttp(String),
+}
+
+/// Where people reach this broker's dashboards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DashboardLinks {
+    base: Url,
+}
+
+impl DashboardLinks {
+    pub fn new(external_url: &str) -> Result<Self, LinkError> {
+        let bad = || LinkError::NotHttp(external_url.to_string());
+        let mut base = Url::parse(external_url).map_err(|_| bad())?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(bad());
+        }
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        base.set_query(None);
+        base.set_fragment(None);
+        Ok(Self { base })
+    }
+
+    /// Whether session cookies must carry `Secure`.
+    pub fn is_https(&self) -> bool {
+        self.base.scheme() == "https"
+    }
+
+    /// `<external>/dashboard/instances/<id>`, the id escaped as one path segment.
+    pub fn dashboard_url(&self, instance_id: &str) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("checked in new")
+            .pop_if_empty()
+            .extend(["dashboard", "instances", instance_id]);
+        url
+    }
+
+    /// The OAuth2 redirect URI registered for every local dashboard client.
+    pub fn callback_url(&self) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("checked in new")
+            .pop_if_empty()
+            .extend(["dashboard", "callback"]);
+        url
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dashboard_urls_escape_the_id_and_keep_a_base_path() {
+        let links = DashboardLinks::new("https://broker.example.com/base").unwrap();
+        assert_eq!(
+            links.dashboard_url("a/b?c").as_str(),
+            "https://broker.example.com/base/dashboard/instances/a%2Fb%3Fc"
+        );
+        assert_eq!(
+            links.callback_url().as_str(),
+            "https://broker.example.com/base/dashboard/callback"
+        );
+        assert!(links.is_https());
+        let plain = DashboardLinks::new("http://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            plain.dashboard_url("x").as_str(),
+            "http://127.0.0.1:8080/dashboard/instances/x"
+        );
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_http_base() {
+        for bad in [
+            "",
+            "broker.example.com",
+            "ftp://x/",
+            "mailto:a@b",
+            "data:text/plain,x",
+        ] {
+            assert!(DashboardLinks::new(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The Open Service Broker API v2 wire types, defined once for the server side (what
+//! Brokerage answers) and the client side (what it sends to remote brokers).
+//!
+//! Every type keeps the fields it does not know in `extra`, so a catalog or a request
+//! passes through a proxy without losing what a newer peer added. Empty strings and
+//! empty objects in requests are read as absent, as the specification asks.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+/// `GET /v2/catalog` answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
+    pub bindable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances_retrievable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bindings_retrievable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_context_updates: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_updateable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard_client: Option<DashboardClient>,
+    #[serde(default)]
+    pub plans: Vec<Plan>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The UAA client Cloud Controller creates for a service's dashboard.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct DashboardClient {
+    pub id: String,
+    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_uri: Option<String>,
+}
+
+impl std::fmt::Debug for DashboardClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DashboardClient")
+            .field("id", &self.id)
+            .field("secret", &"***")
+            .field("redirect_uri", &self.redirect_uri)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bindable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_updateable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_info: Option<MaintenanceInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum_polling_duration: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schemas: Option<Value>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceInfo {
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// `PUT /v2/service_instances/{id}` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProvisionRequest {
+    #[serde(default, deserialize_with = "non_empty_string")]
+    pub service_id: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_string")]
+    pub plan_id: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_string")]
+    pub organization_guid: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_string")]
+    pub space_guid: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_object")]
+    pub context: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "non_empty_object")]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "maintenance_info")]
+    pub maintenance_info: Option<MaintenanceInfo>,
+}
+
+/// `PATCH /v2/service_instances/{id}` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateRequest {
+    #[serde(default, deserialize_with = "non_empty_string")]
+    pub service_id: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_string")]
+    pub plan_id: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_object")]
+    pub context: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "non_empty_object")]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "non_empty_object")]
+    pub previous_values: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "maintenance_info")]
+    pub maintenance_info: Option<MaintenanceInfo>,
+}
+
+/// `PUT /v2/service_instances/{id}/service_bindings/{binding_id}` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BindRequest {
+    #[serde(default, deserialize_with = "non_empty_string")]
+    pub service_id: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_string")]
+    pub plan_id: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_string")]
+    pub app_guid: Option<String>,
+    #[serde(default, deserialize_with = "non_empty_object")]
+    pub bind_resource: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "non_empty_object")]
+    pub context: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "non_empty_object")]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "non_empty_string")]
+    pub predecessor_binding_id: Option<String>,
+}
+
+/// The `state` of a `last_operation` answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperationState {
+    #[serde(rename = "in progress")]
+    InProgress,
+    #[serde(rename = "succeeded")]
+    Succeeded,
+    #[serde(rename = "failed")]
+    Failed,
+}
+
+/// `GET .../last_operation` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastOperation {
+    pub state: OperationState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_usable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_repeatable: Option<bool>,
+}
+
+/// The error body every failing OSB call answers with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_usable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_repeatable: Option<bool>,
+}
+
+/// An `X-Broker-API-Version` value, `major.minor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ApiVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl ApiVersion {
+    /// The oldest version Brokerage still answers.
+    pub const OLDEST: ApiVersion = ApiVersion { major: 2, minor: 4 };
+    /// The version Brokerage implements and announces.
+    pub const CURRENT: ApiVersion = ApiVersion {
+        major: 2,
+        minor: 17,
+    };
+
+    pub fn parse(text: &str) -> Option<ApiVersion> {
+        let (major, minor) = text.trim().split_once('.')?;
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(major) || !digits(minor) {
+            return None;
+        }
+        Some(ApiVersion {
+            major: major.parse().ok()?,
+            minor: minor.parse().ok()?,
+        })
+    }
+
+    /// Every 2.x from 2.4 on: newer minor versions only add optional fields.
+    pub fn is_supported(self) -> bool {
+        self.major == Self::OLDEST.major && self >= Self::OLDEST
+    }
+}
+
+impl std::fmt::Display for ApiVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+fn non_empty_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
+}
+
+fn non_empty_object<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Map<String, Value>>, D::Error> {
+    Ok(Option::<Map<String, Value>>::deserialize(d)?.filter(|m| !m.is_empty()))
+}
+
+fn maintenance_info<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MaintenanceInfo>, D::Error> {
+    let Some(map) = non_empty_object(d)? else {
+        return Ok(None);
+    };
+    match map.get("version") {
+        None => Ok(None),
+        Some(Value::String(v)) if v.is_empty() => Ok(None),
+        Some(_) => serde_json::from_value(Value::Object(map))
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn empty_strings_and_objects_are_absent() {
+        let req: ProvisionRequest = serde_json::from_value(json!({
+            "service_id": "", "plan_id": "p", "parameters": {}, "maintenance_info": {},
+            "context": {"platform": "cloudfoundry"}, "unknown": 1
+        }))
+        .unwrap();
+        assert_eq!(req.service_id, None);
+        assert_eq!(req.plan_id.as_deref(), Some("p"));
+        assert_eq!(req.parameters, None);
+        assert_eq!(req.maintenance_info, None);
+        assert!(req.context.is_some());
+    }
+
+    #[test]
+    fn api_versions() {
+        for (text, supported) in [
+            ("2.4", true),
+            ("2.15", true),
+            ("2.17", true),
+            ("2.99", true),
+            ("2.3", false),
+            ("1.9", false),
+            ("3.0", false),
+        ] {
+            assert_eq!(
+                ApiVersion::parse(text).unwrap().is_supported(),
+                supported,
+                "{text}"
+            );
+        }
+        for bad in ["", "2", "2.", ".4", "two.four", "2.4.1", "-2.4", "2.+4"] {
+            assert_eq!(ApiVersion::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_catalog_fields_pass_through() {
+        let text = r#"{"id":"s","name":"n","description":"d","bindable":true,
+            "x-vendor":{"a":1},"plans":[{"id":"p","name":"q","description":"d","x-plan":2}]}"#;
+        let service: Service = serde_json::from_str(text).unwrap();
+        let back = serde_json::to_value(&service).unwrap();
+        assert_eq!(back["x-vendor"], json!({"a": 1}));
+        assert_eq!(back["plans"][0]["x-plan"], json!(2));
+    }
+
+    #[test]
+    fn dashboard_secret_is_not_debug_printed() {
+        let c = DashboardClient {
+            id: "i".into(),
+            secret: "hunter2".into(),
+            redirect_uri: None,
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}
