@@ -1,0 +1,568 @@
+//! Spawning brokers (in this process on port 0, or as real `brokerage` processes), talking
+//! OSB to them, and looking at the real MariaDB the test script started.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use brokerage::config::Config;
+use mysql_async::prelude::*;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+pub const USER: &str = "test-broker";
+pub const PASSWORD: &str = "test-broker-password";
+
+pub const SERVICE: &str = "svc-mysql-test";
+pub const SMALL: &str = "plan-small";
+pub const LARGE: &str = "plan-large";
+pub const ASYNC: &str = "plan-async";
+pub const MAINT: &str = "plan-maint";
+pub const FIXED_SERVICE: &str = "svc-mysql-fixed";
+pub const FIXED_A: &str = "plan-fixed-a";
+pub const FIXED_B: &str = "plan-fixed-b";
+
+/// The admin URL of the throwaway MariaDB `scripts/test` started.
+pub fn mysql_url() -> String {
+    std::env::var("BKG_TEST_MYSQL_URL").expect(
+        "BKG_TEST_MYSQL_URL is not set: run the suite with ./scripts/test, which starts a throwaway MariaDB",
+    )
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4())
+}
+
+/// Where a broker keeps its records.
+#[derive(Clone, Debug)]
+pub enum StoreKind {
+    Embedded(PathBuf),
+    /// A database on the test MariaDB, by name.
+    Mysql(String),
+}
+
+impl StoreKind {
+    pub fn fresh_mysql() -> StoreKind {
+        StoreKind::Mysql(format!("bkgstore_{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    fn yaml(&self) -> String {
+        match self {
+            StoreKind::Embedded(path) => {
+                format!(
+                    "store: {{kind: embedded, path: {:?}}}",
+                    path.display().to_string()
+                )
+            }
+            StoreKind::Mysql(db) => {
+                format!("store: {{kind: mysql, url: \"{}/{db}\"}}", mysql_url())
+            }
+        }
+    }
+}
+
+/// A configuration file in a temporary directory, with the test catalog.
+pub struct TestConfig {
+    pub dir: TempDir,
+    pub store: StoreKind,
+    pub mysql_backend_url: String,
+    pub port: u16,
+}
+
+impl TestConfig {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreKind::Embedded(dir.path().join("state.redb"));
+        TestConfig {
+            dir,
+            store,
+            mysql_backend_url: mysql_url(),
+            port: 0,
+        }
+    }
+
+    pub fn with_store(mut self, store: StoreKind) -> Self {
+        self.store = store;
+        self
+    }
+
+    pub fn with_backend_url(mut self, url: &str) -> Self {
+        self.mysql_backend_url = url.to_string();
+        self
+    }
+
+    pub fn with_port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("brokerage.yml")
+    }
+
+    /// Writes the file and returns its path.
+    pub fn write(&self) -> PathBuf {
+        let text = format!(
+            r#"
+listen: {{host: 127.0.0.1, port: {port}}}
+auth:
+  credentials:
+    - {{username: {USER}, password: {PASSWORD}}}
+    - {{username: second-user, password: second-password}}
+{store}
+broker:
+  external_url: https://brokerage.example.test
+  operation_timeout_secs: 10
+  retry_after_secs: 1
+  max_body_bytes: 65536
+log: {{format: text, level: "info,brokerage=trace"}}
+backends:
+  mysql: {{url: "{backend}", connect_timeout_secs: 2, max_connections: 30}}
+catalog:
+  services:
+    - id: {SERVICE}
+      name: mysql-test
+      backend: mysql
+      description: MySQL for tests
+      bindable: true
+      plan_updateable: true
+      instances_retrievable: true
+      bindings_retrievable: true
+      dashboard_client: {{id: mysql-test-dashboard, secret: dashboard-secret-value, redirect_uri: "http://127.0.0.1/cb"}}
+      plans:
+        - {{id: {SMALL}, name: small, description: 1 MB, max_storage_mb: 1, max_user_connections: 2}}
+        - {{id: {LARGE}, name: large, description: 50 MB, max_storage_mb: 50, max_user_connections: 5}}
+        - {{id: {ASYNC}, name: async, description: background, max_storage_mb: 10, max_user_connections: 3, asynchronous: true}}
+        - {{id: {MAINT}, name: maint, description: versioned, max_storage_mb: 10, max_user_connections: 3, maintenance_info: {{version: "2.0.0"}}}}
+    - id: {FIXED_SERVICE}
+      name: mysql-fixed
+      backend: mysql
+      description: MySQL whose plan cannot change and whose bindings go with it
+      bindable: true
+      plan_updateable: false
+      refuse_deprovision_with_bindings: false
+      plans:
+        - {{id: {FIXED_A}, name: fixed-a, description: a, max_storage_mb: 5, max_user_connections: 2}}
+        - {{id: {FIXED_B}, name: fixed-b, description: b, max_storage_mb: 5, max_user_connections: 2}}
+"#,
+            port = self.port,
+            store = self.store.yaml(),
+            backend = self.mysql_backend_url,
+        );
+        let path = self.path();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub fn load(&self) -> Config {
+        Config::load(Some(&self.write())).expect("test configuration loads")
+    }
+}
+
+/// A broker serving in this process on a port-0 listener.
+pub struct TestApp {
+    pub osb: TestClient,
+    pub config: TestConfig,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(TestConfig::new()).await
+}
+
+pub async fn spawn_with(config: TestConfig) -> TestApp {
+    let loaded = config.load();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        brokerage::startup::serve(&loaded, listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("broker serves");
+    });
+    let app = TestApp {
+        osb: TestClient::new(base),
+        config,
+        shutdown: Some(tx),
+        task: Some(task),
+    };
+    app.wait_healthy().await;
+    app
+}
+
+impl TestApp {
+    /// Shuts the server down gracefully; the returned config restarts it on the same store.
+    pub async fn stop(self) -> TestConfig {
+        let TestApp {
+            config,
+            shutdown,
+            task,
+            ..
+        } = self;
+        if let Some(tx) = shutdown {
+            let _ = tx.send(());
+        }
+        if let Some(task) = task {
+            task.await.unwrap();
+        }
+        config
+    }
+
+    async fn wait_healthy(&self) {
+        wait_healthy(&self.client, &self.base).await;
+    }
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = TestClient;
+    fn deref(&self) -> &TestClient {
+        &self.osb
+    }
+}
+
+/// OSB calls, with typed helpers, against any broker's base URL.
+pub struct TestClient {
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl TestClient {
+    pub fn new(base: String) -> Self {
+        TestClient {
+            base,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.base))
+            .basic_auth(USER, Some(PASSWORD))
+            .header("X-Broker-API-Version", "2.17")
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        let mut req = self.request(method, path);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        Answer::from(req.send().await.expect("the broker answers")).await
+    }
+
+    pub async fn catalog(&self) -> Answer {
+        self.call(Method::GET, "/v2/catalog", None).await
+    }
+
+    pub async fn provision(&self, id: &str, plan: &str) -> Answer {
+        self.provision_with(id, provision_body(SERVICE, plan), false)
+            .await
+    }
+
+    pub async fn provision_with(&self, id: &str, body: Value, accepts_incomplete: bool) -> Answer {
+        let q = if accepts_incomplete {
+            "?accepts_incomplete=true"
+        } else {
+            ""
+        };
+        self.call(
+            Method::PUT,
+            &format!("/v2/service_instances/{id}{q}"),
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn update(&self, id: &str, body: Value, accepts_incomplete: bool) -> Answer {
+        let q = if accepts_incomplete {
+            "?accepts_incomplete=true"
+        } else {
+            ""
+        };
+        self.call(
+            Method::PATCH,
+            &format!("/v2/service_instances/{id}{q}"),
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn deprovision(&self, id: &str, service: &str, plan: &str) -> Answer {
+        self.deprovision_query(id, &format!("service_id={service}&plan_id={plan}"))
+            .await
+    }
+
+    pub async fn deprovision_query(&self, id: &str, query: &str) -> Answer {
+        self.call(
+            Method::DELETE,
+            &format!("/v2/service_instances/{id}?{query}"),
+            None,
+        )
+        .await
+    }
+
+    pub async fn bind(&self, id: &str, binding: &str, plan: &str) -> Answer {
+        self.bind_with(
+            id,
+            binding,
+            json!({"service_id": SERVICE, "plan_id": plan, "app_guid": "app-1"}),
+            false,
+        )
+        .await
+    }
+
+    pub async fn bind_with(
+        &self,
+        id: &str,
+        binding: &str,
+        body: Value,
+        accepts_incomplete: bool,
+    ) -> Answer {
+        let q = if accepts_incomplete {
+            "?accepts_incomplete=true"
+        } else {
+            ""
+        };
+        self.call(
+            Method::PUT,
+            &format!("/v2/service_instances/{id}/service_bindings/{binding}{q}"),
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn unbind(&self, id: &str, binding: &str, plan: &str) -> Answer {
+        self.call(
+            Method::DELETE,
+            &format!("/v2/service_instances/{id}/service_bindings/{binding}?service_id={SERVICE}&plan_id={plan}"),
+            None,
+        )
+        .await
+    }
+
+    pub async fn last_operation(&self, id: &str, operation: Option<&str>) -> Answer {
+        let q = operation
+            .map(|o| format!("?operation={o}&service_id={SERVICE}"))
+            .unwrap_or_default();
+        self.call(
+            Method::GET,
+            &format!("/v2/service_instances/{id}/last_operation{q}"),
+            None,
+        )
+        .await
+    }
+
+    /// Polls a `last_operation` path until it answers 410 Gone (a finished delete).
+    pub async fn poll_until_gone(&self, path: &str) -> Answer {
+        let mut last = self.call(Method::GET, path, None).await;
+        for _ in 0..200 {
+            if last.status == StatusCode::GONE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            last = self.call(Method::GET, path, None).await;
+        }
+        last
+    }
+
+    /// Polls until the operation leaves "in progress".
+    pub async fn poll(&self, id: &str, operation: &str) -> Answer {
+        for _ in 0..200 {
+            let answer = self.last_operation(id, Some(operation)).await;
+            if answer.status != StatusCode::OK || answer.body["state"] != "in progress" {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("operation {operation} on {id} never finished");
+    }
+}
+
+pub async fn wait_healthy(client: &reqwest::Client, base: &str) {
+    for _ in 0..300 {
+        if let Ok(r) = client.get(format!("{base}/health")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("broker at {base} never became healthy");
+}
+
+pub fn provision_body(service: &str, plan: &str) -> Value {
+    json!({
+        "service_id": service,
+        "plan_id": plan,
+        "organization_guid": "org-guid",
+        "space_guid": "space-guid",
+        "context": {"platform": "cloudfoundry", "organization_guid": "org-guid", "space_guid": "space-guid"}
+    })
+}
+
+/// An answer as a client sees it.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub raw: String,
+}
+
+impl Answer {
+    pub async fn from(response: reqwest::Response) -> Answer {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let raw = response.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&raw).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+            raw,
+        }
+    }
+
+    #[track_caller]
+    pub fn expect(&self, status: u16) -> &Self {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected answer: {}",
+            self.raw
+        );
+        assert!(
+            self.body.is_object(),
+            "every body is a JSON object: {}",
+            self.raw
+        );
+        self
+    }
+
+    /// Asserts an OSB error body with this status and, when given, this error code.
+    #[track_caller]
+    pub fn expect_error(&self, status: u16, code: Option<&str>) -> &Self {
+        self.expect(status);
+        assert!(
+            self.body["description"]
+                .as_str()
+                .is_some_and(|d| !d.is_empty()),
+            "an error body says what went wrong: {}",
+            self.raw
+        );
+        if let Some(code) = code {
+            assert_eq!(self.body["error"], code, "{}", self.raw);
+        }
+        self
+    }
+
+    pub fn operation(&self) -> String {
+        self.body["operation"]
+            .as_str()
+            .expect("an operation token")
+            .to_string()
+    }
+}
+
+// ---- the MariaDB the tests run against ---------------------------------------------
+
+pub async fn admin() -> mysql_async::Conn {
+    mysql_async::Conn::from_url(mysql_url())
+        .await
+        .expect("the test MariaDB answers")
+}
+
+pub async fn database_exists(name: &str) -> bool {
+    let mut conn = admin().await;
+    let found: Option<String> = conn
+        .exec_first(
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+            (name,),
+        )
+        .await
+        .unwrap();
+    found.is_some()
+}
+
+pub async fn user_exists(name: &str) -> bool {
+    let mut conn = admin().await;
+    let n: Option<i64> = conn
+        .exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (name,))
+        .await
+        .unwrap();
+    n.unwrap_or(0) > 0
+}
+
+/// Connects exactly as an app would, from a binding's credentials.
+pub async fn connect_as(credentials: &Value) -> Result<mysql_async::Conn, mysql_async::Error> {
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(credentials["hostname"].as_str().unwrap())
+        .tcp_port(credentials["port"].as_u64().unwrap() as u16)
+        .user(credentials["username"].as_str())
+        .pass(credentials["password"].as_str())
+        .db_name(credentials["name"].as_str())
+        .prefer_socket(false);
+    mysql_async::Conn::new(opts).await
+}
+
+// ---- real broker processes -----------------------------------------------------------
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `brokerage serve` process, its logs written to a file.
+pub struct BrokerProcess {
+    pub child: Child,
+    pub base: String,
+    pub log: PathBuf,
+}
+
+impl BrokerProcess {
+    pub async fn start(config_file: &Path, port: u16, log: &Path) -> BrokerProcess {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_brokerage"))
+            .args(["serve", "--config"])
+            .arg(config_file)
+            .env_remove("PORT")
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("brokerage starts");
+        let base = format!("http://127.0.0.1:{port}");
+        wait_healthy(&reqwest::Client::new(), &base).await;
+        BrokerProcess {
+            child,
+            base,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL on Unix
+        self.child.wait().unwrap();
+    }
+
+    pub fn client(&self) -> TestClient {
+        TestClient::new(self.base.clone())
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

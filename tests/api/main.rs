@@ -1,0 +1,10 @@
+//! Brokerage's integration tests: one binary, brokers on port 0 (in this process) or as
+//! real processes, against the throwaway MariaDB that `scripts/test` starts.
+
+mod bad_input;
+mod cli;
+mod durability;
+mod helpers;
+mod lifecycle;
+mod protocol;
+mod store_contract;
