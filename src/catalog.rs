@@ -19,6 +19,9 @@ pub struct ServiceConfig {
     /// Refuse deprovision while bindings exist (the seed's rule) instead of dropping them.
     #[serde(default = "yes")]
     pub refuse_deprovision_with_bindings: bool,
+    /// Bindings need an app (`app_guid` or `bind_resource.app_guid`), else 422 RequiresApp.
+    #[serde(default)]
+    pub bindings_require_app: bool,
     pub plans: Vec<PlanConfig>,
     #[serde(flatten)]
     pub service: osb::Service,
@@ -62,6 +65,7 @@ pub struct LocalService {
     pub wire: osb::Service,
     pub backend: String,
     pub refuse_deprovision_with_bindings: bool,
+    pub bindings_require_app: bool,
     pub plans: Vec<LocalPlan>,
 }
 
@@ -169,6 +173,7 @@ impl LocalCatalog {
                 wire,
                 backend: s.backend.clone(),
                 refuse_deprovision_with_bindings: s.refuse_deprovision_with_bindings,
+                bindings_require_app: s.bindings_require_app,
                 plans,
             });
         }

@@ -239,7 +239,8 @@ impl Backend for MysqlBackend {
             limits.max_user_connections
         ))
         .await
-        .map_err(|e| self.error(e))?;
+        // A server error may quote the statement: keep the password out of it.
+        .map_err(|e| scrub(self.error(e), &password))?;
         let privileges = if read_only {
             "SELECT"
         } else {
@@ -276,6 +277,18 @@ impl Backend for MysqlBackend {
     async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;
         self.drop_user(&mut conn, &user_name(binding_id)).await
+    }
+}
+
+/// Removes a secret from an error's message.
+fn scrub(error: BackendError, secret: &str) -> BackendError {
+    let clean = |m: String| m.replace(secret, "***");
+    match error {
+        BackendError::Unavailable(m) => BackendError::Unavailable(clean(m)),
+        BackendError::Conflict(m) => BackendError::Conflict(clean(m)),
+        BackendError::Rejected(m) => BackendError::Rejected(clean(m)),
+        BackendError::BadRequest(m) => BackendError::BadRequest(clean(m)),
+        BackendError::Failed(m) => BackendError::Failed(clean(m)),
     }
 }
 

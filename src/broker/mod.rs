@@ -652,6 +652,14 @@ impl Broker {
                 plan.wire.name, service.wire.name
             )));
         }
+        let has_app = req.app_guid.is_some()
+            || req.bind_resource.as_ref().is_some_and(|r| {
+                r.get("app_guid")
+                    .is_some_and(|a| a.as_str().is_some_and(|s| !s.is_empty()))
+            });
+        if service.bindings_require_app && !has_app {
+            return Err(OsbError::RequiresApp);
+        }
         if instance.record.operation.in_flight() {
             return Err(OsbError::concurrency());
         }

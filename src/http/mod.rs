@@ -125,6 +125,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .method_not_allowed_fallback(|| async { OsbError::MethodNotAllowed })
         .fallback(|| async { OsbError::NotFound("no such route".into()) })
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            OsbError::Internal("a request handler panicked".into()).into_response()
+        }))
         .layer(middleware::from_fn(trace_request))
         .with_state(state)
 }

@@ -142,6 +142,7 @@ catalog:
       bindable: true
       plan_updateable: false
       refuse_deprovision_with_bindings: false
+      bindings_require_app: true
       plans:
         - {{id: {FIXED_A}, name: fixed-a, description: a, max_storage_mb: 5, max_user_connections: 2}}
         - {{id: {FIXED_B}, name: fixed-b, description: b, max_storage_mb: 5, max_user_connections: 2}}

@@ -328,7 +328,7 @@ async fn plan_changes_follow_the_catalog() {
     .expect_error(400, None);
     app.update(
         &id,
-        json!({"service_id": FIXED_SERVICE, "plan_id": FIXED_A}),
+        json!({"service_id": FIXED_SERVICE, "plan_id": FIXED_A, "app_guid": "app"}),
         false,
     )
     .await
@@ -370,7 +370,7 @@ async fn deprovision_with_bindings_is_refused_or_takes_them_along_as_configured(
         .bind_with(
             &id,
             &format!("{id}-pb"),
-            json!({"service_id": FIXED_SERVICE, "plan_id": FIXED_A}),
+            json!({"service_id": FIXED_SERVICE, "plan_id": FIXED_A, "app_guid": "app"}),
             false,
         )
         .await;

@@ -369,6 +369,43 @@ async fn bind_unbind_and_fetch_status_rows() {
 }
 
 #[tokio::test]
+async fn bindings_that_need_an_app_say_so() {
+    let app = spawn_app().await;
+    let id = unique("app");
+    app.provision_with(&id, provision_body(FIXED_SERVICE, FIXED_A), false)
+        .await
+        .expect(201);
+    let body = |extra: serde_json::Value| {
+        let mut b = json!({"service_id": FIXED_SERVICE, "plan_id": FIXED_A});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let b = format!("{id}-b");
+    for missing in [
+        json!({}),
+        json!({"app_guid": ""}),
+        json!({"bind_resource": {"route": "r"}}),
+    ] {
+        app.bind_with(&id, &b, body(missing), false)
+            .await
+            .expect_error(422, Some("RequiresApp"));
+    }
+    app.bind_with(
+        &id,
+        &b,
+        body(json!({"bind_resource": {"app_guid": "app-9"}})),
+        false,
+    )
+    .await
+    .expect(201);
+    app.deprovision(&id, FIXED_SERVICE, FIXED_A)
+        .await
+        .expect(200);
+}
+
+#[tokio::test]
 async fn last_operation_rows() {
     let app = spawn_app().await;
     let id = unique("lastop");
