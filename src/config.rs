@@ -25,6 +25,18 @@ pub struct Config {
     pub log: LogConfig,
     pub backends: Backends,
     pub catalog: CatalogConfig,
+    pub federation: FederationSettings,
+    #[serde(default)]
+    pub upstreams: Vec<upstreams::UpstreamSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSettings {
+    /// Seconds between catalog refreshes of every upstream.
+    pub refresh_secs: u64,
+    /// Seconds a fetched catalog counts as fresh; after that the stored copy is served.
+    pub catalog_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -213,6 +225,23 @@ impl Config {
             bail!("log.level: {:?} is not a tracing filter", self.log.level);
         }
         crate::catalog::LocalCatalog::build(&self.catalog.services, self)?;
+        if self.federation.refresh_secs == 0 {
+            bail!("federation.refresh_secs: must be at least 1");
+        }
+        let mut aliases = std::collections::HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if !crate::catalog::is_cli_name(&u.alias) || u.alias == "local" || u.alias.len() > 40 {
+                bail!("upstreams[{i}].alias: {:?} must be 1 to 40 of a-z, 0-9 and '-' (and not \"local\")", u.alias);
+            }
+            if !aliases.insert(u.alias.clone()) {
+                bail!("upstreams[{i}].alias: {:?} is used twice", u.alias);
+            }
+            if u.request_timeout_secs == 0 || u.request_timeout_secs > 55 {
+                bail!("upstreams[{i}].request_timeout_secs: must be between 1 and 55 (Cloud Controller gives up after 60)");
+            }
+            upstreams::Upstream::new(u.clone())
+                .map_err(|e| anyhow::anyhow!("upstreams[{i}]: {e}"))?;
+        }
         Ok(())
     }
 
@@ -225,6 +254,7 @@ impl Config {
 
     /// The effective configuration as YAML, every secret masked.
     pub fn to_masked_yaml(&self) -> String {
+        // Upstream secrets serialize as "***" by themselves.
         let mut masked = self.clone();
         for c in &mut masked.auth.credentials {
             c.password = Secret::new("***");

@@ -5,6 +5,7 @@
 //! - [`config`]: layered configuration (defaults, file, environment, `$PORT`), validated
 //!   before anything starts.
 //! - [`catalog`]: the local catalog, validated and published.
+//! - [`federation`]: upstream brokers, the merged catalog and the routes back to them.
 //! - [`http`]: the only module that knows axum: routes, auth, version check, tracing.
 //! - [`broker`]: what each OSB call means: claim, run, record, answer.
 //! - [`store`]: durable records of instances, bindings and operations (embedded or MySQL).
@@ -18,6 +19,7 @@ pub mod broker;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod federation;
 pub mod http;
 pub mod mysql;
 pub mod startup;

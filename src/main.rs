@@ -69,7 +69,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(config.as_deref())?;
             let catalog =
                 brokerage::catalog::LocalCatalog::build(&config.catalog.services, &config)?;
-            println!("{}", serde_json::to_string_pretty(catalog.published())?);
+            // The live broker may hold the store; last good copies matter only when an
+            // upstream is down, so fall back to a store of our own.
+            let store: std::sync::Arc<dyn brokerage::store::StateStore> =
+                match brokerage::store::open(&config.store).await {
+                    Ok(store) => store,
+                    Err(_) => std::sync::Arc::new(brokerage::store::EmbeddedStore::in_memory()?),
+                };
+            let federation = startup::federation(&config, &catalog, store).await?;
+            federation.refresh().await;
+            let snapshot = federation.snapshot();
+            for problem in &snapshot.merged.problems {
+                eprintln!("left out: {problem}");
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&snapshot.merged.catalog)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use crate::broker::{Broker, Timing};
 use crate::catalog::LocalCatalog;
 use crate::config::{Config, LogFormat};
+use crate::federation::Federation;
 use crate::http::{self, AppState};
 use crate::{backend, store};
 
@@ -31,18 +32,36 @@ pub async fn build(config: &Config) -> anyhow::Result<(Broker, Router)> {
     let catalog = LocalCatalog::build(&config.catalog.services, config)?;
     let store = store::open(&config.store).await?;
     let backends = backend::from_config(config)?;
+    let federation = federation(config, &catalog, store.clone()).await?;
     let links = sso::DashboardLinks::new(&config.broker.external_url)?;
     let timing = Timing {
         operation_timeout: Duration::from_secs(config.broker.operation_timeout_secs),
         retry_after_secs: config.broker.retry_after_secs,
     };
-    let broker = Broker::new(store, catalog, backends, links, timing);
+    let broker = Broker::new(store, catalog, backends, links, timing, federation);
     let state = AppState::new(
         broker.clone(),
         &config.auth.credentials,
         config.broker.max_body_bytes,
     );
     Ok((broker, http::router(state)))
+}
+
+/// The upstreams, with the catalog snapshot built from their stored last good copies.
+pub async fn federation(
+    config: &Config,
+    catalog: &LocalCatalog,
+    store: std::sync::Arc<dyn store::StateStore>,
+) -> anyhow::Result<std::sync::Arc<Federation>> {
+    let federation = Federation::new(
+        &config.upstreams,
+        catalog.published().clone(),
+        store,
+        Duration::from_secs(config.federation.refresh_secs),
+        Duration::from_secs(config.federation.catalog_ttl_secs),
+    )?;
+    federation.rebuild().await;
+    Ok(std::sync::Arc::new(federation))
 }
 
 /// Serves until `shutdown` resolves, then lets background operations record their end.
@@ -61,10 +80,12 @@ pub async fn serve(
         services = broker.catalog().services().len(),
         "brokerage serving"
     );
+    let refresher = tokio::spawn(broker.federation().clone().refresh_forever());
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving HTTP")?;
+    refresher.abort();
     tracing::info!("draining background operations");
     if tokio::time::timeout(
         Duration::from_secs(config.broker.operation_timeout_secs + 5),
@@ -142,6 +163,30 @@ pub async fn check(config: &Config) -> Vec<Probe> {
             what: "backends".into(),
             result: Err(format!("{e:#}")),
         }),
+    }
+    for settings in &config.upstreams {
+        let what = format!("upstreams.{}", settings.alias);
+        let result = match upstreams::Upstream::new(settings.clone()) {
+            Err(e) => Err(e),
+            Ok(u) => match u.catalog(&upstreams::client::default_api_version()).await {
+                Err(e) => Err(e.to_string()),
+                Ok(catalog) => {
+                    let names: Vec<String> = catalog["services"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|s| s.get("name").and_then(|n| n.as_str()).map(str::to_string))
+                        .collect();
+                    Ok(format!(
+                        "{} offers {} service(s): {}",
+                        settings.url,
+                        names.len(),
+                        names.join(", ")
+                    ))
+                }
+            },
+        };
+        probes.push(Probe { what, result });
     }
     probes
 }

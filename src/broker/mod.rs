@@ -11,6 +11,7 @@
 //! A synchronous failure leaves the records as they were before step 2; an asynchronous
 //! one is recorded as a failed operation that `last_operation` reports.
 
+mod proxy;
 mod token;
 
 use std::future::Future;
@@ -26,6 +27,7 @@ pub use token::OperationToken;
 use crate::backend::{Backend, BackendError, Backends};
 use crate::catalog::{LocalCatalog, LocalPlan, LocalService};
 use crate::error::OsbError;
+use crate::federation::Federation;
 use crate::store::records::{self, Inserted, Record, Stored};
 use crate::store::{BindingRecord, InstanceRecord, OpKind, OpState, OperationRecord, StateStore};
 
@@ -45,6 +47,20 @@ impl Reply {
             retry_after: None,
         }
     }
+}
+
+/// What the platform's request carried besides its body, passed on to upstreams.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    pub api_version: String,
+    pub originating_identity: Option<String>,
+    pub request_identity: Option<String>,
+}
+
+/// Reads a request body as its typed form; the raw form stays with the caller.
+fn parse<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, OsbError> {
+    serde_json::from_value(body.clone())
+        .map_err(|e| OsbError::BadRequest(format!("the body is not a valid request: {e}")))
 }
 
 /// Timing settings of the broker.
@@ -68,6 +84,7 @@ struct Inner {
     links: sso::DashboardLinks,
     timing: Timing,
     background: TaskTracker,
+    federation: Arc<Federation>,
 }
 
 /// What becomes of a record once its operation ends.
@@ -135,6 +152,7 @@ impl Broker {
         backends: Backends,
         links: sso::DashboardLinks,
         timing: Timing,
+        federation: Arc<Federation>,
     ) -> Self {
         Broker {
             inner: Arc::new(Inner {
@@ -144,8 +162,13 @@ impl Broker {
                 links,
                 timing,
                 background: TaskTracker::new(),
+                federation,
             }),
         }
+    }
+
+    pub fn federation(&self) -> &Arc<Federation> {
+        &self.inner.federation
     }
 
     pub fn catalog(&self) -> &LocalCatalog {
@@ -228,32 +251,79 @@ impl Broker {
             .ok_or_else(|| OsbError::Internal(format!("backend {} missing", service.backend)))
     }
 
-    fn token(&self, kind: OpKind, op: &OperationRecord) -> String {
-        OperationToken::local(kind, &op.id).encode()
+    fn token(owner: Option<&str>, op: &OperationRecord) -> String {
+        OperationToken {
+            target: owner.unwrap_or(OperationToken::LOCAL).to_string(),
+            kind: op.kind,
+            id: op.id.clone(),
+            upstream: op.upstream_operation.clone(),
+        }
+        .encode()
     }
 
-    fn accepted(&self, op: &OperationRecord, extra: Map<String, Value>) -> Reply {
-        let mut body = extra;
-        body.insert("operation".into(), json!(self.token(op.kind, op)));
+    /// The 202 for a record's operation in flight.
+    fn accepted<R: Record>(record: &R) -> Reply {
+        let mut body = record.reply_fields();
+        let owner = record.upstream().map(|u| u.alias.as_str());
+        body.insert(
+            "operation".into(),
+            json!(Self::token(owner, record.operation())),
+        );
         Reply::new(202, object(body))
     }
 
-    fn dashboard(record: &InstanceRecord) -> Map<String, Value> {
-        let mut body = Map::new();
-        if let Some(url) = &record.dashboard_url {
-            body.insert("dashboard_url".into(), json!(url));
+    /// Claims a new resource id by inserting its record. When the id is taken, the
+    /// request is answered from what is stored: 409 for other attributes, 202 or 422
+    /// while an operation runs, `done`'s answer once complete; a failed or abandoned
+    /// attempt is taken over (the `bool`).
+    async fn claim_new<R: Record + Clone>(
+        &self,
+        record: &R,
+        parent: Option<(&str, u64)>,
+        accepts_incomplete: bool,
+        same: impl Fn(&R) -> bool,
+        done: impl Fn(&R) -> Option<Reply>,
+    ) -> Result<Result<(u64, bool), Reply>, OsbError> {
+        match records::insert(self.store_ref(), record, parent).await? {
+            Inserted::Inserted => Ok(Ok((1, false))),
+            Inserted::ParentChanged => Err(OsbError::concurrency()),
+            Inserted::Exists(existing) => {
+                let e = &existing.record;
+                if !same(e) {
+                    return Err(OsbError::Conflict(format!(
+                        "{} {} already exists with other attributes",
+                        if R::TABLE == crate::store::Table::Instances {
+                            "instance"
+                        } else {
+                            "binding"
+                        },
+                        record.id()
+                    )));
+                }
+                let op = e.operation();
+                if op.in_flight() {
+                    if op.kind == record.operation().kind && op.asynchronous && accepts_incomplete {
+                        return Ok(Err(Self::accepted(e)));
+                    }
+                    return Err(OsbError::concurrency());
+                }
+                if let Some(reply) = done(e) {
+                    return Ok(Err(reply));
+                }
+                match records::replace(self.store_ref(), record, existing.version).await? {
+                    Some(v) => Ok(Ok((v, true))),
+                    None => Err(OsbError::concurrency()),
+                }
+            }
         }
-        body
     }
 
     /// Runs a claimed operation's backend work and records its outcome: inline, or in the
     /// background with an immediate 202.
-    /// `accepted` is the body of the 202 beside `operation`.
     async fn drive<R, T, W, S>(
         &self,
         record: R,
         version: u64,
-        accepted: Map<String, Value>,
         work: W,
         settle: S,
     ) -> Result<Reply, OsbError>
@@ -273,8 +343,7 @@ impl Broker {
                 ))),
             }
         };
-        let op = record.operation().clone();
-        if !op.asynchronous {
+        if !record.operation().asynchronous {
             let (outcome, reply) = settle(record.clone(), timed.await);
             self.record_outcome::<R>(record.id(), version, outcome)
                 .await?;
@@ -282,13 +351,14 @@ impl Broker {
         }
         let this = self.clone();
         let id = record.id().to_string();
+        let accepted = Self::accepted(&record);
         self.inner.background.spawn(async move {
             let (outcome, _) = settle(record, timed.await);
             if let Err(e) = this.record_outcome::<R>(&id, version, outcome).await {
                 tracing::error!(table = R::TABLE.name(), %id, error = %e, "could not record the end of a background operation");
             }
         });
-        Ok(self.accepted(&op, accepted))
+        Ok(accepted)
     }
 
     async fn record_outcome<R: Record>(
@@ -318,14 +388,38 @@ impl Broker {
     pub async fn provision(
         &self,
         id: &str,
-        req: ProvisionRequest,
+        body: Value,
         accepts_incomplete: bool,
+        ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
         check_id("instance_id", id)?;
-        let service_id = required(req.service_id, "service_id")?;
-        let plan_id = required(req.plan_id, "plan_id")?;
-        let organization_guid = required(req.organization_guid, "organization_guid")?;
-        let space_guid = required(req.space_guid, "space_guid")?;
+        let req: ProvisionRequest = parse(&body)?;
+        let service_id = required(req.service_id.clone(), "service_id")?;
+        let plan_id = required(req.plan_id.clone(), "plan_id")?;
+        let organization_guid = required(req.organization_guid.clone(), "organization_guid")?;
+        let space_guid = required(req.space_guid.clone(), "space_guid")?;
+        let mut record = InstanceRecord {
+            id: id.to_string(),
+            service_id: service_id.clone(),
+            plan_id: plan_id.clone(),
+            organization_guid,
+            space_guid,
+            context: req.context.clone(),
+            parameters: req.parameters.clone(),
+            maintenance_version: req.maintenance_info.as_ref().map(|m| m.version.clone()),
+            dashboard_url: None,
+            provisioned: false,
+            created_at: chrono::Utc::now(),
+            operation: self.start(OpKind::Provision, false),
+            upstream: None,
+        };
+        if self.inner.catalog.service(&service_id).is_none() {
+            if let Some(route) = self.inner.federation.route(&service_id) {
+                return self
+                    .proxy_provision(record, route, body, accepts_incomplete, ctx)
+                    .await;
+            }
+        }
         let service = self.service(&service_id)?;
         let plan = self.plan(service, &plan_id)?;
         check_maintenance(plan, req.maintenance_info.as_ref())?;
@@ -333,59 +427,29 @@ impl Broker {
             return Err(OsbError::AsyncRequired);
         }
         let backend = self.backend(service)?;
-        let record = InstanceRecord {
-            id: id.to_string(),
-            service_id,
-            plan_id,
-            organization_guid,
-            space_guid,
-            context: req.context,
-            parameters: req.parameters,
-            maintenance_version: plan
-                .wire
-                .maintenance_info
-                .as_ref()
-                .map(|m| m.version.clone()),
-            dashboard_url: service
-                .wire
-                .dashboard_client
-                .as_ref()
-                .map(|_| self.inner.links.dashboard_url(id).to_string()),
-            provisioned: false,
-            created_at: chrono::Utc::now(),
-            operation: self.start(OpKind::Provision, plan.asynchronous),
-        };
-        let (version, takeover) = match records::insert(self.store_ref(), &record, None).await? {
-            Inserted::Inserted => (1, false),
-            Inserted::ParentChanged => unreachable!("instances have no parent"),
-            Inserted::Exists(existing) => {
-                let e = &existing.record;
-                let same = e.service_id == record.service_id
-                    && e.plan_id == record.plan_id
-                    && e.organization_guid == record.organization_guid
-                    && e.space_guid == record.space_guid
-                    && e.parameters == record.parameters;
-                if !same {
-                    return Err(OsbError::Conflict(format!(
-                        "instance {id} already exists with other attributes"
-                    )));
-                }
-                let op = &e.operation;
-                if op.in_flight() {
-                    if op.kind == OpKind::Provision && op.asynchronous && accepts_incomplete {
-                        return Ok(self.accepted(op, Self::dashboard(e)));
-                    }
-                    return Err(OsbError::concurrency());
-                }
-                if e.provisioned {
-                    return Ok(Reply::new(200, object(Self::dashboard(e))));
-                }
-                // An earlier attempt failed or was abandoned: this request takes it over.
-                match records::replace(self.store_ref(), &record, existing.version).await? {
-                    Some(v) => (v, true),
-                    None => return Err(OsbError::concurrency()),
-                }
-            }
+        record.maintenance_version = plan
+            .wire
+            .maintenance_info
+            .as_ref()
+            .map(|m| m.version.clone());
+        record.dashboard_url = service
+            .wire
+            .dashboard_client
+            .as_ref()
+            .map(|_| self.inner.links.dashboard_url(id).to_string());
+        record.operation = self.start(OpKind::Provision, plan.asynchronous);
+        let (version, takeover) = match self
+            .claim_new(
+                &record,
+                None,
+                accepts_incomplete,
+                |e| same_instance(e, &record),
+                done_instance,
+            )
+            .await?
+        {
+            Ok(claimed) => claimed,
+            Err(answer) => return Ok(answer),
         };
         tracing::info!(instance_id = id, service = %service.wire.name, plan = %plan.wire.name, "provisioning");
         let limits = plan.limits;
@@ -399,39 +463,34 @@ impl Broker {
                 .provision(&instance_id, limits, parameters.as_ref())
                 .await
         };
-        let accepted = Self::dashboard(&record);
-        self.drive(
-            record,
-            version,
-            accepted,
-            work,
-            |mut record, result| match result {
-                Ok(()) => {
-                    record.provisioned = true;
-                    record.operation.finish(OpState::Succeeded, None);
-                    let body = object(Self::dashboard(&record));
-                    (Outcome::Keep(record), Ok(Reply::new(201, body)))
-                }
-                Err(e) if record.operation.asynchronous => {
-                    record
-                        .operation
-                        .finish(OpState::Failed, Some(e.to_string()));
-                    (Outcome::Keep(record), Err(e.into()))
-                }
-                Err(e) => (Outcome::Remove, Err(e.into())),
-            },
-        )
+        self.drive(record, version, work, |mut record, result| match result {
+            Ok(()) => {
+                record.provisioned = true;
+                record.operation.finish(OpState::Succeeded, None);
+                let body = object(record.reply_fields());
+                (Outcome::Keep(record), Ok(Reply::new(201, body)))
+            }
+            Err(e) if record.operation.asynchronous => {
+                record
+                    .operation
+                    .finish(OpState::Failed, Some(e.to_string()));
+                (Outcome::Keep(record), Err(e.into()))
+            }
+            Err(e) => (Outcome::Remove, Err(e.into())),
+        })
         .await
     }
 
     pub async fn update(
         &self,
         id: &str,
-        req: UpdateRequest,
+        body: Value,
         accepts_incomplete: bool,
+        ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
         check_id("instance_id", id)?;
-        let service_id = required(req.service_id, "service_id")?;
+        let req: UpdateRequest = parse(&body)?;
+        let service_id = required(req.service_id.clone(), "service_id")?;
         let stored = self.existing_instance(id).await?;
         let current = stored.record.clone();
         if current.operation.in_flight() {
@@ -441,6 +500,11 @@ impl Broker {
             return Err(OsbError::BadRequest(format!(
                 "service_id {service_id:?} is not the instance's service"
             )));
+        }
+        if current.upstream.is_some() {
+            return self
+                .proxy_update(stored, req, body, accepts_incomplete, ctx)
+                .await;
         }
         let (service, from) = self.offering(&current)?;
         let to = match &req.plan_id {
@@ -477,11 +541,9 @@ impl Broker {
         let target_maintenance = to.wire.maintenance_info.as_ref().map(|m| m.version.clone());
         let previous_op = current.operation;
         let (new_parameters, new_context) = (req.parameters, req.context);
-        let accepted = Self::dashboard(&record);
         self.drive(
             record,
             version,
-            accepted,
             work,
             move |mut record, result| match result {
                 Ok(()) => {
@@ -496,7 +558,7 @@ impl Broker {
                     }
                     record.maintenance_version = target_maintenance;
                     record.operation.finish(OpState::Succeeded, None);
-                    let body = object(Self::dashboard(&record));
+                    let body = object(record.reply_fields());
                     (Outcome::Keep(record), Ok(Reply::new(200, body)))
                 }
                 Err(e) if record.operation.asynchronous => {
@@ -520,12 +582,22 @@ impl Broker {
         service_id: Option<String>,
         plan_id: Option<String>,
         accepts_incomplete: bool,
+        ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
         check_id("instance_id", id)?;
         let service_id = required(service_id, "service_id")?;
-        required(plan_id, "plan_id")?;
+        let plan_id = required(plan_id, "plan_id")?;
         let Some(stored) = records::load::<InstanceRecord>(self.store_ref(), id).await? else {
-            return Err(OsbError::Gone);
+            // Never recorded (a provision that timed out): an upstream may still hold it.
+            return self
+                .proxy_orphan_delete(
+                    &format!("/v2/service_instances/{id}"),
+                    &service_id,
+                    &plan_id,
+                    accepts_incomplete,
+                    ctx,
+                )
+                .await;
         };
         let current = stored.record.clone();
         if service_id != current.service_id {
@@ -536,9 +608,14 @@ impl Broker {
         let op = &current.operation;
         if op.in_flight() {
             if op.kind == OpKind::Deprovision && op.asynchronous && accepts_incomplete {
-                return Ok(self.accepted(op, Map::new()));
+                return Ok(Self::accepted(&current));
             }
             return Err(OsbError::concurrency());
+        }
+        if current.upstream.is_some() {
+            return self
+                .proxy_deprovision(stored, accepts_incomplete, ctx)
+                .await;
         }
         let (service, plan) = self.offering(&current)?;
         if plan.asynchronous && !accepts_incomplete {
@@ -572,7 +649,6 @@ impl Broker {
         self.drive(
             record,
             version,
-            Map::new(),
             work,
             move |mut record, result| match result {
                 Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),
@@ -599,7 +675,7 @@ impl Broker {
         }
     }
 
-    pub async fn fetch_instance(&self, id: &str) -> Result<Reply, OsbError> {
+    pub async fn fetch_instance(&self, id: &str, ctx: &CallContext) -> Result<Reply, OsbError> {
         check_id("instance_id", id)?;
         let Some(stored) = records::load::<InstanceRecord>(self.store_ref(), id).await? else {
             return Err(OsbError::NotFound(format!("instance {id} does not exist")));
@@ -613,7 +689,10 @@ impl Broker {
         if r.operation.kind == OpKind::Update && r.operation.in_flight() {
             return Err(OsbError::concurrency());
         }
-        let mut body = Self::dashboard(&r);
+        if r.upstream.is_some() {
+            return self.proxy_fetch_instance(&r, ctx).await;
+        }
+        let mut body = r.reply_fields();
         body.insert("service_id".into(), json!(r.service_id));
         body.insert("plan_id".into(), json!(r.plan_id));
         if let Some(p) = r.parameters {
@@ -631,21 +710,45 @@ impl Broker {
         &self,
         instance_id: &str,
         binding_id: &str,
-        req: BindRequest,
+        body: Value,
         accepts_incomplete: bool,
+        ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
         check_id("instance_id", instance_id)?;
         check_id("binding_id", binding_id)?;
-        let service_id = required(req.service_id, "service_id")?;
-        let plan_id = required(req.plan_id, "plan_id")?;
+        let req: BindRequest = parse(&body)?;
+        let service_id = required(req.service_id.clone(), "service_id")?;
+        let plan_id = required(req.plan_id.clone(), "plan_id")?;
         let instance = self.existing_instance(instance_id).await?;
         if service_id != instance.record.service_id {
             return Err(OsbError::BadRequest(format!(
                 "service_id {service_id:?} is not the instance's service"
             )));
         }
+        if instance.record.operation.in_flight() {
+            return Err(OsbError::concurrency());
+        }
+        let mut record = BindingRecord {
+            id: binding_id.to_string(),
+            instance_id: instance_id.to_string(),
+            service_id,
+            plan_id,
+            app_guid: req.app_guid.clone(),
+            bind_resource: req.bind_resource.clone(),
+            parameters: req.parameters.clone(),
+            context: req.context.clone(),
+            credentials: None,
+            created_at: chrono::Utc::now(),
+            operation: self.start(OpKind::Bind, false),
+            upstream: instance.record.upstream.clone(),
+        };
+        if record.upstream.is_some() {
+            return self
+                .proxy_bind(record, instance.version, body, accepts_incomplete, ctx)
+                .await;
+        }
         let (service, plan) = self.offering(&instance.record)?;
-        self.plan(service, &plan_id)?;
+        self.plan(service, &record.plan_id)?;
         if !service.bindable(plan) {
             return Err(OsbError::BadRequest(format!(
                 "plan {} of {} is not bindable",
@@ -660,85 +763,50 @@ impl Broker {
         if service.bindings_require_app && !has_app {
             return Err(OsbError::RequiresApp);
         }
-        if instance.record.operation.in_flight() {
-            return Err(OsbError::concurrency());
-        }
         if plan.asynchronous && !accepts_incomplete {
             return Err(OsbError::AsyncRequired);
         }
         let backend = self.backend(service)?;
-        let record = BindingRecord {
-            id: binding_id.to_string(),
-            instance_id: instance_id.to_string(),
-            service_id,
-            plan_id,
-            app_guid: req.app_guid,
-            bind_resource: req.bind_resource,
-            parameters: req.parameters,
-            context: req.context,
-            credentials: None,
-            created_at: chrono::Utc::now(),
-            operation: self.start(OpKind::Bind, plan.asynchronous),
-        };
+        record.operation = self.start(OpKind::Bind, plan.asynchronous);
         let parent = Some((instance_id, instance.version));
-        let version = match records::insert(self.store_ref(), &record, parent).await? {
-            Inserted::Inserted => 1,
-            Inserted::ParentChanged => return Err(OsbError::concurrency()),
-            Inserted::Exists(existing) => {
-                let e = &existing.record;
-                let same = e.instance_id == record.instance_id
-                    && e.service_id == record.service_id
-                    && e.plan_id == record.plan_id
-                    && e.app_guid == record.app_guid
-                    && e.bind_resource == record.bind_resource
-                    && e.parameters == record.parameters;
-                if !same {
-                    return Err(OsbError::Conflict(format!(
-                        "binding {binding_id} already exists with other attributes"
-                    )));
-                }
-                let op = &e.operation;
-                if op.in_flight() {
-                    if op.kind == OpKind::Bind && op.asynchronous && accepts_incomplete {
-                        return Ok(self.accepted(op, Map::new()));
-                    }
-                    return Err(OsbError::concurrency());
-                }
-                if let Some(credentials) = &e.credentials {
-                    return Ok(Reply::new(200, json!({ "credentials": credentials })));
-                }
-                match records::replace(self.store_ref(), &record, existing.version).await? {
-                    Some(v) => v,
-                    None => return Err(OsbError::concurrency()),
-                }
-            }
+        let done = |e: &BindingRecord| {
+            e.credentials
+                .as_ref()
+                .map(|c| Reply::new(200, json!({ "credentials": c })))
+        };
+        let (version, _) = match self
+            .claim_new(
+                &record,
+                parent,
+                accepts_incomplete,
+                |e| same_binding(e, &record),
+                done,
+            )
+            .await?
+        {
+            Ok(claimed) => claimed,
+            Err(answer) => return Ok(answer),
         };
         tracing::info!(instance_id, binding_id, "binding");
         let limits = plan.limits;
         let parameters = record.parameters.clone();
         let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
         let work = async move { backend.bind(&iid, &bid, limits, parameters.as_ref()).await };
-        self.drive(
-            record,
-            version,
-            Map::new(),
-            work,
-            |mut record, result| match result {
-                Ok(credentials) => {
-                    let body = json!({ "credentials": credentials });
-                    record.credentials = Some(credentials);
-                    record.operation.finish(OpState::Succeeded, None);
-                    (Outcome::Keep(record), Ok(Reply::new(201, body)))
-                }
-                Err(e) if record.operation.asynchronous => {
-                    record
-                        .operation
-                        .finish(OpState::Failed, Some(e.to_string()));
-                    (Outcome::Keep(record), Err(e.into()))
-                }
-                Err(e) => (Outcome::Remove, Err(e.into())),
-            },
-        )
+        self.drive(record, version, work, |mut record, result| match result {
+            Ok(credentials) => {
+                let body = json!({ "credentials": credentials });
+                record.credentials = Some(credentials);
+                record.operation.finish(OpState::Succeeded, None);
+                (Outcome::Keep(record), Ok(Reply::new(201, body)))
+            }
+            Err(e) if record.operation.asynchronous => {
+                record
+                    .operation
+                    .finish(OpState::Failed, Some(e.to_string()));
+                (Outcome::Keep(record), Err(e.into()))
+            }
+            Err(e) => (Outcome::Remove, Err(e.into())),
+        })
         .await
     }
 
@@ -749,22 +817,33 @@ impl Broker {
         service_id: Option<String>,
         plan_id: Option<String>,
         accepts_incomplete: bool,
+        ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
         check_id("instance_id", instance_id)?;
         check_id("binding_id", binding_id)?;
-        required(service_id, "service_id")?;
-        required(plan_id, "plan_id")?;
+        let service_id = required(service_id, "service_id")?;
+        let plan_id = required(plan_id, "plan_id")?;
         let stored = match records::load::<BindingRecord>(self.store_ref(), binding_id).await? {
             Some(s) if s.record.instance_id == instance_id => s,
-            _ => return Err(OsbError::Gone),
+            Some(_) => return Err(OsbError::Gone),
+            None => {
+                let path =
+                    format!("/v2/service_instances/{instance_id}/service_bindings/{binding_id}");
+                return self
+                    .proxy_orphan_delete(&path, &service_id, &plan_id, accepts_incomplete, ctx)
+                    .await;
+            }
         };
         let current = stored.record.clone();
         let op = &current.operation;
         if op.in_flight() {
             if op.kind == OpKind::Unbind && op.asynchronous && accepts_incomplete {
-                return Ok(self.accepted(op, Map::new()));
+                return Ok(Self::accepted(&current));
             }
             return Err(OsbError::concurrency());
+        }
+        if current.upstream.is_some() {
+            return self.proxy_unbind(stored, accepts_incomplete, ctx).await;
         }
         let service = self.service(&current.service_id)?;
         let asynchronous = service
@@ -787,7 +866,6 @@ impl Broker {
         self.drive(
             record,
             version,
-            Map::new(),
             work,
             move |mut record, result| match result {
                 Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),
@@ -810,6 +888,7 @@ impl Broker {
         &self,
         instance_id: &str,
         binding_id: &str,
+        ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
         check_id("instance_id", instance_id)?;
         check_id("binding_id", binding_id)?;
@@ -821,6 +900,14 @@ impl Broker {
         let r = stored.record;
         if r.instance_id != instance_id {
             return Err(not_found());
+        }
+        if r.upstream.is_some() {
+            if r.operation.kind == OpKind::Bind
+                && r.operation.effective_state() != OpState::Succeeded
+            {
+                return Err(not_found());
+            }
+            return self.proxy_fetch_binding(&r, ctx).await;
         }
         let Some(credentials) = r.credentials else {
             return Err(not_found());
@@ -839,10 +926,16 @@ impl Broker {
         &self,
         id: &str,
         operation: Option<String>,
+        ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
         check_id("instance_id", id)?;
+        let token = operation
+            .as_deref()
+            .map(OperationToken::decode)
+            .transpose()?;
         let stored = records::load::<InstanceRecord>(self.store_ref(), id).await?;
-        self.last_operation(stored.map(|s| s.record), operation)
+        let path = format!("/v2/service_instances/{id}/last_operation");
+        self.last_operation(stored, token, &path, ctx).await
     }
 
     pub async fn binding_last_operation(
@@ -850,26 +943,35 @@ impl Broker {
         instance_id: &str,
         binding_id: &str,
         operation: Option<String>,
+        ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
         check_id("instance_id", instance_id)?;
         check_id("binding_id", binding_id)?;
-        let stored = records::load::<BindingRecord>(self.store_ref(), binding_id).await?;
-        let record = stored
-            .map(|s| s.record)
-            .filter(|r| r.instance_id == instance_id);
-        self.last_operation(record, operation)
-    }
-
-    fn last_operation<R: Record>(
-        &self,
-        record: Option<R>,
-        operation: Option<String>,
-    ) -> Result<Reply, OsbError> {
         let token = operation
             .as_deref()
             .map(OperationToken::decode)
             .transpose()?;
-        let Some(record) = record else {
+        let stored = records::load::<BindingRecord>(self.store_ref(), binding_id)
+            .await?
+            .filter(|s| s.record.instance_id == instance_id);
+        let path = format!(
+            "/v2/service_instances/{instance_id}/service_bindings/{binding_id}/last_operation"
+        );
+        self.last_operation(stored, token, &path, ctx).await
+    }
+
+    async fn last_operation<R: proxy::Forwarded>(
+        &self,
+        stored: Option<Stored<R>>,
+        token: Option<OperationToken>,
+        path: &str,
+        ctx: &CallContext,
+    ) -> Result<Reply, OsbError> {
+        let Some(stored) = stored else {
+            if let Some(t) = token.as_ref().filter(|t| t.target != OperationToken::LOCAL) {
+                // No record here, but the token names the upstream that runs it.
+                return self.proxy_token_poll(t, path, ctx).await;
+            }
             // Gone after a delete is the success the platform waits for.
             return match &token {
                 None => Err(OsbError::Gone),
@@ -877,13 +979,16 @@ impl Broker {
                 Some(_) => Err(OsbError::NotFound("no such resource".into())),
             };
         };
-        let op = record.operation();
+        let op = stored.record.operation();
         if let Some(t) = &token {
             if t.id != op.id {
                 return Err(OsbError::BadRequest(
                     "operation is not the resource's current operation".into(),
                 ));
             }
+        }
+        if stored.record.upstream().is_some() && op.in_flight() && op.asynchronous {
+            return self.proxy_poll(stored, path, ctx).await;
         }
         let state = match op.effective_state() {
             OpState::InProgress => osb::OperationState::InProgress,
@@ -904,6 +1009,28 @@ impl Broker {
         }
         Ok(reply)
     }
+}
+
+fn same_instance(e: &InstanceRecord, r: &InstanceRecord) -> bool {
+    e.service_id == r.service_id
+        && e.plan_id == r.plan_id
+        && e.organization_guid == r.organization_guid
+        && e.space_guid == r.space_guid
+        && e.parameters == r.parameters
+}
+
+fn done_instance(e: &InstanceRecord) -> Option<Reply> {
+    e.provisioned
+        .then(|| Reply::new(200, object(e.reply_fields())))
+}
+
+fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
+    e.instance_id == r.instance_id
+        && e.service_id == r.service_id
+        && e.plan_id == r.plan_id
+        && e.app_guid == r.app_guid
+        && e.bind_resource == r.bind_resource
+        && e.parameters == r.parameters
 }
 
 #[cfg(test)]

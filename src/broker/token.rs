@@ -23,19 +23,37 @@ pub struct OperationToken {
     /// The operation's id in its record.
     #[serde(rename = "o")]
     pub id: String,
+    /// The upstream's own `operation`, when it gave one and it fits.
+    #[serde(rename = "u", default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
 }
 
 impl OperationToken {
+    pub const LOCAL: &'static str = "local";
+
     pub fn local(kind: OpKind, id: &str) -> Self {
         OperationToken {
-            target: "local".into(),
+            target: Self::LOCAL.into(),
             kind,
             id: id.to_string(),
+            upstream: None,
         }
     }
 
+    /// Encodes the token; an upstream operation too long to fit is left to the record.
     pub fn encode(&self) -> String {
-        let json = serde_json::to_vec(self).expect("tokens serialize");
+        let text = Self::encode_raw(self);
+        if text.len() <= MAX_LEN {
+            return text;
+        }
+        Self::encode_raw(&OperationToken {
+            upstream: None,
+            ..self.clone()
+        })
+    }
+
+    fn encode_raw(token: &OperationToken) -> String {
+        let json = serde_json::to_vec(token).expect("tokens serialize");
         format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
     }
 
@@ -70,5 +88,13 @@ mod tests {
         ] {
             assert!(OperationToken::decode(bad).is_err(), "{bad}");
         }
+        let long = OperationToken {
+            target: "east".into(),
+            upstream: Some("x".repeat(9_000)),
+            ..token
+        };
+        let text = long.encode();
+        assert!(text.len() <= MAX_LEN);
+        assert_eq!(OperationToken::decode(&text).unwrap().upstream, None);
     }
 }

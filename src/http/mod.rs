@@ -21,9 +21,9 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::Instrument;
-use upstreams::osb::{ApiVersion, BindRequest, ProvisionRequest, UpdateRequest};
+use upstreams::osb::ApiVersion;
 
-use crate::broker::{Broker, Reply};
+use crate::broker::{Broker, CallContext, Reply};
 use crate::config::Credential;
 use crate::error::OsbError;
 use extract::{OsbJson, OsbPath, OsbQuery};
@@ -38,21 +38,39 @@ const ORIGINATING_IDENTITY: HeaderName =
 pub struct AppState {
     pub broker: Broker,
     credentials: Arc<BrokerCredentials>,
-    catalog_json: Bytes,
     pub max_body_bytes: usize,
 }
 
 impl AppState {
     pub fn new(broker: Broker, credentials: &[Credential], max_body_bytes: usize) -> Self {
-        let catalog_json = Bytes::from(
-            serde_json::to_vec(broker.catalog().published()).expect("catalog serializes"),
-        );
         AppState {
             broker,
             credentials: Arc::new(BrokerCredentials::new(credentials)),
-            catalog_json,
             max_body_bytes,
         }
+    }
+}
+
+/// The headers an OSB call carries that upstreams must see too.
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CallContext {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let header = |name: &HeaderName| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Ok(CallContext {
+            api_version: header(&API_VERSION).unwrap_or_else(|| ApiVersion::CURRENT.to_string()),
+            originating_identity: header(&ORIGINATING_IDENTITY),
+            request_identity: header(&REQUEST_IDENTITY),
+        })
     }
 }
 
@@ -249,14 +267,20 @@ impl IntoResponse for Reply {
 
 type Answer = Result<Reply, OsbError>;
 
-async fn health() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+/// Liveness, and each upstream's circuit breaker and catalog; no authentication.
+async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "status": "ok",
+        "upstreams": state.broker.federation().health().await,
+    }))
 }
 
+/// The merged catalog snapshot: never waits on an upstream.
 async fn catalog(State(state): State<AppState>) -> Response {
+    let json: Bytes = state.broker.federation().snapshot().json.clone();
     (
         [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        state.catalog_json.clone(),
+        json,
     )
         .into_response()
 }
@@ -265,11 +289,13 @@ async fn provision(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     query: OsbQuery,
-    OsbJson(body): OsbJson<ProvisionRequest>,
+    ctx: CallContext,
+    OsbJson(body): OsbJson<serde_json::Value>,
 ) -> Answer {
+    let incomplete = query.accepts_incomplete();
     state
         .broker
-        .provision(&instance_id, body, query.accepts_incomplete())
+        .provision(&instance_id, body, incomplete, &ctx)
         .await
 }
 
@@ -277,11 +303,13 @@ async fn update(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     query: OsbQuery,
-    OsbJson(body): OsbJson<UpdateRequest>,
+    ctx: CallContext,
+    OsbJson(body): OsbJson<serde_json::Value>,
 ) -> Answer {
+    let incomplete = query.accepts_incomplete();
     state
         .broker
-        .update(&instance_id, body, query.accepts_incomplete())
+        .update(&instance_id, body, incomplete, &ctx)
         .await
 }
 
@@ -289,33 +317,34 @@ async fn deprovision(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     query: OsbQuery,
+    ctx: CallContext,
 ) -> Answer {
+    let (service, plan) = (query.service_id(), query.plan_id());
+    let incomplete = query.accepts_incomplete();
     state
         .broker
-        .deprovision(
-            &instance_id,
-            query.service_id(),
-            query.plan_id(),
-            query.accepts_incomplete(),
-        )
+        .deprovision(&instance_id, service, plan, incomplete, &ctx)
         .await
 }
 
 async fn fetch_instance(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
+    ctx: CallContext,
 ) -> Answer {
-    state.broker.fetch_instance(&instance_id).await
+    state.broker.fetch_instance(&instance_id, &ctx).await
 }
 
 async fn instance_last_operation(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     query: OsbQuery,
+    ctx: CallContext,
 ) -> Answer {
+    let operation = query.operation();
     state
         .broker
-        .instance_last_operation(&instance_id, query.operation())
+        .instance_last_operation(&instance_id, operation, &ctx)
         .await
 }
 
@@ -323,11 +352,13 @@ async fn bind(
     State(state): State<AppState>,
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
     query: OsbQuery,
-    OsbJson(body): OsbJson<BindRequest>,
+    ctx: CallContext,
+    OsbJson(body): OsbJson<serde_json::Value>,
 ) -> Answer {
+    let incomplete = query.accepts_incomplete();
     state
         .broker
-        .bind(&instance_id, &binding_id, body, query.accepts_incomplete())
+        .bind(&instance_id, &binding_id, body, incomplete, &ctx)
         .await
 }
 
@@ -335,34 +366,37 @@ async fn unbind(
     State(state): State<AppState>,
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
     query: OsbQuery,
+    ctx: CallContext,
 ) -> Answer {
+    let (service, plan) = (query.service_id(), query.plan_id());
+    let incomplete = query.accepts_incomplete();
     state
         .broker
-        .unbind(
-            &instance_id,
-            &binding_id,
-            query.service_id(),
-            query.plan_id(),
-            query.accepts_incomplete(),
-        )
+        .unbind(&instance_id, &binding_id, service, plan, incomplete, &ctx)
         .await
 }
 
 async fn fetch_binding(
     State(state): State<AppState>,
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
+    ctx: CallContext,
 ) -> Answer {
-    state.broker.fetch_binding(&instance_id, &binding_id).await
+    state
+        .broker
+        .fetch_binding(&instance_id, &binding_id, &ctx)
+        .await
 }
 
 async fn binding_last_operation(
     State(state): State<AppState>,
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
     query: OsbQuery,
+    ctx: CallContext,
 ) -> Answer {
+    let operation = query.operation();
     state
         .broker
-        .binding_last_operation(&instance_id, &binding_id, query.operation())
+        .binding_last_operation(&instance_id, &binding_id, operation, &ctx)
         .await
 }
 

@@ -18,6 +18,7 @@ use super::{Insert, StateStore, StoreError, Table, Versioned};
 type Docs = TableDefinition<'static, &'static str, (u64, &'static str, &'static [u8])>;
 const INSTANCES: Docs = TableDefinition::new("instances");
 const BINDINGS: Docs = TableDefinition::new("bindings");
+const CATALOGS: Docs = TableDefinition::new("catalogs");
 /// (instance id, binding id) -> ()
 const BINDINGS_BY_INSTANCE: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("bindings_by_instance");
@@ -26,6 +27,7 @@ fn docs(table: Table) -> Docs {
     match table {
         Table::Instances => INSTANCES,
         Table::Bindings => BINDINGS,
+        Table::Catalogs => CATALOGS,
     }
 }
 
@@ -46,14 +48,25 @@ impl EmbeddedStore {
         }
         let db = Database::create(path)
             .with_context(|| format!("store.path: cannot open {}", path.display()))?;
+        Self::with_tables(db, path.to_path_buf())
+    }
+
+    /// A store that lives and dies with the process, for commands that only look.
+    pub fn in_memory() -> anyhow::Result<Self> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Self::with_tables(db, PathBuf::from("(memory)"))
+    }
+
+    fn with_tables(db: Database, path: PathBuf) -> anyhow::Result<Self> {
         let txn = db.begin_write()?;
         txn.open_table(INSTANCES)?;
         txn.open_table(BINDINGS)?;
+        txn.open_table(CATALOGS)?;
         txn.open_table(BINDINGS_BY_INSTANCE)?;
         txn.commit()?;
         Ok(Self {
             db: Arc::new(db),
-            path: path.to_path_buf(),
+            path,
         })
     }
 

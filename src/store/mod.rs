@@ -22,7 +22,7 @@ use async_trait::async_trait;
 
 pub use embedded::EmbeddedStore;
 pub use mysql::MysqlStore;
-pub use records::{BindingRecord, InstanceRecord, OpKind, OpState, OperationRecord};
+pub use records::{BindingRecord, InstanceRecord, OpKind, OpState, OperationRecord, UpstreamRef};
 
 use crate::config::StoreConfig;
 
@@ -30,6 +30,8 @@ use crate::config::StoreConfig;
 pub enum Table {
     Instances,
     Bindings,
+    /// The last good catalog of each upstream, by alias.
+    Catalogs,
 }
 
 impl Table {
@@ -37,6 +39,7 @@ impl Table {
         match self {
             Table::Instances => "instances",
             Table::Bindings => "bindings",
+            Table::Catalogs => "catalogs",
         }
     }
 }

@@ -11,21 +11,29 @@ use mysql_async::{Conn, Pool, TxOpts};
 use super::{Insert, StateStore, StoreError, Table, Versioned};
 use crate::mysql::{self, SqlError};
 
-const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE IF NOT EXISTS brokerage_instances (
+const MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE IF NOT EXISTS brokerage_instances (
         id VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
         parent VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL DEFAULT '',
         version BIGINT UNSIGNED NOT NULL,
         doc LONGBLOB NOT NULL
     ) ENGINE=InnoDB",
-    "CREATE TABLE IF NOT EXISTS brokerage_bindings (
+        "CREATE TABLE IF NOT EXISTS brokerage_bindings (
         id VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
         parent VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL DEFAULT '',
         version BIGINT UNSIGNED NOT NULL,
         doc LONGBLOB NOT NULL,
         INDEX by_parent (parent)
     ) ENGINE=InnoDB",
-]];
+    ],
+    &["CREATE TABLE IF NOT EXISTS brokerage_catalogs (
+        id VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+        parent VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL DEFAULT '',
+        version BIGINT UNSIGNED NOT NULL,
+        doc LONGBLOB NOT NULL
+    ) ENGINE=InnoDB"],
+];
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -38,6 +46,7 @@ fn table(t: Table) -> &'static str {
     match t {
         Table::Instances => "brokerage_instances",
         Table::Bindings => "brokerage_bindings",
+        Table::Catalogs => "brokerage_catalogs",
     }
 }
 

@@ -52,6 +52,12 @@ pub struct OperationRecord {
     /// The plan an update moves to.
     #[serde(default)]
     pub target_plan_id: Option<String>,
+    /// Upstream-owned: the upstream's own `operation` for this operation, if it gave one.
+    #[serde(default)]
+    pub upstream_operation: Option<String>,
+    /// Upstream-owned: the upstream's id of the plan an update moves to.
+    #[serde(default)]
+    pub upstream_plan_id: Option<String>,
 }
 
 impl OperationRecord {
@@ -67,6 +73,8 @@ impl OperationRecord {
             lease_until: now + lease,
             asynchronous,
             target_plan_id: None,
+            upstream_operation: None,
+            upstream_plan_id: None,
         }
     }
 
@@ -98,6 +106,14 @@ impl OperationRecord {
     }
 }
 
+/// Which upstream owns a resource, and its own ids for the service and plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamRef {
+    pub alias: String,
+    pub service_id: String,
+    pub plan_id: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceRecord {
     pub id: String,
@@ -117,6 +133,9 @@ pub struct InstanceRecord {
     pub provisioned: bool,
     pub created_at: DateTime<Utc>,
     pub operation: OperationRecord,
+    /// Set when an upstream broker owns the instance.
+    #[serde(default)]
+    pub upstream: Option<UpstreamRef>,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -138,6 +157,9 @@ pub struct BindingRecord {
     pub credentials: Option<Map<String, Value>>,
     pub created_at: DateTime<Utc>,
     pub operation: OperationRecord,
+    /// Set when an upstream broker owns the binding.
+    #[serde(default)]
+    pub upstream: Option<UpstreamRef>,
 }
 
 /// Credentials never reach a log through `{:?}`.
@@ -150,6 +172,7 @@ impl std::fmt::Debug for BindingRecord {
             .field("plan_id", &self.plan_id)
             .field("credentials", &self.credentials.as_ref().map(|_| "***"))
             .field("operation", &self.operation)
+            .field("upstream", &self.upstream)
             .finish_non_exhaustive()
     }
 }
@@ -160,12 +183,27 @@ pub trait Record: Serialize + DeserializeOwned + Send + Sync {
     fn id(&self) -> &str;
     fn operation(&self) -> &OperationRecord;
     fn operation_mut(&mut self) -> &mut OperationRecord;
+    fn upstream(&self) -> Option<&UpstreamRef>;
+    /// Fields every 200/202 about this resource carries (a dashboard URL).
+    fn reply_fields(&self) -> Map<String, Value> {
+        Map::new()
+    }
 }
 
 impl Record for InstanceRecord {
     const TABLE: Table = Table::Instances;
     fn id(&self) -> &str {
         &self.id
+    }
+    fn upstream(&self) -> Option<&UpstreamRef> {
+        self.upstream.as_ref()
+    }
+    fn reply_fields(&self) -> Map<String, Value> {
+        let mut fields = Map::new();
+        if let Some(url) = &self.dashboard_url {
+            fields.insert("dashboard_url".into(), Value::String(url.clone()));
+        }
+        fields
     }
     fn operation(&self) -> &OperationRecord {
         &self.operation
@@ -179,6 +217,9 @@ impl Record for BindingRecord {
     const TABLE: Table = Table::Bindings;
     fn id(&self) -> &str {
         &self.id
+    }
+    fn upstream(&self) -> Option<&UpstreamRef> {
+        self.upstream.as_ref()
     }
     fn operation(&self) -> &OperationRecord {
         &self.operation

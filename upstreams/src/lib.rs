@@ -1,7 +1,16 @@
 //! # Layout
 //! - [`osb`]: the Open Service Broker API v2 wire types, defined once for both sides of
 //!   the proxy.
-//!
-//! The client for remote brokers joins this crate with upstream federation.
+//! - [`settings`]: how an operator describes a remote broker (URL, credentials, TLS,
+//!   timeouts, filters, circuit breaker).
+//! - [`client`]: [`Upstream`], the client of one remote broker: it authenticates (basic,
+//!   bearer, OAuth2 client credentials), times out, breaks the circuit, and checks that
+//!   what comes back is OSB.
 
+pub mod client;
 pub mod osb;
+pub mod settings;
+
+pub use client::{BreakerState, OsbRequest, OsbResponse, Upstream, UpstreamError};
+pub use reqwest::Method;
+pub use settings::UpstreamSettings;

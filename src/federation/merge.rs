@@ -1,0 +1,384 @@
+//! The merged catalog: local services as configured, then every upstream's services,
+//! always namespaced. Pure: the same inputs give the same catalog, byte for byte, in any
+//! broker process, so ids stay stable across restarts and processes.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::Value;
+use upstreams::osb::{self, Plan, Service};
+use upstreams::UpstreamSettings;
+use uuid::Uuid;
+
+/// Namespace of the deterministic (version 5) ids given to upstream services and plans.
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b72_6f6b_6572_6167_652e_6964_7321_0001);
+
+/// The namespaced id of an upstream's service.
+pub fn service_id(alias: &str, upstream_service_id: &str) -> String {
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("service\n{alias}\n{upstream_service_id}").as_bytes(),
+    )
+    .to_string()
+}
+
+/// The namespaced id of an upstream's plan.
+pub fn plan_id(alias: &str, upstream_plan_id: &str) -> String {
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("plan\n{alias}\n{upstream_plan_id}").as_bytes(),
+    )
+    .to_string()
+}
+
+/// Where a namespaced service leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub alias: String,
+    pub service_id: String,
+    /// namespaced plan id -> the upstream's plan id
+    pub plans: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Merged {
+    pub catalog: osb::Catalog,
+    /// namespaced service id -> route
+    pub routes: HashMap<String, Route>,
+    /// What was left out, and why.
+    pub problems: Vec<String>,
+}
+
+/// One upstream's catalog as fetched (or as last stored), checked service by service.
+pub struct UpstreamCatalog<'a> {
+    pub settings: &'a UpstreamSettings,
+    pub catalog: &'a Value,
+}
+
+pub fn merge(local: &osb::Catalog, upstreams: &[UpstreamCatalog<'_>]) -> Merged {
+    let mut merged = Merged {
+        catalog: local.clone(),
+        ..Default::default()
+    };
+    let mut names: HashSet<String> = local.services.iter().map(|s| s.name.clone()).collect();
+    let mut ids: HashSet<String> = local
+        .services
+        .iter()
+        .flat_map(|s| std::iter::once(s.id.clone()).chain(s.plans.iter().map(|p| p.id.clone())))
+        .collect();
+    let mut dashboard_ids: HashSet<String> = local
+        .services
+        .iter()
+        .filter_map(|s| s.dashboard_client.as_ref().map(|d| d.id.clone()))
+        .collect();
+    for upstream in upstreams {
+        let alias = upstream.settings.alias.as_str();
+        let Some(services) = upstream.catalog.get("services").and_then(Value::as_array) else {
+            merged.problems.push(format!(
+                "upstream {alias}: the catalog has no services array"
+            ));
+            continue;
+        };
+        for (i, raw) in services.iter().enumerate() {
+            let label = raw
+                .get("name")
+                .and_then(Value::as_str)
+                .map(|n| format!("service {n:?}"))
+                .unwrap_or_else(|| format!("service #{i}"));
+            let mut problem = |what: String| {
+                merged
+                    .problems
+                    .push(format!("upstream {alias}: {label}: {what}"))
+            };
+            let Some(service) = parse_service(raw, &mut problem) else {
+                continue;
+            };
+            if !upstream.settings.wants_service(&service.name) {
+                continue;
+            }
+            let mut out = service.clone();
+            out.id = service_id(alias, &service.id);
+            out.name = format!("{}{}", upstream.settings.prefix(), service.name);
+            if let Some(dc) = &mut out.dashboard_client {
+                dc.id = format!("{alias}-{}", dc.id);
+            }
+            let mut route = Route {
+                alias: alias.to_string(),
+                service_id: service.id.clone(),
+                plans: HashMap::new(),
+            };
+            let mut plan_names = HashSet::new();
+            out.plans = Vec::new();
+            for plan in &service.plans {
+                if !upstream.settings.wants_plan(&plan.name) {
+                    continue;
+                }
+                if !plan_names.insert(plan.name.clone()) {
+                    problem(format!(
+                        "plan name {:?} appears twice; the second is left out",
+                        plan.name
+                    ));
+                    continue;
+                }
+                let mut p = plan.clone();
+                p.id = plan_id(alias, &plan.id);
+                if route.plans.contains_key(&p.id) {
+                    problem(format!(
+                        "plan id {:?} appears twice; the second is left out",
+                        plan.id
+                    ));
+                    continue;
+                }
+                route.plans.insert(p.id.clone(), plan.id.clone());
+                out.plans.push(p);
+            }
+            if out.plans.is_empty() {
+                problem("no usable plan; left out".into());
+                continue;
+            }
+            if names.contains(&out.name) {
+                problem(format!(
+                    "the namespaced name {:?} is taken; left out",
+                    out.name
+                ));
+                continue;
+            }
+            if ids.contains(&out.id) || out.plans.iter().any(|p| ids.contains(&p.id)) {
+                problem("its namespaced id collides with another service's; left out".into());
+                continue;
+            }
+            if let Some(dc) = &out.dashboard_client {
+                if !dashboard_ids.insert(dc.id.clone()) {
+                    problem(format!(
+                        "dashboard_client.id {:?} is taken; left out",
+                        dc.id
+                    ));
+                    continue;
+                }
+            }
+            names.insert(out.name.clone());
+            ids.insert(out.id.clone());
+            ids.extend(out.plans.iter().map(|p| p.id.clone()));
+            merged.routes.insert(out.id.clone(), route);
+            merged.catalog.services.push(out);
+        }
+    }
+    merged
+}
+
+/// A service and its valid plans; what does not parse is reported, not fatal.
+fn parse_service(raw: &Value, problem: &mut impl FnMut(String)) -> Option<Service> {
+    let Some(object) = raw.as_object() else {
+        problem("not a JSON object; left out".into());
+        return None;
+    };
+    let mut without_plans = object.clone();
+    let plans = without_plans.remove("plans");
+    let mut service: Service = match serde_json::from_value(Value::Object(without_plans)) {
+        Ok(s) => s,
+        Err(e) => {
+            problem(format!("invalid ({e}); left out"));
+            return None;
+        }
+    };
+    if service.id.is_empty() || service.name.is_empty() {
+        problem("an empty id or name; left out".into());
+        return None;
+    }
+    for (j, raw_plan) in plans
+        .as_ref()
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        match serde_json::from_value::<Plan>(raw_plan.clone()) {
+            Ok(plan) if !plan.id.is_empty() && !plan.name.is_empty() => service.plans.push(plan),
+            Ok(_) => problem(format!("plan #{j} has an empty id or name; left out")),
+            Err(e) => problem(format!("plan #{j} is invalid ({e}); left out")),
+        }
+    }
+    Some(service)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings(alias: &str) -> UpstreamSettings {
+        serde_json::from_value(json!({"alias": alias, "url": "http://127.0.0.1:1"})).unwrap()
+    }
+
+    fn local() -> osb::Catalog {
+        serde_json::from_value(json!({"services": [
+            {"id": "local-1", "name": "mysql-db", "description": "d", "bindable": true,
+             "plans": [{"id": "local-plan", "name": "small", "description": "d"}]}
+        ]}))
+        .unwrap()
+    }
+
+    fn upstream_catalog() -> Value {
+        json!({"services": [
+            {"id": "svc-1", "name": "db", "description": "d", "bindable": true,
+             "dashboard_client": {"id": "db-client", "secret": "s", "redirect_uri": "https://x"},
+             "x-vendor": {"keep": true},
+             "plans": [
+                 {"id": "p-1", "name": "small", "description": "d", "maintenance_info": {"version": "1.0.0"}},
+                 {"description": "no id or name"},
+                 {"id": "p-2", "name": "small", "description": "same name"}
+             ]},
+            {"name": "no-id", "description": "d", "bindable": true, "plans": []},
+            {"id": "svc-2", "name": "cache", "description": "d", "bindable": false,
+             "plans": [{"id": "p-3", "name": "tiny", "description": "d"}]}
+        ]})
+    }
+
+    #[test]
+    fn upstream_services_are_namespaced_and_keep_their_fields() {
+        let east = settings("east");
+        let cat = upstream_catalog();
+        let merged = merge(
+            &local(),
+            &[UpstreamCatalog {
+                settings: &east,
+                catalog: &cat,
+            }],
+        );
+        let names: Vec<&str> = merged
+            .catalog
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names, ["mysql-db", "east-db", "east-cache"]);
+        let db = &merged.catalog.services[1];
+        assert_eq!(db.id, service_id("east", "svc-1"));
+        assert_eq!(db.dashboard_client.as_ref().unwrap().id, "east-db-client");
+        assert_eq!(db.extra["x-vendor"], json!({"keep": true}));
+        assert_eq!(db.plans.len(), 1);
+        assert_eq!(db.plans[0].id, plan_id("east", "p-1"));
+        assert_eq!(
+            db.plans[0].maintenance_info.as_ref().unwrap().version,
+            "1.0.0"
+        );
+        let route = &merged.routes[&db.id];
+        assert_eq!(route.service_id, "svc-1");
+        assert_eq!(route.plans[&db.plans[0].id], "p-1");
+        // Reported: the plan without id, the duplicate plan name, the service without id.
+        assert_eq!(merged.problems.len(), 3, "{:?}", merged.problems);
+        assert!(
+            merged.problems.iter().any(|p| p.contains("no-id")),
+            "{:?}",
+            merged.problems
+        );
+    }
+
+    #[test]
+    fn two_upstreams_with_the_same_catalog_both_appear() {
+        let (east, west) = (settings("east"), settings("west"));
+        let cat = upstream_catalog();
+        let merged = merge(
+            &local(),
+            &[
+                UpstreamCatalog {
+                    settings: &east,
+                    catalog: &cat,
+                },
+                UpstreamCatalog {
+                    settings: &west,
+                    catalog: &cat,
+                },
+            ],
+        );
+        let names: Vec<&str> = merged
+            .catalog
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["mysql-db", "east-db", "east-cache", "west-db", "west-cache"]
+        );
+        assert_ne!(service_id("east", "svc-1"), service_id("west", "svc-1"));
+        assert_eq!(merged.routes[&service_id("west", "svc-1")].alias, "west");
+    }
+
+    #[test]
+    fn collisions_after_namespacing_are_reported_and_left_out() {
+        // "a-b" + "x" and "a" + "b-x" both make "a-b-x".
+        let (a, ab) = (settings("a"), settings("a-b"));
+        let one = json!({"services": [{"id": "1", "name": "b-x", "description": "d", "bindable": true,
+            "plans": [{"id": "p", "name": "n", "description": "d"}]}]});
+        let two = json!({"services": [{"id": "2", "name": "x", "description": "d", "bindable": true,
+            "plans": [{"id": "p", "name": "n", "description": "d"}]}]});
+        let mut prefixed = settings("mysql");
+        prefixed.name_prefix = Some(String::new());
+        let three = json!({"services": [{"id": "3", "name": "mysql-db", "description": "d", "bindable": true,
+            "plans": [{"id": "p", "name": "n", "description": "d"}]}]});
+        let merged = merge(
+            &local(),
+            &[
+                UpstreamCatalog {
+                    settings: &a,
+                    catalog: &one,
+                },
+                UpstreamCatalog {
+                    settings: &ab,
+                    catalog: &two,
+                },
+                UpstreamCatalog {
+                    settings: &prefixed,
+                    catalog: &three,
+                },
+            ],
+        );
+        let names: Vec<&str> = merged
+            .catalog
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names, ["mysql-db", "a-b-x"]);
+        assert_eq!(merged.problems.len(), 2, "{:?}", merged.problems);
+    }
+
+    #[test]
+    fn filters_and_garbage() {
+        let mut only_db = settings("east");
+        only_db.include_services = vec!["db".into()];
+        only_db.exclude_plans = vec!["small".into()];
+        let cat = upstream_catalog();
+        let merged = merge(
+            &local(),
+            &[UpstreamCatalog {
+                settings: &only_db,
+                catalog: &cat,
+            }],
+        );
+        // db's only valid plan is excluded, so db is left out too; cache is not included.
+        assert_eq!(merged.catalog.services.len(), 1);
+        let garbage = json!({"services": "nope"});
+        let merged = merge(
+            &local(),
+            &[UpstreamCatalog {
+                settings: &only_db,
+                catalog: &garbage,
+            }],
+        );
+        assert_eq!(merged.catalog.services.len(), 1);
+        assert_eq!(merged.problems.len(), 1);
+    }
+
+    #[test]
+    fn ids_are_stable() {
+        assert_eq!(service_id("east", "svc-1"), service_id("east", "svc-1"));
+        // Pinned: every broker process, before and after an upgrade, must derive this id
+        // (computed independently as UUIDv5 of the same namespace and name).
+        assert_eq!(
+            service_id("east", "svc-1"),
+            "5ea22f20-f8cf-55c0-9e85-801ed3bf16fc"
+        );
+        assert_ne!(service_id("east", "x"), plan_id("east", "x"));
+    }
+}

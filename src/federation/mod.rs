@@ -1,0 +1,230 @@
+//! Upstream federation: the remote brokers behind Brokerage, their catalogs merged with
+//! the local one, and the routes from namespaced ids back to each upstream.
+//!
+//! Catalogs flow one way: a background refresher fetches every upstream concurrently,
+//! keeps fresh copies in memory (moka, with a TTL) and the last good copy of each in the
+//! state store, then swaps in a new merged snapshot. `GET /v2/catalog` only ever reads
+//! that snapshot, so it never waits on an upstream; after a restart the snapshot is
+//! built from the stored copies before the first request is served.
+
+pub mod merge;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use upstreams::{Upstream, UpstreamSettings};
+
+pub use merge::Route;
+
+use crate::store::{StateStore, StoreError, Table};
+
+/// An upstream's catalog as fetched, kept in memory and as the last good copy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FetchedCatalog {
+    pub catalog: Value,
+    pub fetched_at: DateTime<Utc>,
+}
+
+/// What `GET /v2/catalog` serves, with the routes that go with it.
+pub struct Snapshot {
+    pub json: Bytes,
+    pub merged: merge::Merged,
+}
+
+pub struct Federation {
+    upstreams: Vec<Arc<Upstream>>,
+    local: upstreams::osb::Catalog,
+    store: Arc<dyn StateStore>,
+    fresh: moka::future::Cache<String, Arc<FetchedCatalog>>,
+    snapshot: RwLock<Arc<Snapshot>>,
+    refresh_every: Duration,
+}
+
+impl Federation {
+    pub fn new(
+        settings: &[UpstreamSettings],
+        local: upstreams::osb::Catalog,
+        store: Arc<dyn StateStore>,
+        refresh_every: Duration,
+        ttl: Duration,
+    ) -> anyhow::Result<Self> {
+        let upstreams = settings
+            .iter()
+            .map(|s| {
+                Upstream::new(s.clone())
+                    .map(Arc::new)
+                    .map_err(|e| anyhow::anyhow!("upstreams[{}]: {e}", s.alias))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let empty = merge::merge(&local, &[]);
+        Ok(Federation {
+            upstreams,
+            local,
+            store,
+            fresh: moka::future::Cache::builder().time_to_live(ttl).build(),
+            snapshot: RwLock::new(Arc::new(snapshot(empty))),
+            refresh_every,
+        })
+    }
+
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    pub fn upstream(&self, alias: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.alias() == alias)
+    }
+
+    /// The catalog being served. Cheap: a reference count.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().expect("snapshot lock").clone()
+    }
+
+    /// Where a namespaced service id leads, if an upstream offers it.
+    pub fn route(&self, service_id: &str) -> Option<Route> {
+        self.snapshot().merged.routes.get(service_id).cloned()
+    }
+
+    /// Fetches every upstream concurrently, keeps what answered, and rebuilds the merged
+    /// snapshot from fresh copies, falling back to the stored last good ones.
+    pub async fn refresh(&self) {
+        let fetches = self.upstreams.iter().map(|u| async move {
+            (
+                u.alias().to_string(),
+                u.catalog(&upstreams::client::default_api_version()).await,
+            )
+        });
+        for (alias, result) in futures::future::join_all(fetches).await {
+            match result {
+                Ok(catalog) => {
+                    let fetched = Arc::new(FetchedCatalog {
+                        catalog,
+                        fetched_at: Utc::now(),
+                    });
+                    if let Err(e) = self.keep_last_good(&alias, &fetched).await {
+                        tracing::warn!(upstream = %alias, error = %e, "could not store the last good catalog");
+                    }
+                    self.fresh.insert(alias, fetched).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "catalog refresh failed; serving the last good copy")
+                }
+            }
+        }
+        self.rebuild().await;
+    }
+
+    /// Rebuilds the served snapshot from what is in memory or in the store.
+    pub async fn rebuild(&self) {
+        let mut copies: Vec<(Arc<Upstream>, Arc<FetchedCatalog>)> = Vec::new();
+        for u in &self.upstreams {
+            let copy = match self.fresh.get(u.alias()).await {
+                Some(c) => Some(c),
+                None => self.last_good(u.alias()).await.ok().flatten().map(Arc::new),
+            };
+            if let Some(c) = copy {
+                copies.push((u.clone(), c));
+            }
+        }
+        let inputs: Vec<merge::UpstreamCatalog<'_>> = copies
+            .iter()
+            .map(|(u, c)| merge::UpstreamCatalog {
+                settings: u.settings(),
+                catalog: &c.catalog,
+            })
+            .collect();
+        let merged = merge::merge(&self.local, &inputs);
+        let changed = {
+            let current = self.snapshot();
+            current.merged.catalog != merged.catalog || current.merged.problems != merged.problems
+        };
+        if changed {
+            for p in &merged.problems {
+                tracing::warn!(problem = %p, "catalog entry left out");
+            }
+            *self.snapshot.write().expect("snapshot lock") = Arc::new(snapshot(merged));
+        }
+    }
+
+    /// Refreshes now, then every interval, forever; spawn it.
+    pub async fn refresh_forever(self: Arc<Self>) {
+        if self.upstreams.is_empty() {
+            return;
+        }
+        loop {
+            self.refresh().await;
+            tokio::time::sleep(self.refresh_every).await;
+        }
+    }
+
+    async fn keep_last_good(
+        &self,
+        alias: &str,
+        fetched: &FetchedCatalog,
+    ) -> Result<(), StoreError> {
+        let doc = serde_json::to_vec(fetched).expect("catalogs serialize");
+        loop {
+            match self.store.get(Table::Catalogs, alias).await? {
+                None => match self
+                    .store
+                    .insert(Table::Catalogs, alias, None, &doc)
+                    .await?
+                {
+                    crate::store::Insert::Inserted => return Ok(()),
+                    _ => continue,
+                },
+                Some(v) => {
+                    if self
+                        .store
+                        .replace(Table::Catalogs, alias, v.version, &doc)
+                        .await?
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn last_good(&self, alias: &str) -> Result<Option<FetchedCatalog>, StoreError> {
+        Ok(self
+            .store
+            .get(Table::Catalogs, alias)
+            .await?
+            .and_then(|v| serde_json::from_slice(&v.doc).ok()))
+    }
+
+    /// For `/health`: each upstream's circuit and catalog.
+    pub async fn health(&self) -> Value {
+        let snapshot = self.snapshot();
+        let mut out = Vec::new();
+        for u in &self.upstreams {
+            let services = snapshot
+                .merged
+                .routes
+                .values()
+                .filter(|r| r.alias == u.alias())
+                .count();
+            let catalog = match self.fresh.get(u.alias()).await {
+                Some(c) => json!({"state": "fresh", "fetched_at": c.fetched_at}),
+                None => json!({"state": "last-good-copy"}),
+            };
+            out.push(json!({
+                "alias": u.alias(),
+                "breaker": u.breaker_state().as_str(),
+                "services": services,
+                "catalog": catalog,
+            }));
+        }
+        Value::Array(out)
+    }
+}
+
+fn snapshot(merged: merge::Merged) -> Snapshot {
+    let json = Bytes::from(serde_json::to_vec(&merged.catalog).expect("catalog serializes"));
+    Snapshot { json, merged }
+}

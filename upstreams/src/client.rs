@@ -1,0 +1,432 @@
+//! The client side of one remote broker: authentication, TLS, timeouts, a circuit
+//! breaker, and answers checked to be OSB before anyone relies on them.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use oauth2::basic::BasicClient;
+use oauth2::{ClientId, ClientSecret, Scope, TokenResponse, TokenUrl};
+use reqwest::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::osb;
+use crate::settings::{AuthSettings, UpstreamSettings};
+
+/// Why a call to an upstream failed. Every message names the upstream by alias and
+/// never carries its credentials.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {alias} is not being called: its circuit is open after repeated failures (next probe in {retry_in_secs} s)")]
+    CircuitOpen { alias: String, retry_in_secs: u64 },
+    #[error("upstream {alias} did not answer within {secs} s")]
+    Timeout { alias: String, secs: u64 },
+    #[error("upstream {alias} cannot be reached: {detail}")]
+    Connect { alias: String, detail: String },
+    #[error("upstream {alias} failed TLS verification: {detail}")]
+    Tls { alias: String, detail: String },
+    #[error("upstream {alias} could not be authenticated: {detail}")]
+    Auth { alias: String, detail: String },
+    #[error("upstream {alias} answered {status}: {detail}")]
+    Failed {
+        alias: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("upstream {alias} answered something that is not OSB (status {status}): {detail}")]
+    Malformed {
+        alias: String,
+        status: u16,
+        detail: String,
+    },
+}
+
+impl UpstreamError {
+    /// The answer never came, as opposed to a wrong one.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::Timeout { .. })
+    }
+}
+
+/// One OSB call to forward.
+#[derive(Debug, Clone)]
+pub struct OsbRequest {
+    pub method: Method,
+    /// `/v2/...`, ids already the upstream's own, segments escaped.
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub body: Option<Value>,
+    pub api_version: String,
+    pub originating_identity: Option<String>,
+    pub request_identity: Option<String>,
+}
+
+impl OsbRequest {
+    pub fn new(method: Method, path: impl Into<String>, api_version: impl Into<String>) -> Self {
+        OsbRequest {
+            method,
+            path: path.into(),
+            query: Vec::new(),
+            body: None,
+            api_version: api_version.into(),
+            originating_identity: None,
+            request_identity: None,
+        }
+    }
+}
+
+/// An upstream's OSB answer: a status OSB defines and a JSON object body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OsbResponse {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after: Option<String>,
+}
+
+/// Statuses an OSB broker answers with; anything else is not OSB.
+const OSB_STATUSES: &[u16] = &[
+    200, 201, 202, 400, 401, 403, 404, 409, 410, 412, 422, 501, 507,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half-open",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+pub struct Upstream {
+    settings: UpstreamSettings,
+    base: url::Url,
+    http: reqwest::Client,
+    breaker: Mutex<Breaker>,
+    token: tokio::sync::Mutex<Option<(String, Instant)>>,
+}
+
+impl Upstream {
+    pub fn new(settings: UpstreamSettings) -> Result<Self, String> {
+        let mut base =
+            url::Url::parse(&settings.url).map_err(|e| format!("url {:?}: {e}", settings.url))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(format!("url {:?}: must be http or https", settings.url));
+        }
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(settings.connect_timeout_secs.max(1)))
+            .timeout(Duration::from_secs(settings.request_timeout_secs.max(1)))
+            .redirect(reqwest::redirect::Policy::none())
+            .danger_accept_invalid_certs(settings.skip_tls_verification);
+        if let Some(path) = &settings.ca_certificate {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("ca_certificate {}: {e}", path.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| format!("ca_certificate {}: {e}", path.display()))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder.build().map_err(|e| e.to_string())?;
+        Ok(Upstream {
+            settings,
+            base,
+            http,
+            breaker: Mutex::new(Breaker {
+                failures: 0,
+                open_until: None,
+                probing: false,
+            }),
+            token: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn alias(&self) -> &str {
+        &self.settings.alias
+    }
+
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        let b = self.breaker.lock().expect("breaker lock");
+        match b.open_until {
+            None => BreakerState::Closed,
+            Some(until) if Instant::now() < until && !b.probing => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Lets a call through, or refuses it while the circuit is open.
+    fn admit(&self) -> Result<(), UpstreamError> {
+        let mut b = self.breaker.lock().expect("breaker lock");
+        match b.open_until {
+            None => Ok(()),
+            Some(until) if Instant::now() < until || b.probing => Err(UpstreamError::CircuitOpen {
+                alias: self.settings.alias.clone(),
+                retry_in_secs: until.saturating_duration_since(Instant::now()).as_secs(),
+            }),
+            Some(_) => {
+                // Cool-down over: this call is the one probe.
+                b.probing = true;
+                Ok(())
+            }
+        }
+    }
+
+    fn record(&self, healthy: bool) {
+        let mut b = self.breaker.lock().expect("breaker lock");
+        b.probing = false;
+        if healthy {
+            b.failures = 0;
+            b.open_until = None;
+        } else {
+            b.failures += 1;
+            if b.failures >= self.settings.breaker.failures.max(1) || b.open_until.is_some() {
+                let cool_down = Duration::from_secs(self.settings.breaker.cool_down_secs);
+                b.open_until = Some(Instant::now() + cool_down);
+                tracing::warn!(upstream = %self.settings.alias, failures = b.failures, "circuit opened");
+            }
+        }
+    }
+
+    /// Sends one OSB call and checks the answer is OSB. Transport failures, timeouts and
+    /// 5xx answers count against the circuit breaker; any OSB answer counts for it.
+    pub async fn send(&self, request: &OsbRequest) -> Result<OsbResponse, UpstreamError> {
+        self.admit()?;
+        let result = self.send_once(request, false).await;
+        let result = match result {
+            Err(UpstreamError::Failed { status: 401, .. })
+                if matches!(self.settings.auth, AuthSettings::ClientCredentials { .. }) =>
+            {
+                // The cached token may have been revoked: fetch a new one, once.
+                self.send_once(request, true).await
+            }
+            other => other,
+        };
+        let healthy = match &result {
+            Ok(_) => true,
+            Err(UpstreamError::Failed { status, .. }) => *status < 500,
+            Err(UpstreamError::Auth { .. }) => false,
+            Err(_) => false,
+        };
+        self.record(healthy);
+        result
+    }
+
+    async fn send_once(
+        &self,
+        request: &OsbRequest,
+        fresh_token: bool,
+    ) -> Result<OsbResponse, UpstreamError> {
+        let alias = &self.settings.alias;
+        let url = self
+            .base
+            .join(request.path.trim_start_matches('/'))
+            .map_err(|e| UpstreamError::Connect {
+                alias: alias.clone(),
+                detail: format!("bad path: {e}"),
+            })?;
+        let version = self
+            .settings
+            .api_version
+            .clone()
+            .unwrap_or_else(|| request.api_version.clone());
+        let mut builder = self
+            .http
+            .request(request.method.clone(), url)
+            .query(&request.query)
+            .header("X-Broker-API-Version", version);
+        if let Some(v) = &request.originating_identity {
+            builder = builder.header("X-Broker-API-Originating-Identity", v);
+        }
+        if let Some(v) = &request.request_identity {
+            builder = builder.header("X-Broker-API-Request-Identity", v);
+        }
+        if let Some(body) = &request.body {
+            builder = builder.json(body);
+        }
+        builder = match &self.settings.auth {
+            AuthSettings::None => builder,
+            AuthSettings::Basic { username, password } => {
+                builder.basic_auth(username, Some(password.expose()))
+            }
+            AuthSettings::Bearer { token } => builder.bearer_auth(token.expose()),
+            AuthSettings::ClientCredentials { .. } => {
+                let token = self.token(fresh_token).await?;
+                let mut value =
+                    HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                        UpstreamError::Auth {
+                            alias: alias.clone(),
+                            detail: "the token endpoint issued a token that is not a header value"
+                                .into(),
+                        }
+                    })?;
+                value.set_sensitive(true);
+                builder.header(AUTHORIZATION, value)
+            }
+        };
+        let response = builder.send().await.map_err(|e| self.transport_error(e))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(e))?;
+        let body: Option<Value> = if bytes.iter().all(u8::is_ascii_whitespace) {
+            Some(Value::Object(Default::default()))
+        } else {
+            serde_json::from_slice(&bytes).ok()
+        };
+        let malformed = |detail: &str| UpstreamError::Malformed {
+            alias: alias.clone(),
+            status: status.as_u16(),
+            detail: detail.to_string(),
+        };
+        if status.is_server_error() {
+            let described = body
+                .as_ref()
+                .and_then(|b| b.get("description"))
+                .and_then(Value::as_str)
+                .unwrap_or("no description")
+                .chars()
+                .take(500)
+                .collect();
+            return Err(UpstreamError::Failed {
+                alias: alias.clone(),
+                status: status.as_u16(),
+                detail: described,
+            });
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(UpstreamError::Failed {
+                alias: alias.clone(),
+                status: 401,
+                detail: "the upstream refused Brokerage's credentials".into(),
+            });
+        }
+        if !OSB_STATUSES.contains(&status.as_u16()) {
+            return Err(malformed("the status is not one OSB defines"));
+        }
+        match body {
+            Some(body @ Value::Object(_)) => Ok(OsbResponse {
+                status: status.as_u16(),
+                body,
+                retry_after,
+            }),
+            Some(_) => Err(malformed("the body is JSON but not an object")),
+            None => Err(malformed("the body is not JSON")),
+        }
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> UpstreamError {
+        let alias = self.settings.alias.clone();
+        if e.is_timeout() {
+            return UpstreamError::Timeout {
+                alias,
+                secs: self.settings.request_timeout_secs,
+            };
+        }
+        // Walk the source chain: TLS failures show up deep inside connect errors.
+        let e = e.without_url();
+        let mut detail = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        let mut tls = false;
+        while let Some(s) = source {
+            let text = s.to_string();
+            if text.contains("certificate") || text.contains("tls") || text.contains("TLS") {
+                tls = true;
+            }
+            detail = format!("{detail}: {text}");
+            source = s.source();
+        }
+        if tls {
+            UpstreamError::Tls { alias, detail }
+        } else {
+            UpstreamError::Connect { alias, detail }
+        }
+    }
+
+    /// The cached client-credentials token, fetched anew when missing, about to expire, or
+    /// refused.
+    async fn token(&self, fresh: bool) -> Result<String, UpstreamError> {
+        let AuthSettings::ClientCredentials {
+            token_url,
+            client_id,
+            client_secret,
+            scopes,
+        } = &self.settings.auth
+        else {
+            unreachable!("only called for client credentials")
+        };
+        let mut cached = self.token.lock().await;
+        if let Some((token, valid_until)) = cached.as_ref() {
+            if !fresh && Instant::now() < *valid_until {
+                return Ok(token.clone());
+            }
+        }
+        let auth_error = |detail: String| UpstreamError::Auth {
+            alias: self.settings.alias.clone(),
+            detail,
+        };
+        let client = BasicClient::new(ClientId::new(client_id.clone()))
+            .set_client_secret(ClientSecret::new(client_secret.expose().to_string()))
+            .set_token_uri(
+                TokenUrl::new(token_url.clone())
+                    .map_err(|e| auth_error(format!("token_url: {e}")))?,
+            );
+        let response = client
+            .exchange_client_credentials()
+            .add_scopes(scopes.iter().cloned().map(Scope::new))
+            .request_async(&self.http)
+            .await
+            .map_err(|e| auth_error(format!("token request to {token_url} failed: {e}")))?;
+        let lifetime = response.expires_in().unwrap_or(Duration::from_secs(300));
+        // Renew shortly before expiry: a tenth of the lifetime, at most a minute.
+        let margin = (lifetime / 10).min(Duration::from_secs(60));
+        let token = response.access_token().secret().clone();
+        *cached = Some((token.clone(), Instant::now() + lifetime - margin));
+        Ok(token)
+    }
+
+    /// `GET /v2/catalog`, parsed leniently: services are checked one by one by the merge.
+    pub async fn catalog(&self, api_version: &str) -> Result<Value, UpstreamError> {
+        let response = self
+            .send(&OsbRequest::new(Method::GET, "/v2/catalog", api_version))
+            .await?;
+        if response.status != 200 || !response.body.get("services").is_some_and(Value::is_array) {
+            return Err(UpstreamError::Malformed {
+                alias: self.settings.alias.clone(),
+                status: response.status,
+                detail: "a catalog needs status 200 and a services array".into(),
+            });
+        }
+        Ok(response.body)
+    }
+}
+
+/// The version Brokerage announces upstream when the platform's is not at hand.
+pub fn default_api_version() -> String {
+    osb::ApiVersion::CURRENT.to_string()
+}
