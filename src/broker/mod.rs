@@ -968,8 +968,11 @@ impl Broker {
         ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
         let Some(stored) = stored else {
-            if let Some(t) = token.as_ref().filter(|t| t.target != OperationToken::LOCAL) {
-                // No record here, but the token names the upstream that runs it.
+            if let Some(t) = token
+                .as_ref()
+                .filter(|t| t.target != OperationToken::LOCAL && t.id == OperationToken::UNRECORDED)
+            {
+                // Never recorded (a forwarded orphan delete): the token names the upstream.
                 return self.proxy_token_poll(t, path, ctx).await;
             }
             // Gone after a delete is the success the platform waits for.

@@ -383,7 +383,7 @@ impl Broker {
             let token = OperationToken {
                 target: route.alias.clone(),
                 kind,
-                id: "unrecorded".into(),
+                id: OperationToken::UNRECORDED.into(),
                 upstream: reply
                     .body
                     .get("operation")

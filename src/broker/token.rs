@@ -30,6 +30,8 @@ pub struct OperationToken {
 
 impl OperationToken {
     pub const LOCAL: &'static str = "local";
+    /// The operation id of tokens for operations no record tracks.
+    pub const UNRECORDED: &'static str = "unrecorded";
 
     pub fn local(kind: OpKind, id: &str) -> Self {
         OperationToken {

@@ -68,6 +68,8 @@ pub struct TestConfig {
     pub store: StoreKind,
     pub mysql_backend_url: String,
     pub port: u16,
+    /// YAML flow mappings, one per upstream.
+    pub upstreams: Vec<String>,
 }
 
 impl TestConfig {
@@ -79,7 +81,13 @@ impl TestConfig {
             store,
             mysql_backend_url: mysql_url(),
             port: 0,
+            upstreams: Vec::new(),
         }
+    }
+
+    pub fn with_upstream(mut self, yaml_flow_mapping: String) -> Self {
+        self.upstreams.push(yaml_flow_mapping);
+        self
     }
 
     pub fn with_store(mut self, store: StoreKind) -> Self {
@@ -117,6 +125,8 @@ broker:
   retry_after_secs: 1
   max_body_bytes: 65536
 log: {{format: text, level: "info,brokerage=trace"}}
+federation: {{refresh_secs: 1, catalog_ttl_secs: 60}}
+upstreams: [{upstreams}]
 backends:
   mysql: {{url: "{backend}", connect_timeout_secs: 2, max_connections: 30}}
 catalog:
@@ -150,6 +160,7 @@ catalog:
             port = self.port,
             store = self.store.yaml(),
             backend = self.mysql_backend_url,
+            upstreams = self.upstreams.join(", "),
         );
         let path = self.path();
         std::fs::write(&path, text).unwrap();
@@ -566,4 +577,120 @@ impl Drop for BrokerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ---- upstream brokers and an OAuth2 server, as real processes --------------------------
+
+fn tool(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the suite with ./scripts/test, which installs the test tools")
+    })
+}
+
+/// A child process that prints `LISTENING <port>` when it serves.
+pub struct Listening {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Listening {
+    pub fn spawn(mut cmd: Command) -> Listening {
+        use std::io::{BufRead, BufReader};
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the fixture starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("the fixture says where it listens")
+                .unwrap();
+            if let Some(port) = line.strip_prefix("LISTENING ") {
+                break port.trim().parse::<u16>().unwrap();
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Listening {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The upstream broker built on PyPI's `openbrokerapi`, with basic auth.
+pub fn python_upstream(user: &str, password: &str) -> Listening {
+    let mut cmd = Command::new(tool("BKG_TEST_PYTHON"));
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/osb_upstream.py"
+    ))
+    .args(["--user", user, "--password", password]);
+    Listening::spawn(cmd)
+}
+
+/// The same broker, accepting only bearer tokens the OAuth2 server says are active.
+pub fn python_upstream_with_tokens(oauth: &Listening, client_id: &str, secret: &str) -> Listening {
+    let mut cmd = Command::new(tool("BKG_TEST_PYTHON"));
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/osb_upstream.py"
+    ))
+    .args(["--introspect", &format!("{}/introspect", oauth.base)])
+    .args(["--client-id", client_id, "--client-secret", secret]);
+    Listening::spawn(cmd)
+}
+
+/// npm's `oidc-provider` with UAA's paths and the given clients.
+pub fn oauth_server(clients: &Value, dir: &Path) -> Listening {
+    let file = dir.join(format!("clients-{}.json", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&file, clients.to_string()).unwrap();
+    let mut cmd = Command::new("node");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/oauth_server.mjs"
+    ))
+    .arg(free_port().to_string())
+    .arg(&file)
+    .env("BKG_TEST_NODE_MODULES", tool("BKG_TEST_NODE_MODULES"));
+    Listening::spawn(cmd)
+}
+
+/// What an upstream fixture received, oldest first.
+pub async fn requests_seen(upstream: &Listening) -> Vec<Value> {
+    reqwest::get(format!("{}/_requests", upstream.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until the aggregated catalog offers a service by this name; returns it.
+pub async fn wait_for_service(client: &TestClient, name: &str) -> Value {
+    for _ in 0..200 {
+        let catalog = client.call(Method::GET, "/v2/catalog", None).await;
+        if let Some(s) = catalog.body["services"]
+            .as_array()
+            .and_then(|ss| ss.iter().find(|s| s["name"] == name))
+        {
+            return s.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the catalog never offered {name}");
 }

@@ -4,6 +4,8 @@
 mod bad_input;
 mod cli;
 mod durability;
+mod faults;
+mod federation;
 mod helpers;
 mod lifecycle;
 mod protocol;
