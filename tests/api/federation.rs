@@ -312,7 +312,12 @@ async fn records_route_after_restart_on_a_second_aggregator_and_while_the_upstre
             .with_upstream(basic_upstream("east", &east_base))
     };
     let one = spawn_with(config()).await;
-    let two = spawn_with(config()).await;
+    // The second aggregator is a separate `brokerage` process.
+    let port = free_port();
+    let two_config = config().with_port(port);
+    let two_log = two_config.dir.path().join("two.log");
+    let _two_process = BrokerProcess::start(&two_config.write(), port, &two_log).await;
+    let two = TestClient::new(format!("http://127.0.0.1:{port}"));
     let db = wait_for_service(&one, "east-db").await;
     let sid = db["id"].as_str().unwrap().to_string();
     let id = unique("shared");
@@ -391,16 +396,14 @@ async fn records_route_after_restart_on_a_second_aggregator_and_while_the_upstre
 #[tokio::test]
 async fn oauth2_client_credentials_toward_an_upstream() {
     let dir = tempfile::tempdir().unwrap();
-    let oauth = oauth_server(
-        &json!([
-            {"client_id": "brokerage", "client_secret": "brokerage-oauth-secret",
-             "grant_types": ["client_credentials"], "response_types": [], "redirect_uris": [],
-             "scope": "osb.broker"},
-            {"client_id": "upstream-rs", "client_secret": "rs-secret", "grant_types": [],
-             "response_types": [], "redirect_uris": [], "introspector": true}
-        ]),
-        dir.path(),
-    );
+    let clients = json!([
+        {"client_id": "brokerage", "client_secret": "brokerage-oauth-secret",
+         "grant_types": ["client_credentials"], "response_types": [], "redirect_uris": [],
+         "scope": "osb.broker"},
+        {"client_id": "upstream-rs", "client_secret": "rs-secret", "grant_types": [],
+         "response_types": [], "redirect_uris": [], "introspector": true}
+    ]);
+    let mut oauth = oauth_server(&clients, dir.path());
     let secure = python_upstream_with_tokens(&oauth, "upstream-rs", "rs-secret");
     let upstream = |secret: &str| {
         format!(
@@ -408,7 +411,9 @@ async fn oauth2_client_credentials_toward_an_upstream() {
             secure.base, oauth.base
         )
     };
-    let app = spawn_with(TestConfig::new().with_upstream(upstream("brokerage-oauth-secret"))).await;
+    let good = upstream("brokerage-oauth-secret");
+    let bad = upstream("not-the-secret");
+    let app = spawn_with(TestConfig::new().with_upstream(good)).await;
     let db = wait_for_service(&app, "secure-db").await;
     let id = unique("oauth");
     app.provision_with(&id, ns_provision(&db, "small"), false)
@@ -416,25 +421,96 @@ async fn oauth2_client_credentials_toward_an_upstream() {
         .expect(201);
     let seen = seen_for(&secure, &id).await;
     assert_eq!(seen[0]["auth_scheme"], "Bearer");
-    // The token is cached: one token request serves the catalog and the provision.
     app.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
         .await
         .expect(200);
 
+    // The OAuth2 server restarts and forgets every token it issued: the upstream answers
+    // 401 to the cached token, and the aggregator fetches a new one and retries, once.
+    let port: u16 = oauth.base.rsplit(':').next().unwrap().parse().unwrap();
+    oauth.kill();
+    let _oauth = oauth_server_on(port, &clients, dir.path());
+    app.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
+        .await
+        .expect(200);
+    assert_eq!(
+        seen_for(&secure, &id).await.len(),
+        4,
+        "provision, fetch, the refused fetch, the retried fetch"
+    );
+
     // A wrong client secret: the upstream's services never appear, and `check` says why
     // without printing the secret.
-    let wrong = spawn_with(TestConfig::new().with_upstream(upstream("not-the-secret"))).await;
+    let wrong = spawn_with(TestConfig::new().with_upstream(bad)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let catalog = wrong.catalog().await;
     assert!(!catalog.raw.contains("secure-db"), "{}", catalog.raw);
-    let config_file = wrong.config.write();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brokerage"))
-        .args(["check", "--config"])
-        .arg(&config_file)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let said = check_output(&wrong).await;
     assert!(said.contains("FAIL  upstreams.secure"), "{said}");
     assert!(said.contains("authenticated"), "{said}");
     assert!(!said.contains("not-the-secret"), "{said}");
+}
+
+/// What `brokerage check` prints for an app's configuration.
+async fn check_output(app: &TestApp) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brokerage"))
+        .args(["check", "--config"])
+        .arg(app.config.write())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test]
+async fn tls_upstreams_need_their_ca_or_an_explicit_opt_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let (ca_file, cert_file, key_file) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+    );
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let upstream = python_upstream_tls(&cert_file, &key_file);
+    let https = upstream.base.replace("http://", "https://");
+    let entry = |alias: &str, extra: &str| {
+        format!(
+            "{{alias: {alias}, url: \"{https}\", auth: {{kind: basic, username: up-user, password: up-password}}{extra}}}"
+        )
+    };
+    let trusted = entry(
+        "trusted",
+        &format!(", ca_certificate: {:?}", ca_file.display().to_string()),
+    );
+    let app = spawn_with(
+        TestConfig::new()
+            .with_upstream(trusted)
+            .with_upstream(entry("unverified", ", skip_tls_verification: true"))
+            .with_upstream(entry("untrusted", "")),
+    )
+    .await;
+    for alias in ["trusted", "unverified"] {
+        let svc = wait_for_service(&app, &format!("{alias}-db")).await;
+        app.provision_with(&unique(alias), ns_provision(&svc, "small"), false)
+            .await
+            .expect(201);
+    }
+    let catalog = app.catalog().await;
+    assert!(!catalog.raw.contains("untrusted-db"), "{}", catalog.raw);
+    let said = check_output(&app).await;
+    assert!(said.contains("ok    upstreams.trusted"), "{said}");
+    assert!(
+        said.contains("FAIL  upstreams.untrusted: upstream untrusted failed TLS verification"),
+        "{said}"
+    );
 }

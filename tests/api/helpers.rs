@@ -643,6 +643,21 @@ pub fn python_upstream(user: &str, password: &str) -> Listening {
     Listening::spawn(cmd)
 }
 
+/// The same broker over HTTPS with the given certificate and key files.
+pub fn python_upstream_tls(cert: &Path, key: &Path) -> Listening {
+    let mut cmd = Command::new(tool("BKG_TEST_PYTHON"));
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/osb_upstream.py"
+    ))
+    .args(["--user", "up-user", "--password", "up-password"])
+    .arg("--tls-cert")
+    .arg(cert)
+    .arg("--tls-key")
+    .arg(key);
+    Listening::spawn(cmd)
+}
+
 /// The same broker, accepting only bearer tokens the OAuth2 server says are active.
 pub fn python_upstream_with_tokens(oauth: &Listening, client_id: &str, secret: &str) -> Listening {
     let mut cmd = Command::new(tool("BKG_TEST_PYTHON"));
@@ -657,6 +672,11 @@ pub fn python_upstream_with_tokens(oauth: &Listening, client_id: &str, secret: &
 
 /// npm's `oidc-provider` with UAA's paths and the given clients.
 pub fn oauth_server(clients: &Value, dir: &Path) -> Listening {
+    oauth_server_on(free_port(), clients, dir)
+}
+
+/// The same, on a given port (to restart it where clients expect it).
+pub fn oauth_server_on(port: u16, clients: &Value, dir: &Path) -> Listening {
     let file = dir.join(format!("clients-{}.json", uuid::Uuid::new_v4().simple()));
     std::fs::write(&file, clients.to_string()).unwrap();
     let mut cmd = Command::new("node");
@@ -664,7 +684,7 @@ pub fn oauth_server(clients: &Value, dir: &Path) -> Listening {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/oauth_server.mjs"
     ))
-    .arg(free_port().to_string())
+    .arg(port.to_string())
     .arg(&file)
     .env("BKG_TEST_NODE_MODULES", tool("BKG_TEST_NODE_MODULES"));
     Listening::spawn(cmd)
