@@ -169,6 +169,15 @@ impl LocalCatalog {
             }
             let mut wire = w.clone();
             wire.plans = plans.iter().map(|p| p.wire.clone()).collect();
+            if let Some(dc) = wire
+                .dashboard_client
+                .as_mut()
+                .filter(|dc| dc.redirect_uri.is_none())
+            {
+                let links = sso::DashboardLinks::new(&config.broker.external_url)
+                    .map_err(|e| anyhow::anyhow!("broker.external_url: {e}"))?;
+                dc.redirect_uri = Some(links.callback_url().to_string());
+            }
             built.push(LocalService {
                 wire,
                 backend: s.backend.clone(),

@@ -28,7 +28,28 @@ pub struct Config {
     pub federation: FederationSettings,
     #[serde(default)]
     pub upstreams: Vec<upstreams::UpstreamSettings>,
+    pub sso: SsoConfig,
 }
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsoConfig {
+    /// UAA's login server; with `token_endpoint`, used instead of discovery.
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    /// The Cloud Controller asked when a provision named none (`X-Api-Info-Location`).
+    #[serde(default)]
+    pub cloud_controller_url: Option<String>,
+    /// Scheme for the hosts `X-Api-Info-Location` names.
+    pub api_info_scheme: String,
+    pub session_secret: Secret,
+    pub session_lifetime_secs: u64,
+    pub timeout_secs: u64,
+}
+
+pub const DEFAULT_SESSION_SECRET: &str = "brokerage-dev-session-secret-change-me-please";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -122,44 +143,7 @@ pub struct CatalogConfig {
     pub services: Vec<ServiceConfig>,
 }
 
-/// A configuration value that must never be printed: passwords and URLs that carry them.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
-
-/// Printing the effective configuration masks every secret.
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&redact_url(&self.0).unwrap_or_else(|| "***".into()))
-    }
-}
-
-/// A URL with its password replaced by `***`, or `None` when the text is no URL.
-pub fn redact_url(text: &str) -> Option<String> {
-    let mut url = Url::parse(text).ok()?;
-    if url.cannot_be_a_base() {
-        return None;
-    }
-    if url.password().is_some() {
-        url.set_password(Some("***")).ok()?;
-    }
-    Some(url.to_string())
-}
+pub use upstreams::settings::{redact_url, Secret};
 
 impl Config {
     /// Loads the layers in order and validates the result.
@@ -225,6 +209,27 @@ impl Config {
             bail!("log.level: {:?} is not a tracing filter", self.log.level);
         }
         crate::catalog::LocalCatalog::build(&self.catalog.services, self)?;
+        match (&self.sso.authorization_endpoint, &self.sso.token_endpoint) {
+            (Some(a), Some(t)) => {
+                sso::Uaa::new(a, t).map_err(|e| {
+                    anyhow::anyhow!("sso.authorization_endpoint/token_endpoint: {e}")
+                })?;
+            }
+            (None, None) => {}
+            _ => bail!("sso.authorization_endpoint and sso.token_endpoint: set both or neither"),
+        }
+        if let Some(cc) = &self.sso.cloud_controller_url {
+            Url::parse(cc).map_err(|e| anyhow::anyhow!("sso.cloud_controller_url: {e}"))?;
+        }
+        if !matches!(self.sso.api_info_scheme.as_str(), "https" | "http") {
+            bail!("sso.api_info_scheme: must be https or http");
+        }
+        if self.sso.session_secret.expose().len() < 32 {
+            bail!("sso.session_secret: must be at least 32 characters");
+        }
+        if self.sso.session_lifetime_secs == 0 || self.sso.timeout_secs == 0 {
+            bail!("sso.session_lifetime_secs and sso.timeout_secs: must be positive");
+        }
         if self.federation.refresh_secs == 0 {
             bail!("federation.refresh_secs: must be at least 1");
         }
@@ -258,6 +263,12 @@ impl Config {
         let mut masked = self.clone();
         for c in &mut masked.auth.credentials {
             c.password = Secret::new("***");
+        }
+        masked.sso.session_secret = Secret::new("***");
+        for s in &mut masked.catalog.services {
+            if let Some(dc) = &mut s.service.dashboard_client {
+                dc.secret = "***".into();
+            }
         }
         serde_yaml::to_string(&masked).unwrap_or_default()
     }

@@ -8,6 +8,7 @@
 //! - [`federation`]: upstream brokers, the merged catalog and the routes back to them.
 //! - [`http`]: the only module that knows axum: routes, auth, version check, tracing.
 //! - [`broker`]: what each OSB call means: claim, run, record, answer.
+//! - [`dashboard`]: the instance dashboard behind single sign-on (the `sso` crate).
 //! - [`store`]: durable records of instances, bindings and operations (embedded or MySQL).
 //! - [`backend`]: the local backends that do the work (MySQL).
 //! - [`mysql`]: connection helpers the MySQL store and backend share.
@@ -18,6 +19,7 @@ pub mod backend;
 pub mod broker;
 pub mod catalog;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod federation;
 pub mod http;

@@ -38,13 +38,47 @@ pub async fn build(config: &Config) -> anyhow::Result<(Broker, Router)> {
         operation_timeout: Duration::from_secs(config.broker.operation_timeout_secs),
         retry_after_secs: config.broker.retry_after_secs,
     };
-    let broker = Broker::new(store, catalog, backends, links, timing, federation);
+    let broker = Broker::new(store, catalog, backends, links.clone(), timing, federation);
+    let dashboard = dashboard(config, &broker, links)?;
     let state = AppState::new(
         broker.clone(),
         &config.auth.credentials,
         config.broker.max_body_bytes,
+        Some(dashboard),
     );
     Ok((broker, http::router(state)))
+}
+
+/// Dashboard SSO as configured.
+fn dashboard(
+    config: &Config,
+    broker: &Broker,
+    links: sso::DashboardLinks,
+) -> anyhow::Result<std::sync::Arc<crate::dashboard::Dashboard>> {
+    let s = &config.sso;
+    let uaa = match (&s.authorization_endpoint, &s.token_endpoint) {
+        (Some(a), Some(t)) => Some(sso::Uaa::new(a, t)?),
+        _ => None,
+    };
+    let settings = sso::SsoSettings {
+        uaa,
+        session_secret: s.session_secret.expose().to_string(),
+        session_lifetime: Duration::from_secs(s.session_lifetime_secs),
+        secure_cookies: links.is_https(),
+        timeout: Duration::from_secs(s.timeout_secs),
+    };
+    let fallback = s
+        .cloud_controller_url
+        .as_deref()
+        .map(url::Url::parse)
+        .transpose()?;
+    Ok(std::sync::Arc::new(crate::dashboard::Dashboard::new(
+        broker.clone(),
+        std::sync::Arc::new(sso::Sso::new(settings)?),
+        links,
+        fallback,
+        s.api_info_scheme.clone(),
+    )))
 }
 
 /// The upstreams, with the catalog snapshot built from their stored last good copies.
@@ -73,6 +107,9 @@ pub async fn serve(
     let (broker, router) = build(config).await?;
     if config.uses_default_password() {
         tracing::warn!("auth.credentials uses the built-in default password: set your own before registering this broker");
+    }
+    if config.sso.session_secret.expose() == crate::config::DEFAULT_SESSION_SECRET {
+        tracing::warn!("sso.session_secret is the built-in default: set your own so dashboard sessions cannot be forged");
     }
     tracing::info!(
         address = %listener.local_addr()?,

@@ -67,6 +67,12 @@ pub trait Backend: Send + Sync {
     ) -> Result<Map<String, Value>, BackendError>;
     /// Revokes a binding's access, cutting its open connections; done if already gone.
     async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError>;
+    /// What the instance's dashboard shows about it, as label and value.
+    async fn describe_instance(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+    ) -> Result<Vec<(String, String)>, BackendError>;
 }
 
 pub type Backends = HashMap<String, Arc<dyn Backend>>;

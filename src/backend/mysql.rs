@@ -273,6 +273,31 @@ impl Backend for MysqlBackend {
         }
     }
 
+    async fn describe_instance(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+    ) -> Result<Vec<(String, String)>, BackendError> {
+        let used = self.usage_bytes(instance_id).await?;
+        let quota = limits.max_storage_mb * 1024 * 1024;
+        Ok(vec![
+            ("Database".into(), database_name(instance_id)),
+            (
+                "Storage used".into(),
+                format!(
+                    "{:.2} MB of {} MB ({:.0}%)",
+                    used as f64 / (1024.0 * 1024.0),
+                    limits.max_storage_mb,
+                    used as f64 * 100.0 / quota.max(1) as f64
+                ),
+            ),
+            (
+                "Connections per binding".into(),
+                limits.max_user_connections.to_string(),
+            ),
+        ])
+    }
+
     #[instrument(skip(self), fields(backend = "mysql"))]
     async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;

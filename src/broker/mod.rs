@@ -55,6 +55,8 @@ pub struct CallContext {
     pub api_version: String,
     pub originating_identity: Option<String>,
     pub request_identity: Option<String>,
+    /// Host and path of the calling Cloud Controller's `/v2/info`.
+    pub api_info_location: Option<String>,
 }
 
 /// Reads a request body as its typed form; the raw form stays with the caller.
@@ -412,6 +414,7 @@ impl Broker {
             created_at: chrono::Utc::now(),
             operation: self.start(OpKind::Provision, false),
             upstream: None,
+            api_info_location: ctx.api_info_location.clone(),
         };
         if self.inner.catalog.service(&service_id).is_none() {
             if let Some(route) = self.inner.federation.route(&service_id) {

@@ -2,6 +2,7 @@
 //! check, request tracing, and the mapping of domain results to OSB responses. Handlers
 //! extract, call the [`Broker`], and map the answer; nothing else.
 
+mod dashboard;
 mod extract;
 
 use std::sync::Arc;
@@ -39,14 +40,21 @@ pub struct AppState {
     pub broker: Broker,
     credentials: Arc<BrokerCredentials>,
     pub max_body_bytes: usize,
+    pub dashboard: Option<Arc<crate::dashboard::Dashboard>>,
 }
 
 impl AppState {
-    pub fn new(broker: Broker, credentials: &[Credential], max_body_bytes: usize) -> Self {
+    pub fn new(
+        broker: Broker,
+        credentials: &[Credential],
+        max_body_bytes: usize,
+        dashboard: Option<Arc<crate::dashboard::Dashboard>>,
+    ) -> Self {
         AppState {
             broker,
             credentials: Arc::new(BrokerCredentials::new(credentials)),
             max_body_bytes,
+            dashboard,
         }
     }
 }
@@ -70,6 +78,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CallContext {
             api_version: header(&API_VERSION).unwrap_or_else(|| ApiVersion::CURRENT.to_string()),
             originating_identity: header(&ORIGINATING_IDENTITY),
             request_identity: header(&REQUEST_IDENTITY),
+            api_info_location: header(&HeaderName::from_static("x-api-info-location")),
         })
     }
 }
@@ -140,6 +149,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(osb)
+        .merge(dashboard::routes())
         .route("/health", get(health))
         .method_not_allowed_fallback(|| async { OsbError::MethodNotAllowed })
         .fallback(|| async { OsbError::NotFound("no such route".into()) })

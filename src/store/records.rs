@@ -136,6 +136,10 @@ pub struct InstanceRecord {
     /// Set when an upstream broker owns the instance.
     #[serde(default)]
     pub upstream: Option<UpstreamRef>,
+    /// The Cloud Controller that provisioned it (`X-Api-Info-Location`), asked about
+    /// dashboard permissions.
+    #[serde(default)]
+    pub api_info_location: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]

@@ -3,6 +3,115 @@
 //! - [`DashboardLinks`]: the broker's external URL and the dashboard and callback URLs
 //!   derived from it, which the catalog's `dashboard_client` and a provision's
 //!   `dashboard_url` publish.
+//! - [`flow`]: the OAuth2 authorization-code flow against UAA (state, PKCE), the user's
+//!   identity, UAA discovery from Cloud Controller, and Cloud Controller's permission check.
+//! - [`session`]: sessions and pending logins sealed into cookies.
+
+pub mod flow;
+pub mod session;
+
+/// What the dashboard needs from the operator.
+#[derive(Debug, Clone)]
+pub struct SsoSettings {
+    /// UAA endpoints when set; otherwise discovered from each Cloud Controller.
+    pub uaa: Option<Uaa>,
+    pub session_secret: String,
+    pub session_lifetime: std::time::Duration,
+    /// The broker is reached over https: cookies are `Secure`.
+    pub secure_cookies: bool,
+    /// Timeout of every call to UAA and Cloud Controller.
+    pub timeout: std::time::Duration,
+}
+
+/// Dashboard SSO: one HTTP client, UAA endpoints per Cloud Controller (discovered once
+/// and cached), and the sealed sessions.
+pub struct Sso {
+    http: reqwest::Client,
+    explicit: Option<Uaa>,
+    discovered: moka::future::Cache<String, Uaa>,
+    sessions: Sessions,
+}
+
+impl Sso {
+    pub fn new(settings: SsoSettings) -> Result<Sso, SsoError> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| SsoError::Config(e.to_string()))?;
+        let sessions = Sessions::new(
+            &settings.session_secret,
+            settings.secure_cookies,
+            settings.session_lifetime,
+        )
+        .map_err(|e| SsoError::Config(e.to_string()))?;
+        Ok(Sso {
+            http,
+            explicit: settings.uaa,
+            discovered: moka::future::Cache::builder()
+                .time_to_live(std::time::Duration::from_secs(600))
+                .max_capacity(1000)
+                .build(),
+            sessions,
+        })
+    }
+
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// UAA for users of this Cloud Controller.
+    pub async fn uaa(&self, cloud_controller: &Url) -> Result<Uaa, SsoError> {
+        if let Some(uaa) = &self.explicit {
+            return Ok(uaa.clone());
+        }
+        let key = cloud_controller.to_string();
+        if let Some(uaa) = self.discovered.get(&key).await {
+            return Ok(uaa);
+        }
+        let uaa = flow::discover(&self.http, cloud_controller).await?;
+        self.discovered.insert(key, uaa.clone()).await;
+        Ok(uaa)
+    }
+
+    pub async fn complete(
+        &self,
+        uaa: &Uaa,
+        client: &DashboardClient,
+        pending: PendingLogin,
+        code: &str,
+    ) -> Result<Session, SsoError> {
+        let mut session = flow::complete(
+            &self.http,
+            uaa,
+            client,
+            pending,
+            code,
+            self.sessions.lifetime(),
+        )
+        .await?;
+        session.login_server = uaa.authorization_endpoint.to_string();
+        Ok(session)
+    }
+
+    pub async fn permissions(
+        &self,
+        cloud_controller: &Url,
+        instance_id: &str,
+        session: &Session,
+    ) -> Result<Permissions, SsoError> {
+        flow::permissions(
+            &self.http,
+            cloud_controller,
+            instance_id,
+            &session.access_token,
+        )
+        .await
+    }
+}
+
+pub use flow::{DashboardClient, Permissions, SsoError, Uaa};
+pub use session::{PendingLogin, Session, Sessions};
 
 use url::Url;
 

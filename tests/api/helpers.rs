@@ -70,6 +70,8 @@ pub struct TestConfig {
     pub port: u16,
     /// YAML flow mappings, one per upstream.
     pub upstreams: Vec<String>,
+    /// `sso.session_lifetime_secs`.
+    pub sso: u64,
 }
 
 impl TestConfig {
@@ -82,7 +84,13 @@ impl TestConfig {
             mysql_backend_url: mysql_url(),
             port: 0,
             upstreams: Vec::new(),
+            sso: 600,
         }
+    }
+
+    pub fn with_session_lifetime(mut self, secs: u64) -> Self {
+        self.sso = secs;
+        self
     }
 
     pub fn with_upstream(mut self, yaml_flow_mapping: String) -> Self {
@@ -120,12 +128,13 @@ auth:
     - {{username: second-user, password: second-password}}
 {store}
 broker:
-  external_url: https://brokerage.example.test
+  external_url: {external}
   operation_timeout_secs: 10
   retry_after_secs: 1
   max_body_bytes: 65536
 log: {{format: text, level: "info,brokerage=trace"}}
 federation: {{refresh_secs: 1, catalog_ttl_secs: 60}}
+sso: {{api_info_scheme: http, session_secret: test-session-secret-32-characters-long, session_lifetime_secs: {sso}}}
 upstreams: [{upstreams}]
 backends:
   mysql: {{url: "{backend}", connect_timeout_secs: 2, max_connections: 30}}
@@ -139,7 +148,7 @@ catalog:
       plan_updateable: true
       instances_retrievable: true
       bindings_retrievable: true
-      dashboard_client: {{id: mysql-test-dashboard, secret: dashboard-secret-value, redirect_uri: "http://127.0.0.1/cb"}}
+      dashboard_client: {{id: mysql-test-dashboard, secret: dashboard-secret-value}}
       plans:
         - {{id: {SMALL}, name: small, description: 1 MB, max_storage_mb: 1, max_user_connections: 2}}
         - {{id: {LARGE}, name: large, description: 50 MB, max_storage_mb: 50, max_user_connections: 5}}
@@ -161,6 +170,12 @@ catalog:
             store = self.store.yaml(),
             backend = self.mysql_backend_url,
             upstreams = self.upstreams.join(", "),
+            external = if self.port == 0 {
+                "https://brokerage.example.test".to_string()
+            } else {
+                format!("http://127.0.0.1:{}", self.port)
+            },
+            sso = self.sso,
         );
         let path = self.path();
         std::fs::write(&path, text).unwrap();
@@ -186,7 +201,9 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_with(config: TestConfig) -> TestApp {
     let loaded = config.load();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.port))
+        .await
+        .unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {

@@ -9,4 +9,5 @@ mod federation;
 mod helpers;
 mod lifecycle;
 mod protocol;
+mod sso;
 mod store_contract;

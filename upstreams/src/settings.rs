@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// A secret string: never printed by `Debug`, masked when serialized.
+/// A configuration value that must never be printed: a password, or a URL carrying one.
+/// `Debug` shows `***`; serializing shows a URL with its password masked, else `***`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -26,8 +27,20 @@ impl std::fmt::Debug for Secret {
 
 impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("***")
+        s.serialize_str(&redact_url(&self.0).unwrap_or_else(|| "***".into()))
     }
+}
+
+/// A URL with its password replaced by `***`, or `None` when the text is no URL.
+pub fn redact_url(text: &str) -> Option<String> {
+    let mut url = url::Url::parse(text).ok()?;
+    if url.cannot_be_a_base() {
+        return None;
+    }
+    if url.password().is_some() {
+        url.set_password(Some("***")).ok()?;
+    }
+    Some(url.to_string())
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -1,0 +1,583 @@
+//! Dashboard single sign-on against a real OAuth2/OpenID server (npm's oidc-provider,
+//! configured with UAA's paths) and a Cloud Controller stand-in written here (Cloud
+//! Controller cannot run on these machines): it answers `/v2/info` and the permission
+//! endpoints by asking the OAuth2 server who the token belongs to.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use reqwest::cookie::CookieStore;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+const DASH_CLIENT: &str = "mysql-test-dashboard";
+const DASH_SECRET: &str = "dashboard-secret-value";
+const CC_CLIENT: &str = "cloud-controller";
+const CC_SECRET: &str = "cc-introspection-secret";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CcMode {
+    V3,
+    V2Only,
+    Down,
+}
+
+#[derive(Clone)]
+struct Cc {
+    oauth: String,
+    mode: Arc<Mutex<CcMode>>,
+}
+
+async fn cc_info(State(cc): State<Cc>) -> Json<Value> {
+    Json(
+        json!({"authorization_endpoint": cc.oauth, "token_endpoint": cc.oauth, "api_version": "2.200.0"}),
+    )
+}
+
+/// `manager` may manage, `reader` may only read, anyone else neither.
+async fn cc_permissions(
+    State(cc): State<Cc>,
+    Path((version, _id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let mode = *cc.mode.lock().unwrap();
+    if mode == CcMode::Down {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    if mode == CcMode::V2Only && version == "v3" {
+        return (StatusCode::NOT_FOUND, Json(json!({"errors": []}))).into_response();
+    }
+    let Some(token) = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let answer: Value = reqwest::Client::new()
+        .post(format!("{}/introspect", cc.oauth))
+        .basic_auth(CC_CLIENT, Some(CC_SECRET))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    if answer["active"] != true {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let (manage, read) = match answer["sub"].as_str() {
+        Some("manager") => (true, true),
+        Some("reader") => (false, true),
+        _ => (false, false),
+    };
+    Json(json!({"manage": manage, "read": read})).into_response()
+}
+
+/// The OAuth2 server, the Cloud Controller stand-in, a broker process and a provisioned
+/// instance of a service with a dashboard.
+pub struct World {
+    pub oauth: Listening,
+    cc_mode: Arc<Mutex<CcMode>>,
+    pub broker: BrokerProcess,
+    pub config: TestConfig,
+    pub instance: String,
+    pub dashboard_url: String,
+}
+
+impl World {
+    pub async fn start(session_lifetime: u64) -> World {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let oauth = oauth_server(
+            &json!([
+                {"client_id": DASH_CLIENT, "client_secret": DASH_SECRET,
+                 "grant_types": ["authorization_code"], "response_types": ["code"],
+                 "redirect_uris": [format!("http://127.0.0.1:{port}/dashboard/callback")],
+                 "scope": "openid cloud_controller_service_permissions.read"},
+                {"client_id": CC_CLIENT, "client_secret": CC_SECRET, "grant_types": [],
+                 "response_types": [], "redirect_uris": [], "introspector": true}
+            ]),
+            dir.path(),
+        );
+        std::mem::forget(dir);
+        let cc_mode = Arc::new(Mutex::new(CcMode::V3));
+        let cc = Cc {
+            oauth: oauth.base.clone(),
+            mode: cc_mode.clone(),
+        };
+        let app = Router::new()
+            .route("/v2/info", get(cc_info))
+            .route(
+                "/{version}/service_instances/{id}/permissions",
+                get(cc_permissions),
+            )
+            .with_state(cc);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cc_address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let config = TestConfig::new()
+            .with_port(port)
+            .with_session_lifetime(session_lifetime);
+        let file = config.write();
+        let broker = BrokerProcess::start(&file, port, &config.dir.path().join("broker.log")).await;
+        let instance = unique("dash");
+        let client = broker.client();
+        let created = Answer::from(
+            client
+                .client
+                .put(format!("{}/v2/service_instances/{instance}", broker.base))
+                .basic_auth(USER, Some(PASSWORD))
+                .header("X-Broker-API-Version", "2.15")
+                .header("X-Api-Info-Location", format!("{cc_address}/v2/info"))
+                .json(&provision_body(SERVICE, SMALL))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        created.expect(201);
+        let dashboard_url = created.body["dashboard_url"].as_str().unwrap().to_string();
+        assert_eq!(
+            dashboard_url,
+            format!("http://127.0.0.1:{port}/dashboard/instances/{instance}")
+        );
+        World {
+            oauth,
+            cc_mode,
+            broker,
+            config,
+            instance,
+            dashboard_url,
+        }
+    }
+
+    fn set_cc(&self, mode: CcMode) {
+        *self.cc_mode.lock().unwrap() = mode;
+    }
+}
+
+/// A browser without JavaScript: a cookie jar, redirects followed by hand.
+pub struct Browser {
+    pub http: reqwest::Client,
+    pub jar: Arc<reqwest::cookie::Jar>,
+}
+
+#[derive(Debug)]
+pub struct Visit {
+    pub status: u16,
+    pub location: Option<String>,
+    pub body: String,
+    pub set_cookies: Vec<String>,
+}
+
+impl Browser {
+    pub fn new() -> Browser {
+        let jar = Arc::new(reqwest::cookie::Jar::default());
+        let http = reqwest::Client::builder()
+            .cookie_provider(jar.clone())
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        Browser { http, jar }
+    }
+
+    pub async fn get(&self, url: &str) -> Visit {
+        Self::visit(self.http.get(url).send().await.unwrap()).await
+    }
+
+    async fn visit(r: reqwest::Response) -> Visit {
+        let status = r.status().as_u16();
+        let location = r
+            .headers()
+            .get("location")
+            .map(|v| v.to_str().unwrap().to_string());
+        let set_cookies = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        let body = r.text().await.unwrap();
+        Visit {
+            status,
+            location,
+            body,
+            set_cookies,
+        }
+    }
+
+    /// Follows redirects from `url`, filling the OAuth2 server's login form as `user`,
+    /// and stops at the broker's callback (returned unvisited) or at a final page.
+    pub async fn login_until_callback(&self, url: &str, user: &str) -> String {
+        let mut next = url.to_string();
+        for _ in 0..20 {
+            if next.contains("/dashboard/callback") {
+                return next;
+            }
+            let v = self.get(&next).await;
+            if let Some(location) = v.location {
+                next = absolute(&next, &location);
+                continue;
+            }
+            assert!(
+                v.body.contains("name=\"login\""),
+                "expected the login form at {next}: {}",
+                v.body
+            );
+            let action = v
+                .body
+                .split("action=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            let submitted = Self::visit(
+                self.http
+                    .post(absolute(&next, action))
+                    .form(&[
+                        ("prompt", "login"),
+                        ("login", user),
+                        ("password", "any-password"),
+                    ])
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            next = absolute(
+                &next,
+                submitted.location.as_deref().expect("the login redirects"),
+            );
+        }
+        panic!("never reached the callback");
+    }
+
+    /// The whole login: ends on the page the broker returns to.
+    pub async fn login(&self, dashboard_url: &str, user: &str) -> Visit {
+        let callback = self.login_until_callback(dashboard_url, user).await;
+        let landed = self.get(&callback).await;
+        assert_eq!(landed.status, 302, "{landed:?}");
+        self.get(&absolute(&callback, landed.location.as_deref().unwrap()))
+            .await
+    }
+}
+
+fn absolute(base: &str, location: &str) -> String {
+    url::Url::parse(base)
+        .unwrap()
+        .join(location)
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_manager_logs_in_and_sees_the_dashboard_a_reader_does_not() {
+    let world = World::start(600).await;
+    let client = world.broker.client();
+    let b = format!("{}-b", world.instance);
+    let bound = client.bind(&world.instance, &b, SMALL).await;
+    bound.expect(201);
+
+    let browser = Browser::new();
+    let first = browser.get(&world.dashboard_url).await;
+    assert_eq!(first.status, 302);
+    let authorize = first.location.clone().unwrap();
+    assert!(
+        authorize.starts_with(&format!("{}/oauth/authorize?", world.oauth.base)),
+        "{authorize}"
+    );
+    for part in [
+        "response_type=code",
+        &format!("client_id={DASH_CLIENT}"),
+        "scope=openid+cloud_controller_service_permissions.read",
+        "code_challenge_method=S256",
+        "state=",
+    ] {
+        assert!(authorize.contains(part), "{authorize} lacks {part}");
+    }
+    assert!(!authorize.contains(DASH_SECRET));
+
+    let page = browser.login(&world.dashboard_url, "manager").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("mysql-test"), "{}", page.body);
+    assert!(
+        page.body.contains(">small<"),
+        "the plan is shown: {}",
+        page.body
+    );
+    assert!(page.body.contains(&b), "bindings are listed");
+    assert!(page.body.contains("Storage used"), "{}", page.body);
+    assert!(page.body.contains("of 1 MB"), "{}", page.body);
+    assert!(
+        page.body.contains("Signed in as <strong>manager</strong>"),
+        "{}",
+        page.body
+    );
+    let password = bound.body["credentials"]["password"].as_str().unwrap();
+    assert!(
+        !page.body.contains(password),
+        "credentials never reach the page"
+    );
+
+    // A reader, and a user with no relation at all, are refused.
+    for user in ["reader", "stranger"] {
+        let browser = Browser::new();
+        let page = browser.login(&world.dashboard_url, user).await;
+        assert_eq!(page.status, 403, "{user}: {}", page.body);
+        assert!(page.body.contains("may not manage"), "{}", page.body);
+    }
+
+    // Nothing secret in the broker's own log, at trace level.
+    let log = std::fs::read_to_string(&world.broker.log).unwrap();
+    assert!(log.contains("dashboard login"), "the log is the broker's");
+    for secret in [
+        DASH_SECRET,
+        "test-session-secret-32-characters-long",
+        "Bearer ",
+    ] {
+        assert!(!log.contains(secret), "{secret} reached the log");
+    }
+}
+
+#[tokio::test]
+async fn forged_missing_and_replayed_logins_are_refused() {
+    let world = World::start(600).await;
+    let callback = format!("{}/dashboard/callback", world.broker.base);
+
+    // No login started in this browser.
+    let stranger = Browser::new();
+    let v = stranger
+        .get(&format!("{callback}?code=abc&state=xyz"))
+        .await;
+    assert_eq!(v.status, 400, "{v:?}");
+
+    // A login started, but the state is forged or missing.
+    let browser = Browser::new();
+    let real = browser
+        .login_until_callback(&world.dashboard_url, "manager")
+        .await;
+    let code = url::Url::parse(&real)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .to_string();
+    for query in [format!("code={code}&state=forged"), format!("code={code}")] {
+        let v = browser.get(&format!("{callback}?{query}")).await;
+        assert_eq!(v.status, 400, "{query}: {v:?}");
+    }
+    // The forged attempt ended that login: even the real callback is refused now.
+    assert_eq!(browser.get(&real).await.status, 400);
+
+    // A fresh login; its callback works once. Replayed with the login cookie it came
+    // with, the code is refused by the OAuth2 server.
+    let browser = Browser::new();
+    let real = browser
+        .login_until_callback(&world.dashboard_url, "manager")
+        .await;
+    let login_cookie = browser
+        .jar
+        .cookies(&url::Url::parse(&format!("{}/dashboard/", world.broker.base)).unwrap())
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .split("; ")
+        .find(|c| c.starts_with("brokerage_login="))
+        .unwrap()
+        .to_string();
+    let first = browser.get(&real).await;
+    assert_eq!(first.status, 302);
+    assert!(first
+        .location
+        .as_deref()
+        .unwrap()
+        .starts_with("/dashboard/instances/"));
+    assert!(
+        !first.location.as_deref().unwrap().contains("code="),
+        "no code in the broker's redirect"
+    );
+    let replay = Browser::new();
+    replay.jar.add_cookie_str(
+        &login_cookie,
+        &url::Url::parse(&format!("{}/dashboard/", world.broker.base)).unwrap(),
+    );
+    let replayed = replay.get(&real).await;
+    assert_eq!(replayed.status, 400, "{replayed:?}");
+    assert!(replayed.body.contains("refused"), "{}", replayed.body);
+
+    // The code never reached the broker's log, at trace level.
+    let log = std::fs::read_to_string(&world.broker.log).unwrap();
+    assert!(
+        log.contains("authorization code refused"),
+        "the log is the broker's"
+    );
+    assert!(
+        !log.contains(&code),
+        "an authorization code reached the log"
+    );
+}
+
+#[tokio::test]
+async fn tampered_cookies_expired_sessions_and_logout_send_the_user_to_login_again() {
+    let world = World::start(3).await;
+    let base = url::Url::parse(&format!("{}/dashboard/", world.broker.base)).unwrap();
+    let browser = Browser::new();
+    assert_eq!(
+        browser.login(&world.dashboard_url, "manager").await.status,
+        200
+    );
+
+    // Tampered session cookie: not accepted, the user is sent to log in.
+    let cookies = browser
+        .jar
+        .cookies(&base)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let session = cookies
+        .split("; ")
+        .find(|c| c.starts_with("brokerage_dashboard="))
+        .unwrap();
+    let (name, value) = session.split_once('=').unwrap();
+    let mut bytes = value.as_bytes().to_vec();
+    let mid = bytes.len() / 2;
+    bytes[mid] = if bytes[mid] == b'A' { b'B' } else { b'A' };
+    let tampered = Browser::new();
+    tampered.jar.add_cookie_str(
+        &format!(
+            "{name}={}; Path=/dashboard",
+            String::from_utf8(bytes).unwrap()
+        ),
+        &base,
+    );
+    let v = tampered.get(&world.dashboard_url).await;
+    assert_eq!(v.status, 302);
+    assert!(v.location.unwrap().contains("/oauth/authorize"));
+
+    // Logout clears the session and goes through UAA's logout.do, back to this broker
+    // only, whatever return_to says.
+    let out = browser
+        .get(&format!(
+            "{}/dashboard/logout?return_to=https://evil.example/x",
+            world.broker.base
+        ))
+        .await;
+    assert_eq!(out.status, 302);
+    let location = out.location.unwrap();
+    assert!(
+        location.starts_with(&format!("{}/logout.do?redirect=", world.oauth.base)),
+        "{location}"
+    );
+    let redirect = url::Url::parse(&location)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "redirect")
+        .unwrap()
+        .1
+        .to_string();
+    assert!(redirect.starts_with(&world.broker.base), "{redirect}");
+    assert!(!redirect.contains("evil"), "{redirect}");
+    assert!(
+        out.set_cookies
+            .iter()
+            .any(|c| c.starts_with("brokerage_dashboard=;")),
+        "{:?}",
+        out.set_cookies
+    );
+    let v = browser.get(&world.dashboard_url).await;
+    assert_eq!(v.status, 302, "logged out: {v:?}");
+
+    // Sessions end with their lifetime (3 s here).
+    let browser = Browser::new();
+    assert_eq!(
+        browser.login(&world.dashboard_url, "manager").await.status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let v = browser.get(&world.dashboard_url).await;
+    assert_eq!(v.status, 302, "expired: {v:?}");
+    assert!(v.location.unwrap().contains("/oauth/authorize"));
+}
+
+#[tokio::test]
+async fn permission_check_failures_grant_nothing() {
+    let world = World::start(600).await;
+    let browser = Browser::new();
+    // v3 missing: the v2 endpoint answers.
+    world.set_cc(CcMode::V2Only);
+    assert_eq!(
+        browser.login(&world.dashboard_url, "manager").await.status,
+        200
+    );
+    // Cloud Controller down: a clear 502 page, no dashboard.
+    world.set_cc(CcMode::Down);
+    let v = browser.get(&world.dashboard_url).await;
+    assert_eq!(v.status, 502, "{v:?}");
+    assert!(v.body.contains("No access was granted"), "{}", v.body);
+    assert!(!v.body.contains("Storage used"));
+    // Unknown instance: 404 page.
+    let v = browser
+        .get(&format!(
+            "{}/dashboard/instances/no-such-instance",
+            world.broker.base
+        ))
+        .await;
+    assert_eq!(v.status, 404);
+}
+
+/// A person in Chromium: open the dashboard URL, sign in on the login page, land on the
+/// dashboard and read the plan.
+#[tokio::test]
+async fn a_person_uses_the_dashboard_in_chromium() {
+    let world = World::start(600).await;
+    // BKG_TEST_SCREENSHOT_DIR keeps the screenshot for a person to look at.
+    let screenshot = std::env::var("BKG_TEST_SCREENSHOT_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| world.config.dir.path().to_path_buf())
+        .join("dashboard.png");
+    // Async: the Cloud Controller stand-in runs on this test's runtime.
+    let out = tokio::process::Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/dashboard_browser.mjs"
+        ))
+        .arg(&world.dashboard_url)
+        .arg("manager")
+        .arg(&screenshot)
+        .env(
+            "BKG_TEST_NODE_MODULES",
+            std::env::var("BKG_TEST_NODE_MODULES").unwrap(),
+        )
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
+    assert_eq!(result["plan"], "small", "{result}");
+    assert_eq!(result["service"], "mysql-test");
+    assert!(result["url"]
+        .as_str()
+        .unwrap()
+        .starts_with(&world.dashboard_url));
+    assert!(
+        std::fs::metadata(&screenshot).unwrap().len() > 1000,
+        "a screenshot was taken"
+    );
+}
