@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use figment::providers::{Env, Format, Serialized, Yaml};
 use figment::Figment;
+
 use serde::{Deserialize, Serialize};
 use url::Url;
 
@@ -29,6 +30,14 @@ pub struct Config {
     #[serde(default)]
     pub upstreams: Vec<upstreams::UpstreamSettings>,
     pub sso: SsoConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Who may scrape `/metrics` (HTTP basic), apart from the broker's own credentials.
+    pub credentials: Vec<Credential>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -65,6 +74,16 @@ pub struct FederationSettings {
 pub struct Listen {
     pub host: String,
     pub port: u16,
+    /// Serve HTTPS with this certificate and key (PEM files); plain HTTP when absent.
+    #[serde(default)]
+    pub tls: Option<ListenTls>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTls {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -156,6 +175,14 @@ impl Config {
             figment = figment.merge(Yaml::file(file));
         }
         figment = figment.merge(Env::prefixed("BROKERAGE_").split("__"));
+        if let Ok(vcap) = std::env::var("VCAP_SERVICES") {
+            if let Some(url) = vcap_mysql_url(&vcap)? {
+                // A MySQL service bound to the app is the shared store, so scaling out is safe.
+                figment = figment
+                    .merge(Serialized::default("store.kind", "mysql"))
+                    .merge(Serialized::default("store.url", url));
+            }
+        }
         if let Ok(port) = std::env::var("PORT") {
             let port: u16 = port
                 .parse()
@@ -168,6 +195,9 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if let Some(tls) = &self.listen.tls {
+            crate::tls::server_config(tls)?;
+        }
         if self.auth.credentials.is_empty() {
             bail!("auth.credentials: at least one username/password pair is required");
         }
@@ -261,7 +291,12 @@ impl Config {
     pub fn to_masked_yaml(&self) -> String {
         // Upstream secrets serialize as "***" by themselves.
         let mut masked = self.clone();
-        for c in &mut masked.auth.credentials {
+        for c in masked
+            .auth
+            .credentials
+            .iter_mut()
+            .chain(masked.metrics.credentials.iter_mut())
+        {
             c.password = Secret::new("***");
         }
         masked.sso.session_secret = Secret::new("***");
@@ -272,6 +307,56 @@ impl Config {
         }
         serde_yaml::to_string(&masked).unwrap_or_default()
     }
+}
+
+/// The first MySQL service in Cloud Foundry's `VCAP_SERVICES`, as a URL.
+pub fn vcap_mysql_url(vcap: &str) -> anyhow::Result<Option<String>> {
+    let services: serde_json::Value =
+        serde_json::from_str(vcap).context("VCAP_SERVICES is not JSON")?;
+    let Some(offerings) = services.as_object() else {
+        bail!("VCAP_SERVICES must be a JSON object of service lists");
+    };
+    for (label, instances) in offerings {
+        for instance in instances.as_array().into_iter().flatten() {
+            let tagged = instance["tags"].as_array().is_some_and(|t| {
+                t.iter()
+                    .any(|t| t.as_str().is_some_and(|t| t.eq_ignore_ascii_case("mysql")))
+            });
+            let creds = &instance["credentials"];
+            let uri = creds["uri"].as_str().filter(|u| u.starts_with("mysql://"));
+            if !(tagged || label.contains("mysql") || uri.is_some()) {
+                continue;
+            }
+            if let Some(uri) = uri {
+                let mut url = Url::parse(uri).context("VCAP_SERVICES: a MySQL uri is not a URL")?;
+                // Driver options such as reconnect=true are not for this client.
+                url.set_query(None);
+                return Ok(Some(url.to_string()));
+            }
+            let field = |k: &str| {
+                creds[k]
+                    .as_str()
+                    .map(str::to_string)
+                    .or_else(|| creds[k].as_u64().map(|n| n.to_string()))
+            };
+            if let (Some(host), Some(name), Some(user), Some(password)) = (
+                field("hostname"),
+                field("name"),
+                field("username"),
+                field("password"),
+            ) {
+                let mut url = Url::parse(&format!(
+                    "mysql://{host}:{}/{name}",
+                    field("port").unwrap_or_else(|| "3306".into())
+                ))
+                .context("VCAP_SERVICES: MySQL credentials do not form a URL")?;
+                let _ = url.set_username(&user);
+                let _ = url.set_password(Some(&password));
+                return Ok(Some(url.to_string()));
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn check_mysql_url(key: &str, url: &Secret) -> anyhow::Result<()> {
@@ -295,4 +380,30 @@ fn describe_figment_error(e: figment::Error) -> anyhow::Error {
         })
         .collect();
     anyhow::anyhow!(messages.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vcap_mysql_url;
+
+    #[test]
+    fn vcap_services_name_the_store() {
+        let uri = r#"{"p.mysql": [{"name": "store", "tags": ["mysql"],
+            "credentials": {"uri": "mysql://u:p%40ss@db.internal:3306/cf_1?reconnect=true"}}]}"#;
+        assert_eq!(
+            vcap_mysql_url(uri).unwrap().as_deref(),
+            Some("mysql://u:p%40ss@db.internal:3306/cf_1")
+        );
+        let fields = r#"{"user-provided": [{"name": "db", "tags": ["MySQL"], "credentials":
+            {"hostname": "10.0.0.5", "port": 13306, "name": "brokerage", "username": "b", "password": "s/cret"}}]}"#;
+        assert_eq!(
+            vcap_mysql_url(fields).unwrap().as_deref(),
+            Some("mysql://b:s%2Fcret@10.0.0.5:13306/brokerage")
+        );
+        assert_eq!(
+            vcap_mysql_url(r#"{"redis": [{"credentials": {"uri": "redis://x"}}]}"#).unwrap(),
+            None
+        );
+        assert!(vcap_mysql_url("not json").is_err());
+    }
 }

@@ -11,9 +11,11 @@
 //! - [`dashboard`]: the instance dashboard behind single sign-on (the `sso` crate).
 //! - [`store`]: durable records of instances, bindings and operations (embedded or MySQL).
 //! - [`backend`]: the local backends that do the work (MySQL).
+//! - [`metrics`]: Prometheus metrics, rendered at `/metrics`.
 //! - [`mysql`]: connection helpers the MySQL store and backend share.
 //! - [`error`]: the OSB error every call fails with.
 //! - [`startup`]: wiring for `main` and the tests.
+//! - [`tls`]: serving HTTPS when `listen.tls` is set.
 
 pub mod backend;
 pub mod broker;
@@ -23,6 +25,8 @@ pub mod dashboard;
 pub mod error;
 pub mod federation;
 pub mod http;
+pub mod metrics;
 pub mod mysql;
 pub mod startup;
 pub mod store;
+pub mod tls;

@@ -76,7 +76,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(store) => store,
                     Err(_) => std::sync::Arc::new(brokerage::store::EmbeddedStore::in_memory()?),
                 };
-            let federation = startup::federation(&config, &catalog, store).await?;
+            let metrics = brokerage::metrics::Metrics::new();
+            let federation = startup::federation(&config, &catalog, store, metrics).await?;
             federation.refresh().await;
             let snapshot = federation.snapshot();
             for problem in &snapshot.merged.problems {

@@ -32,17 +32,27 @@ pub async fn build(config: &Config) -> anyhow::Result<(Broker, Router)> {
     let catalog = LocalCatalog::build(&config.catalog.services, config)?;
     let store = store::open(&config.store).await?;
     let backends = backend::from_config(config)?;
-    let federation = federation(config, &catalog, store.clone()).await?;
+    let metrics = crate::metrics::Metrics::new();
+    let federation = federation(config, &catalog, store.clone(), metrics.clone()).await?;
     let links = sso::DashboardLinks::new(&config.broker.external_url)?;
     let timing = Timing {
         operation_timeout: Duration::from_secs(config.broker.operation_timeout_secs),
         retry_after_secs: config.broker.retry_after_secs,
     };
-    let broker = Broker::new(store, catalog, backends, links.clone(), timing, federation);
+    let broker = Broker::new(
+        store,
+        catalog,
+        backends,
+        links.clone(),
+        timing,
+        federation,
+        metrics,
+    );
     let dashboard = dashboard(config, &broker, links)?;
     let state = AppState::new(
         broker.clone(),
         &config.auth.credentials,
+        &config.metrics.credentials,
         config.broker.max_body_bytes,
         Some(dashboard),
     );
@@ -86,6 +96,7 @@ pub async fn federation(
     config: &Config,
     catalog: &LocalCatalog,
     store: std::sync::Arc<dyn store::StateStore>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<std::sync::Arc<Federation>> {
     let federation = Federation::new(
         &config.upstreams,
@@ -93,6 +104,7 @@ pub async fn federation(
         store,
         Duration::from_secs(config.federation.refresh_secs),
         Duration::from_secs(config.federation.catalog_ttl_secs),
+        metrics,
     )?;
     federation.rebuild().await;
     Ok(std::sync::Arc::new(federation))
@@ -118,10 +130,15 @@ pub async fn serve(
         "brokerage serving"
     );
     let refresher = tokio::spawn(broker.federation().clone().refresh_forever());
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving HTTP")?;
+    match &config.listen.tls {
+        Some(tls) => crate::tls::serve(listener, router, crate::tls::server_config(tls)?, shutdown)
+            .await
+            .context("serving HTTPS")?,
+        None => axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP")?,
+    }
     refresher.abort();
     tracing::info!("draining background operations");
     if tokio::time::timeout(

@@ -87,6 +87,7 @@ struct Inner {
     timing: Timing,
     background: TaskTracker,
     federation: Arc<Federation>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What becomes of a record once its operation ends.
@@ -155,6 +156,7 @@ impl Broker {
         links: sso::DashboardLinks,
         timing: Timing,
         federation: Arc<Federation>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Broker {
             inner: Arc::new(Inner {
@@ -165,12 +167,17 @@ impl Broker {
                 timing,
                 background: TaskTracker::new(),
                 federation,
+                metrics,
             }),
         }
     }
 
     pub fn federation(&self) -> &Arc<Federation> {
         &self.inner.federation
+    }
+
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
     }
 
     pub fn catalog(&self) -> &LocalCatalog {
@@ -336,7 +343,9 @@ impl Broker {
         S: FnOnce(R, Result<T, BackendError>) -> Settled<R> + Send + 'static,
     {
         let timeout = self.inner.timing.operation_timeout;
+        let in_flight = self.inner.metrics.in_flight();
         let timed = async move {
+            let _in_flight = in_flight;
             match tokio::time::timeout(timeout, work).await {
                 Ok(result) => result,
                 Err(_) => Err(BackendError::Unavailable(format!(

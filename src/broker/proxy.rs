@@ -102,6 +102,7 @@ impl Broker {
             OsbError::BadGateway(format!("upstream {alias} is no longer configured"))
         })?;
         tracing::debug!(upstream = alias, method = %request.method, path = %request.path, "forwarding");
+        let _in_flight = self.inner.metrics.in_flight();
         upstream.send(&request).await.map_err(upstream_error)
     }
 

@@ -51,12 +51,17 @@ impl Federation {
         store: Arc<dyn StateStore>,
         refresh_every: Duration,
         ttl: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Self> {
+        let observer: upstreams::Observer =
+            Arc::new(move |alias: &str, outcome: &str, took: Duration| {
+                metrics.observe_upstream(alias, outcome, took)
+            });
         let upstreams = settings
             .iter()
             .map(|s| {
                 Upstream::new(s.clone())
-                    .map(Arc::new)
+                    .map(|u| Arc::new(u.with_observer(observer.clone())))
                     .map_err(|e| anyhow::anyhow!("upstreams[{}]: {e}", s.alias))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;

@@ -39,6 +39,7 @@ const ORIGINATING_IDENTITY: HeaderName =
 pub struct AppState {
     pub broker: Broker,
     credentials: Arc<BrokerCredentials>,
+    metrics_credentials: Arc<BrokerCredentials>,
     pub max_body_bytes: usize,
     pub dashboard: Option<Arc<crate::dashboard::Dashboard>>,
 }
@@ -47,12 +48,14 @@ impl AppState {
     pub fn new(
         broker: Broker,
         credentials: &[Credential],
+        metrics_credentials: &[Credential],
         max_body_bytes: usize,
         dashboard: Option<Arc<crate::dashboard::Dashboard>>,
     ) -> Self {
         AppState {
             broker,
             credentials: Arc::new(BrokerCredentials::new(credentials)),
+            metrics_credentials: Arc::new(BrokerCredentials::new(metrics_credentials)),
             max_body_bytes,
             dashboard,
         }
@@ -151,18 +154,26 @@ pub fn router(state: AppState) -> Router {
         .merge(osb)
         .merge(dashboard::routes())
         .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .method_not_allowed_fallback(|| async { OsbError::MethodNotAllowed })
         .fallback(|| async { OsbError::NotFound("no such route".into()) })
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             OsbError::Internal("a request handler panicked".into()).into_response()
         }))
-        .layer(middleware::from_fn(trace_request))
+        .layer(middleware::from_fn_with_state(state.clone(), trace_request))
         .with_state(state)
 }
 
 /// One span per request carrying its identity; the identity is echoed back.
-async fn trace_request(req: Request, next: Next) -> Response {
+async fn trace_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
     let request_id = req
         .headers()
         .get(&REQUEST_IDENTITY)
@@ -192,6 +203,12 @@ async fn trace_request(req: Request, next: Next) -> Response {
     if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
         response.headers_mut().insert(REQUEST_IDENTITY, id);
     }
+    state.broker.metrics().observe_request(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }
 
@@ -283,6 +300,74 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "status": "ok",
         "upstreams": state.broker.federation().health().await,
     }))
+}
+
+/// Readiness: the store and every backend answer. Upstream breaker states are shown but do
+/// not make the broker unready (one dead upstream must not take the rest out of rotation).
+async fn ready(State(state): State<AppState>) -> Response {
+    let quick = std::time::Duration::from_secs(3);
+    let broker = &state.broker;
+    let store = match tokio::time::timeout(quick, broker.store().check()).await {
+        Ok(Ok(())) => json!({"ok": true}),
+        Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
+        Err(_) => json!({"ok": false, "error": "no answer within 3 s"}),
+    };
+    let mut ready = store["ok"] == true;
+    let mut backends = serde_json::Map::new();
+    for (name, backend) in broker.backends() {
+        let status = match tokio::time::timeout(quick, backend.check()).await {
+            Ok(Ok(())) => json!({"ok": true}),
+            Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
+            Err(_) => json!({"ok": false, "error": "no answer within 3 s"}),
+        };
+        ready &= status["ok"] == true;
+        backends.insert(name.clone(), status);
+    }
+    let body = json!({
+        "ready": ready,
+        "store": store,
+        "backends": backends,
+        "upstreams": broker.federation().health().await,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Prometheus metrics, behind their own credentials.
+async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if !state
+        .metrics_credentials
+        .accepts(headers.get(AUTHORIZATION))
+    {
+        return OsbError::Unauthorized.into_response();
+    }
+    let broker = &state.broker;
+    for u in broker.federation().upstreams() {
+        let value = match u.breaker_state() {
+            upstreams::BreakerState::Closed => 0,
+            upstreams::BreakerState::HalfOpen => 1,
+            upstreams::BreakerState::Open => 2,
+        };
+        broker
+            .metrics()
+            .breaker_state
+            .get_or_create(&crate::metrics::UpstreamLabels {
+                upstream: u.alias().to_string(),
+            })
+            .set(value);
+    }
+    (
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        broker.metrics().render(),
+    )
+        .into_response()
 }
 
 /// The merged catalog snapshot: never waits on an upstream.

@@ -40,6 +40,8 @@ pub enum StoreKind {
     Embedded(PathBuf),
     /// A database on the test MariaDB, by name.
     Mysql(String),
+    /// Any MySQL URL.
+    Url(String),
 }
 
 impl StoreKind {
@@ -58,6 +60,7 @@ impl StoreKind {
             StoreKind::Mysql(db) => {
                 format!("store: {{kind: mysql, url: \"{}/{db}\"}}", mysql_url())
             }
+            StoreKind::Url(url) => format!("store: {{kind: mysql, url: \"{url}\"}}"),
         }
     }
 }
@@ -72,6 +75,8 @@ pub struct TestConfig {
     pub upstreams: Vec<String>,
     /// `sso.session_lifetime_secs`.
     pub sso: u64,
+    /// `listen.tls` as a YAML flow mapping.
+    pub tls: Option<String>,
 }
 
 impl TestConfig {
@@ -85,7 +90,17 @@ impl TestConfig {
             port: 0,
             upstreams: Vec::new(),
             sso: 600,
+            tls: None,
         }
+    }
+
+    pub fn with_tls(mut self, certificate: &Path, key: &Path) -> Self {
+        self.tls = Some(format!(
+            "{{certificate: {:?}, private_key: {:?}}}",
+            certificate.display().to_string(),
+            key.display().to_string()
+        ));
+        self
     }
 
     pub fn with_session_lifetime(mut self, secs: u64) -> Self {
@@ -121,7 +136,7 @@ impl TestConfig {
     pub fn write(&self) -> PathBuf {
         let text = format!(
             r#"
-listen: {{host: 127.0.0.1, port: {port}}}
+listen: {{host: 127.0.0.1, port: {port}{tls}}}
 auth:
   credentials:
     - {{username: {USER}, password: {PASSWORD}}}
@@ -176,6 +191,11 @@ catalog:
                 format!("http://127.0.0.1:{}", self.port)
             },
             sso = self.sso,
+            tls = self
+                .tls
+                .as_ref()
+                .map(|t| format!(", tls: {t}"))
+                .unwrap_or_default(),
         );
         let path = self.path();
         std::fs::write(&path, text).unwrap();

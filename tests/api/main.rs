@@ -3,11 +3,13 @@
 
 mod bad_input;
 mod cli;
+mod deploy;
 mod durability;
 mod faults;
 mod federation;
 mod helpers;
 mod lifecycle;
+mod operator;
 mod protocol;
 mod sso;
 mod store_contract;

@@ -112,7 +112,11 @@ struct Breaker {
     probing: bool,
 }
 
+/// Told about every call: alias, outcome, how long it took.
+pub type Observer = std::sync::Arc<dyn Fn(&str, &str, Duration) + Send + Sync>;
+
 pub struct Upstream {
+    observer: Option<Observer>,
     settings: UpstreamSettings,
     base: url::Url,
     http: reqwest::Client,
@@ -145,6 +149,7 @@ impl Upstream {
         }
         let http = builder.build().map_err(|e| e.to_string())?;
         Ok(Upstream {
+            observer: None,
             settings,
             base,
             http,
@@ -155,6 +160,12 @@ impl Upstream {
             }),
             token: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Reports every call's outcome (for metrics).
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn alias(&self) -> &str {
@@ -210,6 +221,26 @@ impl Upstream {
     /// Sends one OSB call and checks the answer is OSB. Transport failures, timeouts and
     /// 5xx answers count against the circuit breaker; any OSB answer counts for it.
     pub async fn send(&self, request: &OsbRequest) -> Result<OsbResponse, UpstreamError> {
+        let started = Instant::now();
+        let result = self.send_guarded(request).await;
+        if let Some(observe) = &self.observer {
+            let outcome = match &result {
+                Ok(r) if r.status < 400 => "ok",
+                Ok(_) => "refused",
+                Err(UpstreamError::CircuitOpen { .. }) => "circuit_open",
+                Err(UpstreamError::Timeout { .. }) => "timeout",
+                Err(UpstreamError::Connect { .. }) => "unreachable",
+                Err(UpstreamError::Tls { .. }) => "tls",
+                Err(UpstreamError::Auth { .. }) => "auth",
+                Err(UpstreamError::Failed { .. }) => "failed",
+                Err(UpstreamError::Malformed { .. }) => "malformed",
+            };
+            observe(&self.settings.alias, outcome, started.elapsed());
+        }
+        result
+    }
+
+    async fn send_guarded(&self, request: &OsbRequest) -> Result<OsbResponse, UpstreamError> {
         self.admit()?;
         let result = self.send_once(request, false).await;
         let result = match result {

@@ -11,6 +11,6 @@ pub mod client;
 pub mod osb;
 pub mod settings;
 
-pub use client::{BreakerState, OsbRequest, OsbResponse, Upstream, UpstreamError};
+pub use client::{BreakerState, Observer, OsbRequest, OsbResponse, Upstream, UpstreamError};
 pub use reqwest::Method;
 pub use settings::UpstreamSettings;

@@ -1,0 +1,162 @@
+//! Prometheus metrics: one registry per broker, rendered at `/metrics` behind its own
+//! credentials.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub method: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamCallLabels {
+    pub upstream: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone)]
+pub struct Seconds;
+
+impl MetricConstructor<Histogram> for Seconds {
+    fn new_metric(&self) -> Histogram {
+        // 0.5 ms .. ~16 s
+        Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<RouteLabels, Histogram, Seconds>,
+    pub upstream_calls: Family<UpstreamCallLabels, Counter>,
+    pub upstream_seconds: Family<UpstreamLabels, Histogram, Seconds>,
+    /// 0 closed, 1 half-open, 2 open; set when scraped.
+    pub breaker_state: Family<UpstreamLabels, Gauge>,
+    pub operations_in_flight: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("brokerage");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_seconds =
+            Family::<RouteLabels, Histogram, Seconds>::new_with_constructor(Seconds);
+        let upstream_calls = Family::<UpstreamCallLabels, Counter>::default();
+        let upstream_seconds =
+            Family::<UpstreamLabels, Histogram, Seconds>::new_with_constructor(Seconds);
+        let breaker_state = Family::<UpstreamLabels, Gauge>::default();
+        let operations_in_flight = Gauge::default();
+        registry.register(
+            "http_requests",
+            "OSB and dashboard requests answered",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer a request",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "upstream_calls",
+            "Calls to upstream brokers by outcome",
+            upstream_calls.clone(),
+        );
+        registry.register(
+            "upstream_call_duration_seconds",
+            "Time an upstream broker took to answer",
+            upstream_seconds.clone(),
+        );
+        registry.register(
+            "upstream_breaker_state",
+            "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
+            breaker_state.clone(),
+        );
+        registry.register(
+            "operations_in_flight",
+            "Backend and upstream operations running now",
+            operations_in_flight.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            request_seconds,
+            upstream_calls,
+            upstream_seconds,
+            breaker_state,
+            operations_in_flight,
+        })
+    }
+
+    pub fn observe_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.into(),
+                method: method.into(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&RouteLabels {
+                route: route.into(),
+                method: method.into(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_upstream(&self, upstream: &str, outcome: &str, elapsed: Duration) {
+        self.upstream_calls
+            .get_or_create(&UpstreamCallLabels {
+                upstream: upstream.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        self.upstream_seconds
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.into(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an operation as running until the guard is dropped.
+    pub fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.operations_in_flight.inc();
+        InFlight(self.clone())
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+pub struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.operations_in_flight.dec();
+    }
+}
