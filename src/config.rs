@@ -118,6 +118,8 @@ pub enum StoreConfig {
 #[serde(deny_unknown_fields)]
 pub struct BrokerSettings {
     pub external_url: String,
+    /// Seconds between storage quota passes.
+    pub quota_interval_secs: u64,
     pub operation_timeout_secs: u64,
     pub retry_after_secs: u64,
     pub max_body_bytes: usize,
@@ -213,6 +215,9 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("broker.external_url: {e}"))?;
         if self.broker.operation_timeout_secs == 0 || self.broker.operation_timeout_secs > 55 {
             bail!("broker.operation_timeout_secs: must be between 1 and 55 (Cloud Controller gives up after 60)");
+        }
+        if self.broker.quota_interval_secs == 0 {
+            bail!("broker.quota_interval_secs: must be at least 1");
         }
         if self.broker.max_body_bytes < 1024 {
             bail!("broker.max_body_bytes: must be at least 1024");

@@ -12,6 +12,7 @@
 //! - [`store`]: durable records of instances, bindings and operations (embedded or MySQL).
 //! - [`backend`]: the local backends that do the work (MySQL).
 //! - [`metrics`]: Prometheus metrics, rendered at `/metrics`.
+//! - [`quota`]: storage quota enforcement, one process per cycle (a lease in the store).
 //! - [`mysql`]: connection helpers the MySQL store and backend share.
 //! - [`error`]: the OSB error every call fails with.
 //! - [`startup`]: wiring for `main` and the tests.
@@ -27,6 +28,7 @@ pub mod federation;
 pub mod http;
 pub mod metrics;
 pub mod mysql;
+pub mod quota;
 pub mod startup;
 pub mod store;
 pub mod tls;

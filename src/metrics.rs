@@ -54,6 +54,9 @@ pub struct Metrics {
     /// 0 closed, 1 half-open, 2 open; set when scraped.
     pub breaker_state: Family<UpstreamLabels, Gauge>,
     pub operations_in_flight: Gauge,
+    pub quota_cycles: Counter,
+    pub quota_revocations: Counter,
+    pub quota_restorations: Counter,
 }
 
 impl Metrics {
@@ -67,6 +70,23 @@ impl Metrics {
             Family::<UpstreamLabels, Histogram, Seconds>::new_with_constructor(Seconds);
         let breaker_state = Family::<UpstreamLabels, Gauge>::default();
         let operations_in_flight = Gauge::default();
+        let (quota_cycles, quota_revocations, quota_restorations) =
+            (Counter::default(), Counter::default(), Counter::default());
+        registry.register(
+            "quota_cycles",
+            "Quota enforcement passes this process made",
+            quota_cycles.clone(),
+        );
+        registry.register(
+            "quota_revocations",
+            "Users whose write access was revoked for exceeding a storage quota",
+            quota_revocations.clone(),
+        );
+        registry.register(
+            "quota_restorations",
+            "Users whose write access came back once usage fell below the quota",
+            quota_restorations.clone(),
+        );
         registry.register(
             "http_requests",
             "OSB and dashboard requests answered",
@@ -105,6 +125,9 @@ impl Metrics {
             upstream_seconds,
             breaker_state,
             operations_in_flight,
+            quota_cycles,
+            quota_revocations,
+            quota_restorations,
         })
     }
 

@@ -130,6 +130,13 @@ pub async fn serve(
         "brokerage serving"
     );
     let refresher = tokio::spawn(broker.federation().clone().refresh_forever());
+    let enforcer = tokio::spawn(
+        crate::quota::QuotaEnforcer::new(
+            broker.clone(),
+            Duration::from_secs(config.broker.quota_interval_secs),
+        )
+        .run_forever(),
+    );
     match &config.listen.tls {
         Some(tls) => crate::tls::serve(listener, router, crate::tls::server_config(tls)?, shutdown)
             .await
@@ -140,6 +147,7 @@ pub async fn serve(
             .context("serving HTTP")?,
     }
     refresher.abort();
+    enforcer.abort();
     tracing::info!("draining background operations");
     if tokio::time::timeout(
         Duration::from_secs(config.broker.operation_timeout_secs + 5),

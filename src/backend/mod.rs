@@ -35,6 +35,22 @@ pub enum BackendError {
 
 pub type Parameters<'a> = Option<&'a Map<String, Value>>;
 
+/// A binding as quota enforcement sees it.
+#[derive(Debug, Clone)]
+pub struct BindingAccess {
+    pub binding_id: String,
+    /// Read-only bindings never get write access back.
+    pub read_only: bool,
+}
+
+/// What one enforcement pass changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaChange {
+    pub used_bytes: u64,
+    pub revoked: u32,
+    pub restored: u32,
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync {
     /// Names the backend and where it lives, without secrets.
@@ -67,6 +83,18 @@ pub trait Backend: Send + Sync {
     ) -> Result<Map<String, Value>, BackendError>;
     /// Revokes a binding's access, cutting its open connections; done if already gone.
     async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError>;
+    /// Holds the instance to its plan's storage: at or over the limit its users lose write
+    /// access (and their open connections), below it they get it back. Backends without
+    /// quotas change nothing.
+    async fn enforce_quota(
+        &self,
+        _instance_id: &str,
+        _limits: PlanLimits,
+        _bindings: &[BindingAccess],
+    ) -> Result<QuotaChange, BackendError> {
+        Ok(QuotaChange::default())
+    }
+
     /// What the instance's dashboard shows about it, as label and value.
     async fn describe_instance(
         &self,

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tracing::instrument;
 
-use super::{only_known_parameters, Backend, BackendError, Parameters};
+use super::{only_known_parameters, Backend, BackendError, BindingAccess, Parameters, QuotaChange};
 use crate::catalog::PlanLimits;
 use crate::config::MysqlBackendConfig;
 use crate::mysql::{self, SqlError};
@@ -108,6 +108,11 @@ impl MysqlBackend {
             .await
             .map_err(|e| self.error(e))?;
         // Dropping a user leaves its sessions open: end them.
+        self.kill_sessions(conn, user).await
+    }
+
+    /// Ends a user's open connections: privilege changes reach them only this way.
+    async fn kill_sessions(&self, conn: &mut Conn, user: &str) -> Result<(), BackendError> {
         let sessions: Vec<u64> = conn
             .exec(
                 "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ?",
@@ -271,6 +276,64 @@ impl Backend for MysqlBackend {
             Value::Object(map) => Ok(map),
             _ => unreachable!("a JSON object literal"),
         }
+    }
+
+    async fn enforce_quota(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+        bindings: &[BindingAccess],
+    ) -> Result<QuotaChange, BackendError> {
+        let used_bytes = self.usage_bytes(instance_id).await?;
+        let over = used_bytes >= limits.max_storage_mb * 1024 * 1024;
+        let db = database_name(instance_id);
+        let pattern = grant_pattern(&db);
+        let mut conn = self.conn().await?;
+        let users: Vec<(String, String)> = conn
+            .exec(
+                "SELECT User, Insert_priv FROM mysql.db WHERE Db = ? AND Host = '%'",
+                (&pattern,),
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let mut change = QuotaChange {
+            used_bytes,
+            ..Default::default()
+        };
+        for (user, insert) in users.iter().filter(|(u, _)| is_binding_user(u)) {
+            let writable = insert == "Y";
+            if over && writable {
+                conn.query_drop(format!(
+                    "REVOKE INSERT, UPDATE, CREATE ON `{pattern}`.* FROM '{user}'@'%'"
+                ))
+                .await
+                .map_err(|e| self.error(e))?;
+                self.kill_sessions(&mut conn, user).await?;
+                change.revoked += 1;
+            }
+            let read_only = bindings
+                .iter()
+                .any(|b| b.read_only && user_name(&b.binding_id) == *user);
+            if !over && !writable && !read_only {
+                conn.query_drop(format!(
+                    "GRANT INSERT, UPDATE, CREATE ON `{pattern}`.* TO '{user}'@'%'"
+                ))
+                .await
+                .map_err(|e| self.error(e))?;
+                change.restored += 1;
+            }
+        }
+        if change.revoked + change.restored > 0 {
+            tracing::info!(
+                instance_id,
+                used_bytes,
+                limit_mb = limits.max_storage_mb,
+                revoked = change.revoked,
+                restored = change.restored,
+                "storage quota enforced"
+            );
+        }
+        Ok(change)
     }
 
     async fn describe_instance(

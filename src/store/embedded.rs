@@ -19,6 +19,7 @@ type Docs = TableDefinition<'static, &'static str, (u64, &'static str, &'static 
 const INSTANCES: Docs = TableDefinition::new("instances");
 const BINDINGS: Docs = TableDefinition::new("bindings");
 const CATALOGS: Docs = TableDefinition::new("catalogs");
+const LEASES: Docs = TableDefinition::new("leases");
 /// (instance id, binding id) -> ()
 const BINDINGS_BY_INSTANCE: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("bindings_by_instance");
@@ -28,6 +29,7 @@ fn docs(table: Table) -> Docs {
         Table::Instances => INSTANCES,
         Table::Bindings => BINDINGS,
         Table::Catalogs => CATALOGS,
+        Table::Leases => LEASES,
     }
 }
 
@@ -62,6 +64,7 @@ impl EmbeddedStore {
         txn.open_table(INSTANCES)?;
         txn.open_table(BINDINGS)?;
         txn.open_table(CATALOGS)?;
+        txn.open_table(LEASES)?;
         txn.open_table(BINDINGS_BY_INSTANCE)?;
         txn.commit()?;
         Ok(Self {
@@ -233,6 +236,27 @@ impl StateStore for EmbeddedStore {
             };
             txn.commit()?;
             Ok(removed)
+        })
+        .await
+    }
+
+    async fn list(&self, table: Table) -> Result<Vec<(String, Versioned)>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(docs(table))?;
+            let mut out = Vec::new();
+            for entry in t.iter()? {
+                let (key, value) = entry?;
+                let (version, _, doc) = value.value();
+                out.push((
+                    key.value().to_string(),
+                    Versioned {
+                        version,
+                        doc: doc.to_vec(),
+                    },
+                ));
+            }
+            Ok(out)
         })
         .await
     }

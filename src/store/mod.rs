@@ -32,6 +32,8 @@ pub enum Table {
     Bindings,
     /// The last good catalog of each upstream, by alias.
     Catalogs,
+    /// Leases that let one broker process of many do a periodic job (quota enforcement).
+    Leases,
 }
 
 impl Table {
@@ -40,6 +42,7 @@ impl Table {
             Table::Instances => "instances",
             Table::Bindings => "bindings",
             Table::Catalogs => "catalogs",
+            Table::Leases => "leases",
         }
     }
 }
@@ -101,6 +104,8 @@ pub trait StateStore: Send + Sync {
     async fn remove(&self, table: Table, id: &str, version: u64) -> Result<bool, StoreError>;
     /// The bindings recorded under an instance, by id.
     async fn bindings_of(&self, instance_id: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
+    /// Every record of a table, by id (periodic jobs walk the instances).
+    async fn list(&self, table: Table) -> Result<Vec<(String, Versioned)>, StoreError>;
 }
 
 /// Opens the configured store, creating or migrating what it needs.

@@ -33,6 +33,12 @@ const MIGRATIONS: &[&[&str]] = &[
         version BIGINT UNSIGNED NOT NULL,
         doc LONGBLOB NOT NULL
     ) ENGINE=InnoDB"],
+    &["CREATE TABLE IF NOT EXISTS brokerage_leases (
+        id VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+        parent VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL DEFAULT '',
+        version BIGINT UNSIGNED NOT NULL,
+        doc LONGBLOB NOT NULL
+    ) ENGINE=InnoDB"],
 ];
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +53,7 @@ fn table(t: Table) -> &'static str {
         Table::Instances => "brokerage_instances",
         Table::Bindings => "brokerage_bindings",
         Table::Catalogs => "brokerage_catalogs",
+        Table::Leases => "brokerage_leases",
     }
 }
 
@@ -248,6 +255,21 @@ impl StateStore for MysqlStore {
         }
         tx.commit().await.map_err(SqlError::from)?;
         Ok(removed)
+    }
+
+    async fn list(&self, t: Table) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, u64, Vec<u8>)> = conn
+            .query(format!(
+                "SELECT id, version, doc FROM {} ORDER BY id",
+                table(t)
+            ))
+            .await
+            .map_err(SqlError::from)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, version, doc)| (id, Versioned { version, doc }))
+            .collect())
     }
 
     async fn bindings_of(&self, instance_id: &str) -> Result<Vec<(String, Versioned)>, StoreError> {

@@ -145,6 +145,7 @@ auth:
 broker:
   external_url: {external}
   operation_timeout_secs: 10
+  quota_interval_secs: 1
   retry_after_secs: 1
   max_body_bytes: 65536
 log: {{format: text, level: "info,brokerage=trace"}}

@@ -11,5 +11,6 @@ mod helpers;
 mod lifecycle;
 mod operator;
 mod protocol;
+mod quota;
 mod sso;
 mod store_contract;

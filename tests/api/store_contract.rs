@@ -127,6 +127,15 @@ async fn contract(store: Arc<dyn StateStore>) {
     assert_eq!(s.get(Table::Bindings, "b2").await.unwrap(), None);
     assert!(s.bindings_of("i1").await.unwrap().is_empty());
     assert!(s.get(Table::Bindings, "b3").await.unwrap().is_some());
+    let listed: Vec<String> = s
+        .list(Table::Instances)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(listed, vec!["I1".to_string()]);
+    assert!(s.list(Table::Leases).await.unwrap().is_empty());
 
     // Of many concurrent inserts of one id, exactly one wins; the rest see the winner.
     let tasks: Vec<_> = (0..20)

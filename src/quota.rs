@@ -1,0 +1,154 @@
+//! Storage quota enforcement: a periodic pass over every local instance, run by every
+//! broker process but acted on by one per cycle: the process holding the lease in the
+//! shared store (a compare-and-swap on one record) does the pass, the others skip it.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::BindingAccess;
+use crate::broker::Broker;
+use crate::store::records::{self, Record};
+use crate::store::{Insert, InstanceRecord, Table};
+
+const LEASE: &str = "quota-enforcer";
+
+#[derive(Serialize, Deserialize)]
+struct Lease {
+    holder: String,
+    until_ms: i64,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    pub instances: u32,
+    pub revoked: u32,
+    pub restored: u32,
+    pub failed: u32,
+}
+
+pub struct QuotaEnforcer {
+    broker: Broker,
+    interval: Duration,
+    holder: String,
+}
+
+impl QuotaEnforcer {
+    pub fn new(broker: Broker, interval: Duration) -> Self {
+        QuotaEnforcer {
+            broker,
+            interval,
+            holder: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    /// Every interval: take or keep the lease, and if held, make a pass.
+    pub async fn run_forever(self) {
+        loop {
+            match self.take_lease().await {
+                Ok(true) => {
+                    let pass = self.pass().await;
+                    let m = self.broker.metrics();
+                    m.quota_cycles.inc();
+                    m.quota_revocations.inc_by(pass.revoked as u64);
+                    m.quota_restorations.inc_by(pass.restored as u64);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "quota lease unavailable"),
+            }
+            tokio::time::sleep(self.interval).await;
+        }
+    }
+
+    /// Holds the lease for two intervals: a holder that dies is replaced after that.
+    async fn take_lease(&self) -> Result<bool, crate::store::StoreError> {
+        let store = &**self.broker.store();
+        let now = Utc::now().timestamp_millis();
+        let mine = serde_json::to_vec(&Lease {
+            holder: self.holder.clone(),
+            until_ms: now + 2 * self.interval.as_millis() as i64,
+        })
+        .expect("serializes");
+        match store.get(Table::Leases, LEASE).await? {
+            None => Ok(matches!(
+                store.insert(Table::Leases, LEASE, None, &mine).await?,
+                Insert::Inserted
+            )),
+            Some(current) => {
+                let lease: Option<Lease> = serde_json::from_slice(&current.doc).ok();
+                let free = lease.is_none_or(|l| l.holder == self.holder || l.until_ms < now);
+                if !free {
+                    return Ok(false);
+                }
+                store
+                    .replace(Table::Leases, LEASE, current.version, &mine)
+                    .await
+            }
+        }
+    }
+
+    /// One pass over every provisioned local instance.
+    pub async fn pass(&self) -> Pass {
+        let mut pass = Pass::default();
+        let store = &**self.broker.store();
+        let instances = match store.list(Table::Instances).await {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(error = %e, "quota pass: cannot list instances");
+                pass.failed += 1;
+                return pass;
+            }
+        };
+        for (id, doc) in instances {
+            let Ok(instance) = serde_json::from_slice::<InstanceRecord>(&doc.doc) else {
+                continue;
+            };
+            if !instance.provisioned || instance.upstream.is_some() {
+                continue;
+            }
+            let Some(service) = self.broker.catalog().service(&instance.service_id) else {
+                continue;
+            };
+            let (Some(plan), Some(backend)) = (
+                service.plan(&instance.plan_id),
+                self.broker.backends().get(&service.backend),
+            ) else {
+                continue;
+            };
+            let bindings: Vec<BindingAccess> =
+                match records::bindings_of(store, instance.id()).await {
+                    Ok(bs) => bs
+                        .into_iter()
+                        .map(|b| BindingAccess {
+                            read_only: b
+                                .record
+                                .parameters
+                                .as_ref()
+                                .and_then(|p| p.get("read-only"))
+                                .and_then(|v| v.as_bool())
+                                .unwrap_or(false),
+                            binding_id: b.record.id,
+                        })
+                        .collect(),
+                    Err(_) => {
+                        pass.failed += 1;
+                        continue;
+                    }
+                };
+            pass.instances += 1;
+            match backend.enforce_quota(&id, plan.limits, &bindings).await {
+                Ok(change) => {
+                    pass.revoked += change.revoked;
+                    pass.restored += change.restored;
+                }
+                Err(e) => {
+                    pass.failed += 1;
+                    tracing::warn!(instance_id = %id, error = %e, "quota pass failed for an instance");
+                }
+            }
+        }
+        pass
+    }
+}

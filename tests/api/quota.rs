@@ -1,0 +1,136 @@
+//! Storage quotas as cf-mysql operators know them, against the real MariaDB: at the plan's
+//! limit writes stop (reads and DELETE go on), below it they come back; two brokers sharing
+//! the store enforce it once, not twice.
+
+use std::time::Duration;
+
+use mysql_async::prelude::*;
+
+use crate::helpers::*;
+
+async fn metric(app: &TestApp, name: &str) -> f64 {
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .basic_auth("metrics", Some("brokerage-dev-metrics-password"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until an INSERT as the binding's user is refused (or allowed, per `refused`).
+async fn wait_for_insert(creds: &serde_json::Value, refused: bool) {
+    for _ in 0..100 {
+        let mut conn = connect_as(creds).await.unwrap();
+        let result = conn.query_drop("INSERT INTO notes VALUES ('probe')").await;
+        match (&result, refused) {
+            (Err(mysql_async::Error::Server(e)), true) if e.code == 1142 => return,
+            (Ok(()), false) => {
+                conn.query_drop("DELETE FROM notes WHERE body = 'probe'")
+                    .await
+                    .unwrap();
+                return;
+            }
+            _ => {}
+        }
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!(
+        "INSERT never became {}",
+        if refused { "refused" } else { "allowed" }
+    );
+}
+
+#[tokio::test]
+async fn a_full_database_loses_writes_until_data_is_deleted_enforced_once_by_two_brokers() {
+    let store = StoreKind::fresh_mysql();
+    let one = spawn_with(TestConfig::new().with_store(store.clone())).await;
+    let two = spawn_with(TestConfig::new().with_store(store)).await;
+    let id = unique("quota");
+    let b = format!("{id}-b");
+    one.provision(&id, SMALL).await.expect(201);
+    let creds = two.bind(&id, &b, SMALL).await.body["credentials"].clone();
+
+    let mut writer = connect_as(&creds).await.unwrap();
+    writer
+        .query_drop("CREATE TABLE notes (body VARCHAR(20)) ENGINE=InnoDB")
+        .await
+        .unwrap();
+    writer
+        .query_drop("CREATE TABLE blobs (id INT PRIMARY KEY, data LONGBLOB) ENGINE=InnoDB")
+        .await
+        .unwrap();
+    writer
+        .query_drop("INSERT INTO notes VALUES ('kept')")
+        .await
+        .unwrap();
+    for i in 0..3 {
+        writer
+            .exec_drop("INSERT INTO blobs VALUES (?, REPEAT('x', 600000))", (i,))
+            .await
+            .unwrap();
+    }
+    // Over 1 MB now: within a few passes writes are refused...
+    wait_for_insert(&creds, true).await;
+    // ...the connection that filled it was cut...
+    assert!(
+        writer.query_drop("SELECT 1").await.is_err(),
+        "the open connection is killed"
+    );
+    // ...and reading and deleting still work.
+    let mut reader = connect_as(&creds).await.unwrap();
+    let kept: Option<String> = reader.query_first("SELECT body FROM notes").await.unwrap();
+    assert_eq!(kept.as_deref(), Some("kept"));
+    reader.query_drop("DELETE FROM blobs").await.unwrap();
+    drop(reader);
+    // Below the quota again: writes come back.
+    wait_for_insert(&creds, false).await;
+
+    // Both brokers ran passes; one user was revoked once and restored once, in total.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let revoked = metric(&one, "brokerage_quota_revocations_total").await
+        + metric(&two, "brokerage_quota_revocations_total").await;
+    let restored = metric(&one, "brokerage_quota_restorations_total").await
+        + metric(&two, "brokerage_quota_restorations_total").await;
+    assert_eq!((revoked, restored), (1.0, 1.0));
+    let cycles = metric(&one, "brokerage_quota_cycles_total").await
+        + metric(&two, "brokerage_quota_cycles_total").await;
+    assert!(cycles >= 2.0, "passes ran: {cycles}");
+
+    two.unbind(&id, &b, SMALL).await.expect(200);
+    one.deprovision(&id, SERVICE, SMALL).await.expect(200);
+}
+
+#[tokio::test]
+async fn read_only_bindings_never_gain_writes() {
+    let app = spawn_app().await;
+    let id = unique("roquota");
+    app.provision(&id, SMALL).await.expect(201);
+    let ro = app
+        .bind_with(
+            &id,
+            &format!("{id}-ro"),
+            serde_json::json!({"service_id": SERVICE, "plan_id": SMALL, "parameters": {"read-only": true}}),
+            false,
+        )
+        .await;
+    ro.expect(201);
+    // Several passes below the quota: the read-only user stays read-only.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut conn = connect_as(&ro.body["credentials"]).await.unwrap();
+    assert!(conn.query_drop("CREATE TABLE t (i INT)").await.is_err());
+    drop(conn);
+    app.unbind(&id, &format!("{id}-ro"), SMALL)
+        .await
+        .expect(200);
+    app.deprovision(&id, SERVICE, SMALL).await.expect(200);
+}
