@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use serde::Deserialize;
 use serde_json::Value;
 use upstreams::osb::{self, Plan, Service};
 use upstreams::UpstreamSettings;
@@ -89,26 +90,26 @@ pub fn merge(local: &osb::Catalog, upstreams: &[UpstreamCatalog<'_>]) -> Merged 
                     .problems
                     .push(format!("upstream {alias}: {label}: {what}"))
             };
-            let Some(service) = parse_service(raw, &mut problem) else {
+            let Some(mut out) = parse_service(raw, &mut problem) else {
                 continue;
             };
-            if !upstream.settings.wants_service(&service.name) {
+            if !upstream.settings.wants_service(&out.name) {
                 continue;
             }
-            let mut out = service.clone();
-            out.id = service_id(alias, &service.id);
-            out.name = format!("{}{}", upstream.settings.prefix(), service.name);
+            let upstream_id = std::mem::take(&mut out.id);
+            out.id = service_id(alias, &upstream_id);
+            out.name = format!("{}{}", upstream.settings.prefix(), out.name);
             if let Some(dc) = &mut out.dashboard_client {
                 dc.id = format!("{alias}-{}", dc.id);
             }
+            let plans = std::mem::take(&mut out.plans);
             let mut route = Route {
                 alias: alias.to_string(),
-                service_id: service.id.clone(),
-                plans: HashMap::new(),
+                service_id: upstream_id,
+                plans: HashMap::with_capacity(plans.len()),
             };
-            let mut plan_names = HashSet::new();
-            out.plans = Vec::new();
-            for plan in &service.plans {
+            let mut plan_names = HashSet::with_capacity(plans.len());
+            for mut plan in plans {
                 if !upstream.settings.wants_plan(&plan.name) {
                     continue;
                 }
@@ -119,17 +120,17 @@ pub fn merge(local: &osb::Catalog, upstreams: &[UpstreamCatalog<'_>]) -> Merged 
                     ));
                     continue;
                 }
-                let mut p = plan.clone();
-                p.id = plan_id(alias, &plan.id);
-                if route.plans.contains_key(&p.id) {
+                let namespaced = plan_id(alias, &plan.id);
+                if route.plans.contains_key(&namespaced) {
                     problem(format!(
                         "plan id {:?} appears twice; the second is left out",
                         plan.id
                     ));
                     continue;
                 }
-                route.plans.insert(p.id.clone(), plan.id.clone());
-                out.plans.push(p);
+                let upstream_plan = std::mem::replace(&mut plan.id, namespaced.clone());
+                route.plans.insert(namespaced, upstream_plan);
+                out.plans.push(plan);
             }
             if out.plans.is_empty() {
                 problem("no usable plan; left out".into());
@@ -167,6 +168,17 @@ pub fn merge(local: &osb::Catalog, upstreams: &[UpstreamCatalog<'_>]) -> Merged 
 
 /// A service and its valid plans; what does not parse is reported, not fatal.
 fn parse_service(raw: &Value, problem: &mut impl FnMut(String)) -> Option<Service> {
+    // Fast path: a well-formed service parses straight from the borrowed value.
+    if let Ok(service) = Service::deserialize(raw) {
+        let plans_ok = service
+            .plans
+            .iter()
+            .all(|p| !p.id.is_empty() && !p.name.is_empty());
+        if plans_ok && !service.id.is_empty() && !service.name.is_empty() {
+            return Some(service);
+        }
+    }
+    // Slow path: find what is wrong, keep what is right.
     let Some(object) = raw.as_object() else {
         problem("not a JSON object; left out".into());
         return None;
@@ -191,7 +203,7 @@ fn parse_service(raw: &Value, problem: &mut impl FnMut(String)) -> Option<Servic
         .flatten()
         .enumerate()
     {
-        match serde_json::from_value::<Plan>(raw_plan.clone()) {
+        match Plan::deserialize(raw_plan) {
             Ok(plan) if !plan.id.is_empty() && !plan.name.is_empty() => service.plans.push(plan),
             Ok(_) => problem(format!("plan #{j} has an empty id or name; left out")),
             Err(e) => problem(format!("plan #{j} is invalid ({e}); left out")),

@@ -1,0 +1,49 @@
+# Sourced by scripts/test and scripts/bench: installs MariaDB when missing and starts a
+# throwaway server with its data under the given directory, on a free port.
+# After `start_throwaway_mariadb DIR`, MARIADB_URL names it; it stops when the shell exits.
+
+ensure_packages() {
+  local need=("$@") missing=() p
+  for p in "${need[@]}"; do
+    case "$p" in
+      mariadb-server) command -v mariadb-install-db >/dev/null 2>&1 || missing+=(mariadb-server mariadb-client) ;;
+      nodejs) command -v node >/dev/null 2>&1 || missing+=(nodejs npm) ;;
+      python3) command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv) ;;
+      *) command -v "$p" >/dev/null 2>&1 || missing+=("$p") ;;
+    esac
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing ${missing[*]}"
+    local sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo_cmd apt-get update -qq
+    $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+start_throwaway_mariadb() {
+  local data=$1 mariadbd port
+  mariadbd=$(command -v mariadbd || echo /usr/sbin/mariadbd)
+  rm -rf "$data"
+  mkdir -p "$data"
+  mariadb-install-db --no-defaults --datadir="$data/db" --user="$(id -un)" \
+    --auth-root-authentication-method=normal --skip-test-db >"$data/install.log" 2>&1
+  port=$(free_port)
+  "$mariadbd" --no-defaults --datadir="$data/db" --user="$(id -un)" --bind-address=127.0.0.1 \
+    --port="$port" --socket="$data/sock" --pid-file="$data/pid" --skip-name-resolve \
+    --max-connections=1000 --log-error="$data/error.log" &
+  MARIADB_PID=$!
+  trap 'kill "$MARIADB_PID" 2>/dev/null; wait "$MARIADB_PID" 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do
+    if mariadb-admin --no-defaults --socket="$data/sock" -uroot ping >/dev/null 2>&1; then break; fi
+    sleep 0.2
+  done
+  mariadb-admin --no-defaults --socket="$data/sock" -uroot ping >/dev/null
+  MARIADB_URL="mysql://root@127.0.0.1:$port"
+  echo "== throwaway MariaDB on 127.0.0.1:$port (data in $data)"
+}
