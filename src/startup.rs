@@ -141,10 +141,16 @@ pub async fn serve(
         Some(tls) => crate::tls::serve(listener, router, crate::tls::server_config(tls)?, shutdown)
             .await
             .context("serving HTTPS")?,
-        None => axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving HTTP")?,
+        None => axum::serve(
+            axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                // Answers are small and latency matters: no Nagle delay.
+                let _ = tcp.set_nodelay(true);
+            }),
+            router,
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving HTTP")?,
     }
     refresher.abort();
     enforcer.abort();

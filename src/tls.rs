@@ -78,6 +78,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let builder = builder.clone();

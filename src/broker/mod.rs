@@ -205,7 +205,7 @@ impl Broker {
     fn lease(&self) -> chrono::Duration {
         chrono::Duration::from_std(self.inner.timing.operation_timeout)
             .unwrap_or(chrono::Duration::MAX)
-            + chrono::Duration::seconds(30)
+            + chrono::Duration::seconds(5)
     }
 
     fn start(&self, kind: OpKind, asynchronous: bool) -> OperationRecord {

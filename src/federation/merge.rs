@@ -15,20 +15,33 @@ const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b72_6f6b_6572_6167_652e_6964_7321_
 
 /// The namespaced id of an upstream's service.
 pub fn service_id(alias: &str, upstream_service_id: &str) -> String {
-    Uuid::new_v5(
-        &ID_NAMESPACE,
-        format!("service\n{alias}\n{upstream_service_id}").as_bytes(),
-    )
-    .to_string()
+    uuid_v5(&["service", alias, upstream_service_id])
 }
 
 /// The namespaced id of an upstream's plan.
 pub fn plan_id(alias: &str, upstream_plan_id: &str) -> String {
-    Uuid::new_v5(
-        &ID_NAMESPACE,
-        format!("plan\n{alias}\n{upstream_plan_id}").as_bytes(),
-    )
-    .to_string()
+    uuid_v5(&["plan", alias, upstream_plan_id])
+}
+
+/// RFC 4122 version 5 (SHA-1 of namespace and name, the parts joined by newlines), with
+/// the hardware-accelerated SHA-1 where the processor has one: merging 100,000 plans
+/// hashes 100,000 names.
+fn uuid_v5(parts: &[&str]) -> String {
+    use sha1::{Digest, Sha1};
+    let mut hasher = Sha1::new();
+    hasher.update(ID_NAMESPACE.as_bytes());
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            hasher.update(b"\n");
+        }
+        hasher.update(part.as_bytes());
+    }
+    let digest: [u8; 20] = hasher.finalize().into();
+    let bytes: [u8; 16] = digest[..16].try_into().expect("20 > 16");
+    uuid::Builder::from_sha1_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 /// Where a namespaced service leads.
@@ -61,7 +74,7 @@ pub fn merge(local: &osb::Catalog, upstreams: &[UpstreamCatalog<'_>]) -> Merged 
         ..Default::default()
     };
     let mut names: HashSet<String> = local.services.iter().map(|s| s.name.clone()).collect();
-    let mut ids: HashSet<String> = local
+    let ids: HashSet<String> = local
         .services
         .iter()
         .flat_map(|s| std::iter::once(s.id.clone()).chain(s.plans.iter().map(|p| p.id.clone())))
@@ -156,9 +169,9 @@ pub fn merge(local: &osb::Catalog, upstreams: &[UpstreamCatalog<'_>]) -> Merged 
                     continue;
                 }
             }
+            // Namespaced ids are UUIDv5 of distinct names: they can only collide with a
+            // local id, so only local ids are kept to check against.
             names.insert(out.name.clone());
-            ids.insert(out.id.clone());
-            ids.extend(out.plans.iter().map(|p| p.id.clone()));
             merged.routes.insert(out.id.clone(), route);
             merged.catalog.services.push(out);
         }

@@ -1,0 +1,532 @@
+//! Load, crash and MySQL-restart scenarios against real broker processes and a real
+//! MariaDB. They run one after the other (each loads the whole machine), in a short form in
+//! `./scripts/test`; `BKG_LONG=1` runs them for minutes.
+
+#[allow(dead_code)]
+#[path = "../api/helpers.rs"]
+mod helpers;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use brokerage::backend::mysql::database_name;
+use helpers::*;
+use reqwest::Method;
+use serde_json::json;
+
+fn seconds(short: u64, long: u64) -> Duration {
+    Duration::from_secs(if std::env::var("BKG_LONG").is_ok() {
+        long
+    } else {
+        short
+    })
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What each instance was acknowledged as, and the credentials of a bound one.
+type Acks = Arc<Mutex<HashMap<String, (Ack, Option<serde_json::Value>)>>>;
+
+/// One client's view of a lifecycle step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    Provisioned,
+    Bound,
+    Unbound,
+    Deprovisioned,
+}
+
+/// Sends one step to one of the brokers, retrying on the other while a broker is down or
+/// an interrupted claim is still leased: what a platform retrying would do.
+async fn step(
+    clients: &[TestClient],
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    deadline: Instant,
+) -> Answer {
+    let mut i = rand_index(clients.len());
+    loop {
+        let client = &clients[i % clients.len()];
+        let mut req = client
+            .client
+            .request(method.clone(), format!("{}{path}", client.base))
+            .basic_auth(USER, Some(PASSWORD))
+            .header("X-Broker-API-Version", "2.17")
+            .timeout(Duration::from_secs(20));
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        match req.send().await {
+            Ok(r) => {
+                let answer = Answer::from(r).await;
+                let retry = answer.status == 422 && answer.body["error"] == "ConcurrencyError";
+                if !retry || Instant::now() > deadline {
+                    return answer;
+                }
+            }
+            Err(e) if Instant::now() > deadline => panic!("no broker answered {path}: {e}"),
+            Err(_) => {}
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn rand_index(n: usize) -> usize {
+    (uuid::Uuid::new_v4().as_u128() % n as u128) as usize
+}
+
+/// Runs lifecycles until `until`; records what each instance was acknowledged as.
+async fn lifecycles(
+    clients: Arc<Vec<TestClient>>,
+    until: Instant,
+    acks: Acks,
+    statuses: Arc<Mutex<HashMap<u16, u64>>>,
+) {
+    while Instant::now() < until {
+        // A third of the lifecycles stop after provision, a third after bind: those must
+        // stay, the rest must be gone.
+        let keep = rand_index(3);
+        let id = unique("load");
+        let b = format!("{id}-b");
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let record = |status: u16| *statuses.lock().unwrap().entry(status).or_default() += 1;
+        let a = step(
+            &clients,
+            Method::PUT,
+            &format!("/v2/service_instances/{id}"),
+            Some(provision_body(SERVICE, LARGE)),
+            deadline,
+        )
+        .await;
+        record(a.status.as_u16());
+        if a.status != 201 && a.status != 200 {
+            continue;
+        }
+        acks.lock()
+            .unwrap()
+            .insert(id.clone(), (Ack::Provisioned, None));
+        if keep == 1 {
+            continue;
+        }
+        let a = step(
+            &clients,
+            Method::PUT,
+            &format!("/v2/service_instances/{id}/service_bindings/{b}"),
+            Some(json!({"service_id": SERVICE, "plan_id": LARGE})),
+            deadline,
+        )
+        .await;
+        record(a.status.as_u16());
+        if a.status == 201 || a.status == 200 {
+            acks.lock().unwrap().insert(
+                id.clone(),
+                (Ack::Bound, Some(a.body["credentials"].clone())),
+            );
+        }
+        if keep == 2 {
+            continue;
+        }
+        let a = step(
+            &clients,
+            Method::DELETE,
+            &format!("/v2/service_instances/{id}/service_bindings/{b}?service_id={SERVICE}&plan_id={LARGE}"),
+            None,
+            deadline,
+        )
+        .await;
+        record(a.status.as_u16());
+        if a.status == 200 || a.status == 410 {
+            acks.lock()
+                .unwrap()
+                .insert(id.clone(), (Ack::Unbound, None));
+        }
+        let a = step(
+            &clients,
+            Method::DELETE,
+            &format!("/v2/service_instances/{id}?service_id={SERVICE}&plan_id={LARGE}"),
+            None,
+            deadline,
+        )
+        .await;
+        record(a.status.as_u16());
+        if a.status == 200 || a.status == 410 {
+            acks.lock()
+                .unwrap()
+                .insert(id.clone(), (Ack::Deprovisioned, None));
+        }
+    }
+}
+
+async fn catalog_reads(
+    clients: Arc<Vec<TestClient>>,
+    until: Instant,
+    statuses: Arc<Mutex<HashMap<u16, u64>>>,
+) {
+    while Instant::now() < until {
+        let client = &clients[rand_index(clients.len())];
+        if let Ok(r) = client
+            .client
+            .get(format!("{}/v2/catalog", client.base))
+            .basic_auth(USER, Some(PASSWORD))
+            .header("X-Broker-API-Version", "2.17")
+            .send()
+            .await
+        {
+            *statuses
+                .lock()
+                .unwrap()
+                .entry(r.status().as_u16())
+                .or_default() += 1;
+            let _ = r.bytes().await;
+        }
+    }
+}
+
+struct Brokers {
+    processes: Vec<BrokerProcess>,
+    files: Vec<(std::path::PathBuf, u16, std::path::PathBuf)>,
+    _configs: Vec<TestConfig>,
+}
+
+async fn two_brokers(store: StoreKind, backend: Option<&str>) -> Brokers {
+    let mut processes = Vec::new();
+    let mut files = Vec::new();
+    let mut configs = Vec::new();
+    for name in ["one", "two"] {
+        let port = free_port();
+        let mut config = TestConfig::new().with_store(store.clone()).with_port(port);
+        if let Some(url) = backend {
+            config = config.with_backend_url(url);
+        }
+        let file = config.write();
+        // Short operations: an interrupted claim is taken over within seconds.
+        let text = std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("operation_timeout_secs: 10", "operation_timeout_secs: 3");
+        std::fs::write(&file, text).unwrap();
+        let log = config.dir.path().join(format!("{name}.log"));
+        processes.push(BrokerProcess::start(&file, port, &log).await);
+        files.push((file, port, log));
+        configs.push(config);
+    }
+    Brokers {
+        processes,
+        files,
+        _configs: configs,
+    }
+}
+
+/// Everything acknowledged is as acknowledged: in the store and in MySQL.
+async fn verify(
+    clients: &[TestClient],
+    acks: &HashMap<String, (Ack, Option<serde_json::Value>)>,
+) -> (usize, usize, usize) {
+    let (mut present, mut gone, mut bound) = (0, 0, 0);
+    for (id, (ack, creds)) in acks {
+        let fetched = clients[0]
+            .call(Method::GET, &format!("/v2/service_instances/{id}"), None)
+            .await;
+        let exists = database_exists(&database_name(id)).await;
+        match ack {
+            Ack::Deprovisioned => {
+                assert_eq!(
+                    fetched.status, 404,
+                    "{id} was deprovisioned: {}",
+                    fetched.raw
+                );
+                assert!(!exists, "{id}'s database is gone");
+                gone += 1;
+            }
+            Ack::Bound => {
+                assert_eq!(fetched.status, 200, "{id} is provisioned: {}", fetched.raw);
+                assert!(exists);
+                connect_as(creds.as_ref().unwrap())
+                    .await
+                    .expect("acknowledged credentials work");
+                bound += 1;
+            }
+            Ack::Provisioned | Ack::Unbound => {
+                assert_eq!(fetched.status, 200, "{id} is provisioned: {}", fetched.raw);
+                assert!(exists, "{id}'s database exists");
+                present += 1;
+            }
+        }
+    }
+    (present, gone, bound)
+}
+
+async fn load_scenario() {
+    let brokers = two_brokers(StoreKind::fresh_mysql(), None).await;
+    let clients: Arc<Vec<TestClient>> = Arc::new(
+        brokers
+            .processes
+            .iter()
+            .map(|p| TestClient::new(p.base.clone()))
+            .collect(),
+    );
+    let duration = seconds(8, 120);
+    let until = Instant::now() + duration;
+    let acks = Arc::new(Mutex::new(HashMap::new()));
+    let statuses = Arc::new(Mutex::new(HashMap::new()));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        if i % 4 == 0 {
+            tasks.push(tokio::spawn(lifecycles(
+                clients.clone(),
+                until,
+                acks.clone(),
+                statuses.clone(),
+            )));
+        } else {
+            tasks.push(tokio::spawn(catalog_reads(
+                clients.clone(),
+                until,
+                statuses.clone(),
+            )));
+        }
+    }
+    tokio::time::sleep(duration / 4).await;
+    let early: Vec<u64> = brokers
+        .processes
+        .iter()
+        .map(|p| rss_kb(p.child.id()))
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let late: Vec<u64> = brokers
+        .processes
+        .iter()
+        .map(|p| rss_kb(p.child.id()))
+        .collect();
+    let statuses = statuses.lock().unwrap().clone();
+    let acks = acks.lock().unwrap().clone();
+    let (present, gone, bound) = verify(&clients, &acks).await;
+    println!("load: {statuses:?}; {} lifecycles ({gone} complete, {present} partial, {bound} bound); RSS {early:?} -> {late:?} kB", acks.len());
+    assert!(
+        statuses.keys().all(|s| *s < 500),
+        "no 5xx under load: {statuses:?}"
+    );
+    assert!(gone > 0, "lifecycles completed");
+    for (e, l) in early.iter().zip(&late) {
+        assert!(*l < e * 2 + 20_000, "memory stable: {e} kB -> {l} kB");
+    }
+}
+
+async fn crash_scenario() {
+    let mut brokers = two_brokers(StoreKind::fresh_mysql(), None).await;
+    let clients: Arc<Vec<TestClient>> = Arc::new(
+        brokers
+            .processes
+            .iter()
+            .map(|p| TestClient::new(p.base.clone()))
+            .collect(),
+    );
+    let duration = seconds(10, 120);
+    let until = Instant::now() + duration;
+    let acks = Arc::new(Mutex::new(HashMap::new()));
+    let statuses = Arc::new(Mutex::new(HashMap::new()));
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            tokio::spawn(lifecycles(
+                clients.clone(),
+                until,
+                acks.clone(),
+                statuses.clone(),
+            ))
+        })
+        .collect();
+    let mut kills = 0;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(700 + (rand_index(800) as u64))).await;
+        brokers.processes[0].kill9();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (file, port, log) = brokers.files[0].clone();
+        brokers.processes[0] = BrokerProcess::start(&file, port, &log).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acks = acks.lock().unwrap().clone();
+    let statuses = statuses.lock().unwrap().clone();
+    let (present, gone, bound) = verify(&clients, &acks).await;
+    println!(
+        "crash: {kills} SIGKILLs; {statuses:?}; checked {} instances: {gone} deleted and gone, {present} present, {bound} bound with working credentials",
+        acks.len()
+    );
+    assert!(
+        statuses.keys().all(|s| *s < 500 || *s == 503),
+        "{statuses:?}"
+    );
+    assert!(
+        kills > 0 && gone > 0 && present > 0 && bound > 0,
+        "every kind was checked"
+    );
+}
+
+/// A MariaDB of this test's own, to stop and start under load.
+struct OwnMariaDb {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnMariaDb {
+    fn start() -> OwnMariaDb {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mariadb-install-db")
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ])
+            .arg(format!("--datadir={}", dir.path().join("db").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let mut db = OwnMariaDb {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        db.up();
+        db
+    }
+
+    fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let d = self.dir.path();
+        let child = Command::new(if std::path::Path::new("/usr/sbin/mariadbd").exists() {
+            "/usr/sbin/mariadbd"
+        } else {
+            "mariadbd"
+        })
+        .args([
+            "--no-defaults",
+            "--user=root",
+            "--bind-address=127.0.0.1",
+            "--skip-name-resolve",
+        ])
+        .arg(format!("--datadir={}", d.join("db").display()))
+        .arg(format!("--port={}", self.port))
+        .arg(format!("--socket={}", d.join("sock").display()))
+        .arg(format!("--pid-file={}", d.join("pid").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("MariaDB did not start");
+    }
+
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnMariaDb {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+async fn mysql_restart_scenario() {
+    let mut db = OwnMariaDb::start();
+    let config = TestConfig::new().with_backend_url(&db.url());
+    let app = spawn_with(config).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, stop, statuses) = (
+                TestClient::new(app.base.clone()),
+                stop.clone(),
+                statuses.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let id = unique("restart");
+                    let started = Instant::now();
+                    let a = client.provision(&id, SMALL).await;
+                    statuses.lock().unwrap().push((
+                        a.status.as_u16(),
+                        a.body["error"].clone(),
+                        started.elapsed(),
+                    ));
+                    if a.status == 201 {
+                        client.deprovision(&id, SERVICE, SMALL).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(seconds(2, 20)).await;
+    db.down();
+    tokio::time::sleep(seconds(3, 20)).await;
+    let during: Vec<_> = statuses.lock().unwrap().drain(..).collect();
+    db.up();
+    tokio::time::sleep(seconds(3, 20)).await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let after: Vec<_> = statuses.lock().unwrap().clone();
+    let unavailable = during.iter().filter(|(s, _, _)| *s == 503).count();
+    println!(
+        "mysql restart: {} answers while it went down ({} clean 503s), {} after it came back ({} created)",
+        during.len(),
+        unavailable,
+        after.len(),
+        after.iter().filter(|(s, _, _)| *s == 201).count()
+    );
+    for (status, error, took) in &during {
+        assert!(
+            matches!(status, 201 | 503),
+            "clean failure while down: {status} {error}"
+        );
+        assert!(*took < Duration::from_secs(12), "no hang: {took:?}");
+    }
+    assert!(unavailable > 0, "the outage was seen");
+    assert!(
+        after.iter().any(|(s, _, _)| *s == 201),
+        "provisioning works again without a broker restart"
+    );
+    let _ = app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_crash_and_mysql_restart() {
+    load_scenario().await;
+    crash_scenario().await;
+    mysql_restart_scenario().await;
+}
