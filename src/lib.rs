@@ -25,6 +25,8 @@ pub mod config;
 pub mod dashboard;
 pub mod error;
 pub mod federation;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod mysql;

@@ -7,6 +7,7 @@ mod deploy;
 mod durability;
 mod faults;
 mod federation;
+mod fuzz_regressions;
 mod helpers;
 mod lifecycle;
 mod operator;
