@@ -47,7 +47,13 @@ fn opts(url: &str) -> Result<Opts, SqlError> {
 pub fn pool(url: &str, max: usize) -> Result<Pool, SqlError> {
     let constraints = PoolConstraints::new(0, max.max(1)).expect("0 <= max");
     let opts = OptsBuilder::from_opts(opts(url)?)
-        .pool_opts(PoolOpts::default().with_constraints(constraints))
+        // No COM_RESET_CONNECTION round trip each time a connection goes back to the pool:
+        // the broker keeps no session state on its admin connections.
+        .pool_opts(
+            PoolOpts::default()
+                .with_constraints(constraints)
+                .with_reset_connection(false),
+        )
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .prefer_socket(false);
     Ok(Pool::new(opts))
