@@ -11,17 +11,18 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// Labels are `&'static str` and integers: counting a request allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
-    pub method: String,
-    pub status: String,
+    pub route: &'static str,
+    pub method: &'static str,
+    pub status: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
-    pub method: String,
+    pub route: &'static str,
+    pub method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -131,20 +132,54 @@ impl Metrics {
         })
     }
 
-    pub fn observe_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+    pub fn observe_request(
+        &self,
+        route: &'static str,
+        method: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.into(),
-                method: method.into(),
-                status: status.to_string(),
+                route,
+                method,
+                status: status.into(),
             })
             .inc();
         self.request_seconds
-            .get_or_create(&RouteLabels {
-                route: route.into(),
-                method: method.into(),
-            })
+            .get_or_create(&RouteLabels { route, method })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// A route pattern as a `&'static str`: the router has a fixed set, each kept once.
+    pub fn route_label(route: &str) -> &'static str {
+        static ROUTES: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashSet<&'static str>>,
+        > = std::sync::OnceLock::new();
+        let mut known = ROUTES
+            .get_or_init(Default::default)
+            .lock()
+            .expect("route labels");
+        if let Some(r) = known.get(route) {
+            return r;
+        }
+        let leaked: &'static str = Box::leak(route.to_string().into_boxed_str());
+        known.insert(leaked);
+        leaked
+    }
+
+    pub fn method_label(method: &axum::http::Method) -> &'static str {
+        use axum::http::Method;
+        match *method {
+            Method::GET => "GET",
+            Method::PUT => "PUT",
+            Method::PATCH => "PATCH",
+            Method::DELETE => "DELETE",
+            Method::POST => "POST",
+            Method::HEAD => "HEAD",
+            Method::OPTIONS => "OPTIONS",
+            _ => "OTHER",
+        }
     }
 
     pub fn observe_upstream(&self, upstream: &str, outcome: &str, elapsed: Duration) {

@@ -68,12 +68,98 @@ pub struct UpstreamCatalog<'a> {
     pub catalog: &'a Value,
 }
 
+/// One upstream service, parsed and namespaced, before it is checked against the others.
+struct Candidate {
+    service: Service,
+    route: Route,
+    label: String,
+}
+
+/// Phase one, for each upstream on its own (and in parallel): parse and namespace every
+/// service, reporting what cannot be used.
+fn prepare(upstream: &UpstreamCatalog<'_>) -> (Vec<Candidate>, Vec<String>) {
+    let alias = upstream.settings.alias.as_str();
+    let mut problems = Vec::new();
+    let Some(services) = upstream.catalog.get("services").and_then(Value::as_array) else {
+        problems.push(format!(
+            "upstream {alias}: the catalog has no services array"
+        ));
+        return (Vec::new(), problems);
+    };
+    let prefix = upstream.settings.prefix();
+    let mut candidates = Vec::with_capacity(services.len());
+    for (i, raw) in services.iter().enumerate() {
+        let label = raw
+            .get("name")
+            .and_then(Value::as_str)
+            .map(|n| format!("service {n:?}"))
+            .unwrap_or_else(|| format!("service #{i}"));
+        let mut problem =
+            |what: String| problems.push(format!("upstream {alias}: {label}: {what}"));
+        let Some(mut out) = parse_service(raw, &mut problem) else {
+            continue;
+        };
+        if !upstream.settings.wants_service(&out.name) {
+            continue;
+        }
+        let upstream_id = std::mem::take(&mut out.id);
+        out.id = service_id(alias, &upstream_id);
+        out.name = format!("{prefix}{}", out.name);
+        if let Some(dc) = &mut out.dashboard_client {
+            dc.id = format!("{alias}-{}", dc.id);
+        }
+        let plans = std::mem::take(&mut out.plans);
+        let mut route = Route {
+            alias: alias.to_string(),
+            service_id: upstream_id,
+            plans: HashMap::with_capacity(plans.len()),
+        };
+        let mut plan_names = HashSet::with_capacity(plans.len());
+        for mut plan in plans {
+            if !upstream.settings.wants_plan(&plan.name) {
+                continue;
+            }
+            if !plan_names.insert(plan.name.clone()) {
+                problem(format!(
+                    "plan name {:?} appears twice; the second is left out",
+                    plan.name
+                ));
+                continue;
+            }
+            let namespaced = plan_id(alias, &plan.id);
+            if route.plans.contains_key(&namespaced) {
+                problem(format!(
+                    "plan id {:?} appears twice; the second is left out",
+                    plan.id
+                ));
+                continue;
+            }
+            let upstream_plan = std::mem::replace(&mut plan.id, namespaced.clone());
+            route.plans.insert(namespaced, upstream_plan);
+            out.plans.push(plan);
+        }
+        if out.plans.is_empty() {
+            problem("no usable plan; left out".into());
+            continue;
+        }
+        candidates.push(Candidate {
+            service: out,
+            route,
+            label,
+        });
+    }
+    (candidates, problems)
+}
+
 pub fn merge(local: &osb::Catalog, upstreams: &[UpstreamCatalog<'_>]) -> Merged {
+    use rayon::prelude::*;
     let mut merged = Merged {
         catalog: local.clone(),
         ..Default::default()
     };
     let mut names: HashSet<String> = local.services.iter().map(|s| s.name.clone()).collect();
+    // Namespaced ids are UUIDv5 of distinct names: they can only collide with a local id,
+    // so only local ids are kept to check against.
     let ids: HashSet<String> = local
         .services
         .iter()
@@ -84,96 +170,42 @@ pub fn merge(local: &osb::Catalog, upstreams: &[UpstreamCatalog<'_>]) -> Merged 
         .iter()
         .filter_map(|s| s.dashboard_client.as_ref().map(|d| d.id.clone()))
         .collect();
-    for upstream in upstreams {
-        let alias = upstream.settings.alias.as_str();
-        let Some(services) = upstream.catalog.get("services").and_then(Value::as_array) else {
-            merged.problems.push(format!(
-                "upstream {alias}: the catalog has no services array"
-            ));
-            continue;
-        };
-        for (i, raw) in services.iter().enumerate() {
-            let label = raw
-                .get("name")
-                .and_then(Value::as_str)
-                .map(|n| format!("service {n:?}"))
-                .unwrap_or_else(|| format!("service #{i}"));
-            let mut problem = |what: String| {
-                merged
-                    .problems
-                    .push(format!("upstream {alias}: {label}: {what}"))
-            };
-            let Some(mut out) = parse_service(raw, &mut problem) else {
-                continue;
-            };
-            if !upstream.settings.wants_service(&out.name) {
-                continue;
-            }
-            let upstream_id = std::mem::take(&mut out.id);
-            out.id = service_id(alias, &upstream_id);
-            out.name = format!("{}{}", upstream.settings.prefix(), out.name);
-            if let Some(dc) = &mut out.dashboard_client {
-                dc.id = format!("{alias}-{}", dc.id);
-            }
-            let plans = std::mem::take(&mut out.plans);
-            let mut route = Route {
-                alias: alias.to_string(),
-                service_id: upstream_id,
-                plans: HashMap::with_capacity(plans.len()),
-            };
-            let mut plan_names = HashSet::with_capacity(plans.len());
-            for mut plan in plans {
-                if !upstream.settings.wants_plan(&plan.name) {
-                    continue;
-                }
-                if !plan_names.insert(plan.name.clone()) {
-                    problem(format!(
-                        "plan name {:?} appears twice; the second is left out",
-                        plan.name
-                    ));
-                    continue;
-                }
-                let namespaced = plan_id(alias, &plan.id);
-                if route.plans.contains_key(&namespaced) {
-                    problem(format!(
-                        "plan id {:?} appears twice; the second is left out",
-                        plan.id
-                    ));
-                    continue;
-                }
-                let upstream_plan = std::mem::replace(&mut plan.id, namespaced.clone());
-                route.plans.insert(namespaced, upstream_plan);
-                out.plans.push(plan);
-            }
-            if out.plans.is_empty() {
-                problem("no usable plan; left out".into());
-                continue;
-            }
-            if names.contains(&out.name) {
-                problem(format!(
+    let prepared: Vec<_> = upstreams.par_iter().map(prepare).collect();
+    // Phase two, in configuration order: what still collides is reported and left out.
+    for (candidates, problems) in prepared {
+        merged.problems.extend(problems);
+        for Candidate {
+            service,
+            route,
+            label,
+        } in candidates
+        {
+            let problem = |what: String| format!("upstream {}: {label}: {what}", route.alias);
+            if names.contains(&service.name) {
+                merged.problems.push(problem(format!(
                     "the namespaced name {:?} is taken; left out",
-                    out.name
+                    service.name
+                )));
+                continue;
+            }
+            if ids.contains(&service.id) || service.plans.iter().any(|p| ids.contains(&p.id)) {
+                merged.problems.push(problem(
+                    "its namespaced id collides with another service's; left out".into(),
                 ));
                 continue;
             }
-            if ids.contains(&out.id) || out.plans.iter().any(|p| ids.contains(&p.id)) {
-                problem("its namespaced id collides with another service's; left out".into());
-                continue;
-            }
-            if let Some(dc) = &out.dashboard_client {
+            if let Some(dc) = &service.dashboard_client {
                 if !dashboard_ids.insert(dc.id.clone()) {
-                    problem(format!(
+                    merged.problems.push(problem(format!(
                         "dashboard_client.id {:?} is taken; left out",
                         dc.id
-                    ));
+                    )));
                     continue;
                 }
             }
-            // Namespaced ids are UUIDv5 of distinct names: they can only collide with a
-            // local id, so only local ids are kept to check against.
-            names.insert(out.name.clone());
-            merged.routes.insert(out.id.clone(), route);
-            merged.catalog.services.push(out);
+            names.insert(service.name.clone());
+            merged.routes.insert(service.id.clone(), route);
+            merged.catalog.services.push(service);
         }
     }
     merged

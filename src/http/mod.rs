@@ -168,12 +168,12 @@ pub fn router(state: AppState) -> Router {
 /// One span per request carrying its identity; the identity is echoed back.
 async fn trace_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let route = crate::metrics::Metrics::route_label(
+        req.extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map_or("unmatched", |p| p.as_str()),
+    );
+    let method = crate::metrics::Metrics::method_label(req.method());
     let request_id = req
         .headers()
         .get(&REQUEST_IDENTITY)
@@ -204,8 +204,8 @@ async fn trace_request(State(state): State<AppState>, req: Request, next: Next) 
         response.headers_mut().insert(REQUEST_IDENTITY, id);
     }
     state.broker.metrics().observe_request(
-        &route,
-        &method,
+        route,
+        method,
         response.status().as_u16(),
         started.elapsed(),
     );
