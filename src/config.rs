@@ -156,6 +156,9 @@ pub struct MysqlBackendConfig {
     pub public_port: Option<u16>,
     pub connect_timeout_secs: u64,
     pub max_connections: usize,
+    /// Total storage the plans of all instances may promise, in MB; unlimited when absent.
+    #[serde(default)]
+    pub max_total_storage_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -58,6 +58,9 @@ pub enum OsbError {
     /// 503: a backend or the state store cannot be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// 507: the backend has no room left for what the plan promises.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// 504: an upstream did not answer in time.
     #[error("{0}")]
     GatewayTimeout(String),
@@ -85,6 +88,7 @@ impl OsbError {
             BadGateway(_) => 502,
             Unavailable(_) => 503,
             GatewayTimeout(_) => 504,
+            InsufficientStorage(_) => 507,
         }
     }
 
@@ -110,6 +114,7 @@ impl OsbError {
             BadGateway(_) => "BadGateway",
             Unavailable(_) => "ServiceUnavailable",
             GatewayTimeout(_) => "GatewayTimeout",
+            InsufficientStorage(_) => "InsufficientStorage",
         }
     }
 

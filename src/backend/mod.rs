@@ -55,6 +55,10 @@ pub struct QuotaChange {
 pub trait Backend: Send + Sync {
     /// Names the backend and where it lives, without secrets.
     fn describe(&self) -> String;
+    /// Total storage, in MB, the plans of all its instances may promise; `None`: no limit.
+    fn capacity_mb(&self) -> Option<u64> {
+        None
+    }
     /// Reaches the backend's server.
     async fn check(&self) -> Result<(), BackendError>;
     async fn provision(

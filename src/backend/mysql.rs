@@ -28,6 +28,7 @@ pub struct MysqlBackend {
     public_host: String,
     public_port: u16,
     timeout: Duration,
+    capacity_mb: Option<u64>,
 }
 
 const BIND_PARAMETERS: &[&str] = &["read-only"];
@@ -44,6 +45,7 @@ impl MysqlBackend {
             public_host: config.public_host.clone().unwrap_or(host),
             public_port: config.public_port.unwrap_or(port),
             timeout: Duration::from_secs(config.connect_timeout_secs.max(1)),
+            capacity_mb: config.max_total_storage_mb,
         })
     }
 
@@ -136,6 +138,10 @@ impl MysqlBackend {
 impl Backend for MysqlBackend {
     fn describe(&self) -> String {
         format!("mysql backend at {}", self.admin_address)
+    }
+
+    fn capacity_mb(&self) -> Option<u64> {
+        self.capacity_mb
     }
 
     async fn check(&self) -> Result<(), BackendError> {

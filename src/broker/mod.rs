@@ -439,6 +439,8 @@ impl Broker {
             return Err(OsbError::AsyncRequired);
         }
         let backend = self.backend(service)?;
+        self.check_capacity(service, plan.limits.max_storage_mb, Some(id))
+            .await?;
         record.maintenance_version = plan
             .wire
             .maintenance_info
@@ -534,6 +536,10 @@ impl Broker {
             return Err(OsbError::AsyncRequired);
         }
         let backend = self.backend(service)?;
+        if to.limits.max_storage_mb > from.limits.max_storage_mb {
+            self.check_capacity(service, to.limits.max_storage_mb, Some(id))
+                .await?;
+        }
         let mut record = current.clone();
         record.operation = self.start(OpKind::Update, to.asynchronous);
         record.operation.target_plan_id = Some(to.wire.id.clone());
@@ -677,6 +683,50 @@ impl Broker {
             },
         )
         .await
+    }
+
+    /// Refuses (507) what would promise the backend more storage than it has: the plans of
+    /// every other instance on it, plus `wanted`. Instances are counted from the store, so
+    /// every broker process sharing it counts the same.
+    async fn check_capacity(
+        &self,
+        service: &LocalService,
+        wanted: u64,
+        except: Option<&str>,
+    ) -> Result<(), OsbError> {
+        let Some(capacity) = self.backend(service)?.capacity_mb() else {
+            return Ok(());
+        };
+        let mut promised = 0u64;
+        for (id, doc) in self
+            .store_ref()
+            .list(crate::store::Table::Instances)
+            .await?
+        {
+            if Some(id.as_str()) == except {
+                continue;
+            }
+            let Ok(instance) = serde_json::from_slice::<InstanceRecord>(&doc.doc) else {
+                continue;
+            };
+            let Some(other) = self.inner.catalog.service(&instance.service_id) else {
+                continue;
+            };
+            if other.backend != service.backend || instance.upstream.is_some() {
+                continue;
+            }
+            if let Some(plan) = other.plan(&instance.plan_id) {
+                promised += plan.limits.max_storage_mb;
+            }
+        }
+        if promised + wanted > capacity {
+            return Err(OsbError::InsufficientStorage(format!(
+                "the {} backend has {} MB of its {capacity} MB left; this plan needs {wanted} MB",
+                service.backend,
+                capacity.saturating_sub(promised)
+            )));
+        }
+        Ok(())
     }
 
     async fn existing_instance(&self, id: &str) -> Result<Stored<InstanceRecord>, OsbError> {

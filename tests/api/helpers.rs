@@ -77,6 +77,8 @@ pub struct TestConfig {
     pub sso: u64,
     /// `listen.tls` as a YAML flow mapping.
     pub tls: Option<String>,
+    /// `backends.mysql.max_total_storage_mb`.
+    pub capacity_mb: Option<u64>,
 }
 
 impl TestConfig {
@@ -91,7 +93,13 @@ impl TestConfig {
             upstreams: Vec::new(),
             sso: 600,
             tls: None,
+            capacity_mb: None,
         }
+    }
+
+    pub fn with_capacity_mb(mut self, mb: u64) -> Self {
+        self.capacity_mb = Some(mb);
+        self
     }
 
     pub fn with_tls(mut self, certificate: &Path, key: &Path) -> Self {
@@ -153,7 +161,7 @@ federation: {{refresh_secs: 1, catalog_ttl_secs: 60}}
 sso: {{api_info_scheme: http, session_secret: test-session-secret-32-characters-long, session_lifetime_secs: {sso}}}
 upstreams: [{upstreams}]
 backends:
-  mysql: {{url: "{backend}", connect_timeout_secs: 2, max_connections: 30}}
+  mysql: {{url: "{backend}", connect_timeout_secs: 2, max_connections: 30{capacity}}}
 catalog:
   services:
     - id: {SERVICE}
@@ -192,6 +200,10 @@ catalog:
                 format!("http://127.0.0.1:{}", self.port)
             },
             sso = self.sso,
+            capacity = self
+                .capacity_mb
+                .map(|mb| format!(", max_total_storage_mb: {mb}"))
+                .unwrap_or_default(),
             tls = self
                 .tls
                 .as_ref()

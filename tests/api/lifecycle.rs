@@ -395,3 +395,41 @@ async fn deprovision_with_bindings_is_refused_or_takes_them_along_as_configured(
     .await
     .expect_error(404, None);
 }
+
+#[tokio::test]
+async fn capacity_past_the_backend_limit_is_refused_with_507() {
+    // 60 MB in all: one large plan (50 MB) fits, a second does not; a small one (1 MB) does.
+    let app = spawn_with(TestConfig::new().with_capacity_mb(60)).await;
+    let (first, second, small) = (unique("cap"), unique("cap"), unique("cap"));
+    app.provision(&first, LARGE).await.expect(201);
+    let refused = app.provision(&second, LARGE).await;
+    refused.expect_error(507, Some("InsufficientStorage"));
+    assert!(
+        refused.body["description"]
+            .as_str()
+            .unwrap()
+            .contains("10 MB"),
+        "{}",
+        refused.raw
+    );
+    assert!(
+        !database_exists(&database_name(&second)).await,
+        "nothing was created"
+    );
+    app.provision(&small, SMALL).await.expect(201);
+    // An upgrade past the limit is refused the same way; a repeat of a provision is not counted twice.
+    app.update(
+        &small,
+        json!({"service_id": SERVICE, "plan_id": LARGE}),
+        false,
+    )
+    .await
+    .expect_error(507, None);
+    app.provision(&first, LARGE).await.expect(200);
+    for (id, plan) in [(&first, LARGE), (&small, SMALL)] {
+        app.deprovision(id, SERVICE, plan).await.expect(200);
+    }
+    // Room again.
+    app.provision(&second, LARGE).await.expect(201);
+    app.deprovision(&second, SERVICE, LARGE).await.expect(200);
+}
