@@ -51,12 +51,92 @@ pub struct PlanLimits {
     pub max_user_connections: u32,
 }
 
+/// Where in a plan's `schemas` the parameters of a call are described.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParametersOf {
+    Provision,
+    Update,
+    Bind,
+}
+
+impl ParametersOf {
+    const ALL: [ParametersOf; 3] = [
+        ParametersOf::Provision,
+        ParametersOf::Update,
+        ParametersOf::Bind,
+    ];
+
+    fn path(self) -> [&'static str; 3] {
+        match self {
+            ParametersOf::Provision => ["service_instance", "create", "parameters"],
+            ParametersOf::Update => ["service_instance", "update", "parameters"],
+            ParametersOf::Bind => ["service_binding", "create", "parameters"],
+        }
+    }
+}
+
 /// A plan as the broker uses it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LocalPlan {
     pub wire: osb::Plan,
     pub limits: PlanLimits,
     pub asynchronous: bool,
+    /// The JSON Schemas the catalog publishes for parameters, compiled once.
+    schemas: Arc<HashMap<ParametersOf, (jsonschema::Validator, Vec<String>)>>,
+}
+
+impl std::fmt::Debug for LocalPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalPlan")
+            .field("id", &self.wire.id)
+            .field("limits", &self.limits)
+            .field("asynchronous", &self.asynchronous)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalPlan {
+    /// Checks parameters against the schema the catalog publishes for them, if any;
+    /// the error says where and what.
+    pub fn check_parameters(
+        &self,
+        of: ParametersOf,
+        parameters: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<(), String> {
+        let Some((validator, declared)) = self.schemas.get(&of) else {
+            return Ok(());
+        };
+        let instance = serde_json::Value::Object(parameters.cloned().unwrap_or_default());
+        // Name what the schema does not declare: its own message shows only the value.
+        let undeclared: Vec<&str> = parameters
+            .into_iter()
+            .flat_map(|p| p.keys())
+            .map(String::as_str)
+            .filter(|k| !declared.iter().any(|d| d == k))
+            .collect();
+        let mut problems: Vec<String> = validator
+            .iter_errors(&instance)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                if at.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{at}: {e}")
+                }
+            })
+            .collect();
+        if !problems.is_empty() && !undeclared.is_empty() {
+            problems.push(format!("not declared: {}", undeclared.join(", ")));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "parameters do not match the plan's schema: {}",
+                problems.join("; ")
+            ))
+        }
+    }
 }
 
 /// A service as the broker uses it.
@@ -158,6 +238,27 @@ impl LocalCatalog {
                 let Some(max_user_connections) = p.max_user_connections.filter(|v| *v > 0) else {
                     bail!("{pkey}.max_user_connections: required, a positive number");
                 };
+                let mut schemas = HashMap::new();
+                for of in ParametersOf::ALL {
+                    let [a, b, c] = of.path();
+                    let Some(schema) = p
+                        .plan
+                        .schemas
+                        .as_ref()
+                        .and_then(|s| s.get(a)?.get(b)?.get(c))
+                    else {
+                        continue;
+                    };
+                    let validator = jsonschema::validator_for(schema).map_err(|e| {
+                        anyhow::anyhow!("{pkey}.schemas.{a}.{b}.{c}: not a valid JSON Schema: {e}")
+                    })?;
+                    let declared = schema
+                        .get("properties")
+                        .and_then(|p| p.as_object())
+                        .map(|p| p.keys().cloned().collect())
+                        .unwrap_or_default();
+                    schemas.insert(of, (validator, declared));
+                }
                 plans.push(LocalPlan {
                     wire: p.plan.clone(),
                     limits: PlanLimits {
@@ -165,6 +266,7 @@ impl LocalCatalog {
                         max_user_connections,
                     },
                     asynchronous: p.asynchronous,
+                    schemas: Arc::new(schemas),
                 });
             }
             let mut wire = w.clone();

@@ -25,7 +25,7 @@ use upstreams::osb::{self, BindRequest, LastOperation, ProvisionRequest, UpdateR
 pub use token::OperationToken;
 
 use crate::backend::{Backend, BackendError, Backends};
-use crate::catalog::{LocalCatalog, LocalPlan, LocalService};
+use crate::catalog::{LocalCatalog, LocalPlan, LocalService, ParametersOf};
 use crate::error::OsbError;
 use crate::federation::Federation;
 use crate::store::records::{self, Inserted, Record, Stored};
@@ -434,6 +434,8 @@ impl Broker {
         }
         let service = self.service(&service_id)?;
         let plan = self.plan(service, &plan_id)?;
+        plan.check_parameters(ParametersOf::Provision, req.parameters.as_ref())
+            .map_err(OsbError::BadRequest)?;
         check_maintenance(plan, req.maintenance_info.as_ref())?;
         if plan.asynchronous && !accepts_incomplete {
             return Err(OsbError::AsyncRequired);
@@ -531,6 +533,8 @@ impl Broker {
                 service.wire.name, from.wire.name
             )));
         }
+        to.check_parameters(ParametersOf::Update, req.parameters.as_ref())
+            .map_err(OsbError::BadRequest)?;
         check_maintenance(to, req.maintenance_info.as_ref())?;
         if to.asynchronous && !accepts_incomplete {
             return Err(OsbError::AsyncRequired);
@@ -825,6 +829,8 @@ impl Broker {
         if service.bindings_require_app && !has_app {
             return Err(OsbError::RequiresApp);
         }
+        plan.check_parameters(ParametersOf::Bind, req.parameters.as_ref())
+            .map_err(OsbError::BadRequest)?;
         if plan.asynchronous && !accepts_incomplete {
             return Err(OsbError::AsyncRequired);
         }

@@ -175,7 +175,9 @@ catalog:
       dashboard_client: {{id: mysql-test-dashboard, secret: dashboard-secret-value}}
       plans:
         - {{id: {SMALL}, name: small, description: 1 MB, max_storage_mb: 1, max_user_connections: 2}}
-        - {{id: {LARGE}, name: large, description: 50 MB, max_storage_mb: 50, max_user_connections: 5}}
+        - {{id: {LARGE}, name: large, description: 50 MB, max_storage_mb: 50, max_user_connections: 5,
+            schemas: {{service_binding: {{create: {{parameters: {{type: object, properties: {{read-only: {{type: boolean}}}}, additionalProperties: false}}}}}},
+                      service_instance: {{create: {{parameters: {{type: object, additionalProperties: false}}}}}}}}}}
         - {{id: {ASYNC}, name: async, description: background, max_storage_mb: 10, max_user_connections: 3, asynchronous: true}}
         - {{id: {MAINT}, name: maint, description: versioned, max_storage_mb: 10, max_user_connections: 3, maintenance_info: {{version: "2.0.0"}}}}
     - id: {FIXED_SERVICE}

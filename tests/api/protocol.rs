@@ -514,3 +514,65 @@ async fn a_silent_mysql_server_fails_cleanly_and_concurrent_calls_see_the_claim(
     let failed = app.poll(&id, &delete.operation()).await;
     assert_eq!(failed.body["state"], "failed", "{}", failed.raw);
 }
+
+#[tokio::test]
+async fn parameters_are_checked_against_the_schemas_the_catalog_publishes() {
+    let app = spawn_app().await;
+    let catalog = app.catalog().await;
+    let large = catalog.body["services"][0]["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == LARGE)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        large["schemas"]["service_binding"]["create"]["parameters"]["properties"]["read-only"]
+            ["type"],
+        "boolean",
+        "the schema is published"
+    );
+    let id = unique("schema");
+    let mut body = provision_body(SERVICE, LARGE);
+    body["parameters"] = json!({"colour": "red"});
+    let refused = app.provision_with(&id, body, false).await;
+    refused.expect_error(400, None);
+    let said = refused.body["description"].as_str().unwrap();
+    assert!(
+        said.contains("schema") && said.contains("colour"),
+        "{}",
+        refused.raw
+    );
+    app.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
+        .await
+        .expect_error(404, None);
+    app.provision(&id, LARGE).await.expect(201);
+    let b = format!("{id}-b");
+    let refused = app
+        .bind_with(
+            &id,
+            &b,
+            json!({"service_id": SERVICE, "plan_id": LARGE, "parameters": {"read-only": "yes"}}),
+            false,
+        )
+        .await;
+    refused.expect_error(400, None);
+    assert!(
+        refused.body["description"]
+            .as_str()
+            .unwrap()
+            .contains("/read-only"),
+        "{}",
+        refused.raw
+    );
+    app.bind_with(
+        &id,
+        &b,
+        json!({"service_id": SERVICE, "plan_id": LARGE, "parameters": {"read-only": true}}),
+        false,
+    )
+    .await
+    .expect(201);
+    app.unbind(&id, &b, LARGE).await.expect(200);
+    app.deprovision(&id, SERVICE, LARGE).await.expect(200);
+}
