@@ -486,13 +486,7 @@ impl Broker {
                 let body = object(record.reply_fields());
                 (Outcome::Keep(record), Ok(Reply::new(201, body)))
             }
-            Err(e) if record.operation.asynchronous => {
-                record
-                    .operation
-                    .finish(OpState::Failed, Some(e.to_string()));
-                (Outcome::Keep(record), Err(e.into()))
-            }
-            Err(e) => (Outcome::Remove, Err(e.into())),
+            Err(e) => failed(record, e, None),
         })
         .await
     }
@@ -583,16 +577,7 @@ impl Broker {
                     let body = object(record.reply_fields());
                     (Outcome::Keep(record), Ok(Reply::new(200, body)))
                 }
-                Err(e) if record.operation.asynchronous => {
-                    record
-                        .operation
-                        .finish(OpState::Failed, Some(e.to_string()));
-                    (Outcome::Keep(record), Err(e.into()))
-                }
-                Err(e) => {
-                    record.operation = previous_op;
-                    (Outcome::Keep(record), Err(e.into()))
-                }
+                Err(e) => failed(record, e, Some(previous_op)),
             },
         )
         .await
@@ -668,24 +653,10 @@ impl Broker {
         let instance_id = id.to_string();
         let work = async move { backend.deprovision(&instance_id).await };
         let previous_op = current.operation;
-        self.drive(
-            record,
-            version,
-            work,
-            move |mut record, result| match result {
-                Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),
-                Err(e) if record.operation.asynchronous => {
-                    record
-                        .operation
-                        .finish(OpState::Failed, Some(e.to_string()));
-                    (Outcome::Keep(record), Err(e.into()))
-                }
-                Err(e) => {
-                    record.operation = previous_op;
-                    (Outcome::Keep(record), Err(e.into()))
-                }
-            },
-        )
+        self.drive(record, version, work, move |record, result| match result {
+            Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),
+            Err(e) => failed(record, e, Some(previous_op)),
+        })
         .await
     }
 
@@ -867,13 +838,7 @@ impl Broker {
                 record.operation.finish(OpState::Succeeded, None);
                 (Outcome::Keep(record), Ok(Reply::new(201, body)))
             }
-            Err(e) if record.operation.asynchronous => {
-                record
-                    .operation
-                    .finish(OpState::Failed, Some(e.to_string()));
-                (Outcome::Keep(record), Err(e.into()))
-            }
-            Err(e) => (Outcome::Remove, Err(e.into())),
+            Err(e) => failed(record, e, None),
         })
         .await
     }
@@ -931,24 +896,10 @@ impl Broker {
         let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
         let work = async move { backend.unbind(&iid, &bid).await };
         let previous_op = current.operation;
-        self.drive(
-            record,
-            version,
-            work,
-            move |mut record, result| match result {
-                Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),
-                Err(e) if record.operation.asynchronous => {
-                    record
-                        .operation
-                        .finish(OpState::Failed, Some(e.to_string()));
-                    (Outcome::Keep(record), Err(e.into()))
-                }
-                Err(e) => {
-                    record.operation = previous_op;
-                    (Outcome::Keep(record), Err(e.into()))
-                }
-            },
-        )
+        self.drive(record, version, work, move |record, result| match result {
+            Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),
+            Err(e) => failed(record, e, Some(previous_op)),
+        })
         .await
     }
 
@@ -1079,6 +1030,29 @@ impl Broker {
             reply.retry_after = Some(self.inner.timing.retry_after_secs);
         }
         Ok(reply)
+    }
+}
+
+/// A failed backend operation: an asynchronous one is recorded as failed (the platform
+/// polls it); a synchronous one is undone: a new resource's record removed, a changed one's
+/// previous operation restored.
+fn failed<R: Record>(
+    mut record: R,
+    e: BackendError,
+    previous: Option<OperationRecord>,
+) -> Settled<R> {
+    if record.operation().asynchronous {
+        record
+            .operation_mut()
+            .finish(OpState::Failed, Some(e.to_string()));
+        return (Outcome::Keep(record), Err(e.into()));
+    }
+    match previous {
+        None => (Outcome::Remove, Err(e.into())),
+        Some(op) => {
+            *record.operation_mut() = op;
+            (Outcome::Keep(record), Err(e.into()))
+        }
     }
 }
 

@@ -314,19 +314,33 @@ impl Broker {
         accepts_incomplete: bool,
         ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
-        let current = stored.record.clone();
-        let up = current.upstream.clone().expect("upstream-owned");
-        let mut record = current.clone();
-        record.operation = self.start_forward(OpKind::Deprovision);
+        let path = format!("/v2/service_instances/{}", stored.record.id);
+        self.proxy_delete(stored, OpKind::Deprovision, &path, accepts_incomplete, ctx)
+            .await
+    }
+
+    /// Deprovision and unbind alike: claim, forward the DELETE with the upstream's ids,
+    /// record what it answered (a refusal puts the previous operation back).
+    async fn proxy_delete<R: Forwarded>(
+        &self,
+        stored: Stored<R>,
+        kind: OpKind,
+        path: &str,
+        accepts_incomplete: bool,
+        ctx: &CallContext,
+    ) -> Result<Reply, OsbError> {
+        let previous = stored.record.operation().clone();
+        let up = stored.record.upstream().cloned().expect("upstream-owned");
+        let mut record = stored.record;
+        *record.operation_mut() = self.start_forward(kind);
         let Some(version) = records::replace(self.store_ref(), &record, stored.version).await?
         else {
             return Err(OsbError::concurrency());
         };
-        let path = format!("/v2/service_instances/{}", record.id);
         let request =
-            self.delete_request(&path, &up.service_id, &up.plan_id, accepts_incomplete, ctx);
+            self.delete_request(path, &up.service_id, &up.plan_id, accepts_incomplete, ctx);
         let answer = self.call_upstream(&up.alias, request).await;
-        self.settle_forwarded(record, version, Undo::Restore(current.operation), answer)
+        self.settle_forwarded(record, version, Undo::Restore(previous), answer)
             .await
     }
 
@@ -480,22 +494,11 @@ impl Broker {
         accepts_incomplete: bool,
         ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
-        let current = stored.record.clone();
-        let up = current.upstream.clone().expect("upstream-owned");
-        let mut record = current.clone();
-        record.operation = self.start_forward(OpKind::Unbind);
-        let Some(version) = records::replace(self.store_ref(), &record, stored.version).await?
-        else {
-            return Err(OsbError::concurrency());
-        };
         let path = format!(
             "/v2/service_instances/{}/service_bindings/{}",
-            record.instance_id, record.id
+            stored.record.instance_id, stored.record.id
         );
-        let request =
-            self.delete_request(&path, &up.service_id, &up.plan_id, accepts_incomplete, ctx);
-        let answer = self.call_upstream(&up.alias, request).await;
-        self.settle_forwarded(record, version, Undo::Restore(current.operation), answer)
+        self.proxy_delete(stored, OpKind::Unbind, &path, accepts_incomplete, ctx)
             .await
     }
 
