@@ -86,10 +86,23 @@ impl Broker {
         OperationRecord::start(kind, false, chrono::Duration::seconds(FORWARD_LEASE_SECS))
     }
 
-    fn upstream_request(&self, method: Method, path: &str, ctx: &CallContext) -> OsbRequest {
+    /// A call to forward: the platform's identity headers and API version, and
+    /// `accepts_incomplete=true` when the platform sent it.
+    fn upstream_request(
+        &self,
+        method: Method,
+        path: &str,
+        accepts_incomplete: bool,
+        ctx: &CallContext,
+    ) -> OsbRequest {
         let mut request = OsbRequest::new(method, path, ctx.api_version.clone());
         request.originating_identity = ctx.originating_identity.clone();
         request.request_identity = ctx.request_identity.clone();
+        if accepts_incomplete {
+            request
+                .query
+                .push(("accepts_incomplete".into(), "true".into()));
+        }
         request
     }
 
@@ -237,13 +250,9 @@ impl Broker {
         let mut request = self.upstream_request(
             Method::PUT,
             &format!("/v2/service_instances/{}", record.id),
+            accepts_incomplete,
             ctx,
         );
-        if accepts_incomplete {
-            request
-                .query
-                .push(("accepts_incomplete".into(), "true".into()));
-        }
         request.body = Some(body);
         let answer = self.call_upstream(&route.alias, request).await;
         self.settle_forwarded(record, version, Undo::Remove, answer)
@@ -295,13 +304,9 @@ impl Broker {
         let mut request = self.upstream_request(
             Method::PATCH,
             &format!("/v2/service_instances/{}", record.id),
+            accepts_incomplete,
             ctx,
         );
-        if accepts_incomplete {
-            request
-                .query
-                .push(("accepts_incomplete".into(), "true".into()));
-        }
         request.body = Some(body);
         let answer = self.call_upstream(&up.alias, request).await;
         self.settle_forwarded(record, version, Undo::Restore(current.operation), answer)
@@ -352,14 +357,9 @@ impl Broker {
         accepts_incomplete: bool,
         ctx: &CallContext,
     ) -> OsbRequest {
-        let mut request = self.upstream_request(Method::DELETE, path, ctx);
+        let mut request = self.upstream_request(Method::DELETE, path, accepts_incomplete, ctx);
         request.query.push(("service_id".into(), service_id.into()));
         request.query.push(("plan_id".into(), plan_id.into()));
-        if accepts_incomplete {
-            request
-                .query
-                .push(("accepts_incomplete".into(), "true".into()));
-        }
         request
     }
 
@@ -419,6 +419,7 @@ impl Broker {
         let request = self.upstream_request(
             Method::GET,
             &format!("/v2/service_instances/{}", record.id),
+            false,
             ctx,
         );
         let mut reply = passthrough(self.call_upstream(&up.alias, request).await?);
@@ -476,12 +477,7 @@ impl Broker {
             "/v2/service_instances/{}/service_bindings/{}",
             record.instance_id, record.id
         );
-        let mut request = self.upstream_request(Method::PUT, &path, ctx);
-        if accepts_incomplete {
-            request
-                .query
-                .push(("accepts_incomplete".into(), "true".into()));
-        }
+        let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
         request.body = Some(body);
         let answer = self.call_upstream(&up.alias, request).await;
         self.settle_forwarded(record, version, Undo::Remove, answer)
@@ -512,7 +508,7 @@ impl Broker {
             "/v2/service_instances/{}/service_bindings/{}",
             record.instance_id, record.id
         );
-        let request = self.upstream_request(Method::GET, &path, ctx);
+        let request = self.upstream_request(Method::GET, &path, false, ctx);
         Ok(passthrough(self.call_upstream(&up.alias, request).await?))
     }
 
@@ -527,7 +523,7 @@ impl Broker {
         let id = record.id().to_string();
         let up = record.upstream().cloned().expect("upstream-owned");
         let op = record.operation().clone();
-        let mut request = self.upstream_request(Method::GET, path, ctx);
+        let mut request = self.upstream_request(Method::GET, path, false, ctx);
         if let Some(operation) = &op.upstream_operation {
             request.query.push(("operation".into(), operation.clone()));
         }
@@ -574,7 +570,7 @@ impl Broker {
         path: &str,
         ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
-        let mut request = self.upstream_request(Method::GET, path, ctx);
+        let mut request = self.upstream_request(Method::GET, path, false, ctx);
         if let Some(operation) = &token.upstream {
             request.query.push(("operation".into(), operation.clone()));
         }

@@ -41,13 +41,6 @@ pub enum UpstreamError {
     },
 }
 
-impl UpstreamError {
-    /// The answer never came, as opposed to a wrong one.
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, UpstreamError::Timeout { .. })
-    }
-}
-
 /// One OSB call to forward.
 #[derive(Debug, Clone)]
 pub struct OsbRequest {
