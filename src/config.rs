@@ -159,6 +159,11 @@ pub struct MysqlBackendConfig {
     /// Total storage the plans of all instances may promise, in MB; unlimited when absent.
     #[serde(default)]
     pub max_total_storage_mb: Option<u64>,
+    /// TLS to the server: the CA (a PEM file) its certificate is checked against. When set,
+    /// the broker connects over TLS, binding users must use TLS too (`REQUIRE SSL`), and
+    /// credentials carry the CA as `ca_certificate`.
+    #[serde(default)]
+    pub ca_certificate: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

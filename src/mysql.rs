@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SqlError {
@@ -43,8 +43,9 @@ fn opts(url: &str) -> Result<Opts, SqlError> {
     Opts::from_url(url).map_err(|e| SqlError::Other(format!("bad MySQL URL: {e}")))
 }
 
-/// A pool that opens connections lazily: building it needs no server.
-pub fn pool(url: &str, max: usize) -> Result<Pool, SqlError> {
+/// A pool that opens connections lazily: building it needs no server. With `ca_pem`, every
+/// connection uses TLS and checks the server's certificate against that CA.
+pub fn pool(url: &str, max: usize, ca_pem: Option<&[u8]>) -> Result<Pool, SqlError> {
     let constraints = PoolConstraints::new(0, max.max(1)).expect("0 <= max");
     let opts = OptsBuilder::from_opts(opts(url)?)
         // No COM_RESET_CONNECTION round trip each time a connection goes back to the pool:
@@ -55,7 +56,8 @@ pub fn pool(url: &str, max: usize) -> Result<Pool, SqlError> {
                 .with_reset_connection(false),
         )
         .tcp_keepalive(Some(Duration::from_secs(30)))
-        .prefer_socket(false);
+        .prefer_socket(false)
+        .ssl_opts(ca_pem.map(|pem| SslOpts::default().with_root_certs(vec![pem.to_vec().into()])));
     Ok(Pool::new(opts))
 }
 

@@ -1,6 +1,7 @@
 # Sourced by scripts/test and scripts/bench: installs MariaDB when missing and starts a
 # throwaway server with its data under the given directory, on a free port.
-# After `start_throwaway_mariadb DIR`, MARIADB_URL names it; it stops when the shell exits.
+# After `start_throwaway_mariadb DIR`, MARIADB_URL names it and MARIADB_CA is the CA of its
+# TLS certificate (clients may use TLS or not); it stops when the shell exits.
 
 ensure_packages() {
   local need=("$@") missing=() p
@@ -31,12 +32,21 @@ start_throwaway_mariadb() {
   mariadbd=$(command -v mariadbd || echo /usr/sbin/mariadbd)
   rm -rf "$data"
   mkdir -p "$data"
+  # A CA of the run's own and a certificate for 127.0.0.1 signed by it.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=brokerage-test-ca \
+    -keyout "$data/ca.key" -out "$data/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$data/server.key" -out "$data/server.csr" 2>/dev/null
+  openssl x509 -req -in "$data/server.csr" -CA "$data/ca.pem" -CAkey "$data/ca.key" \
+    -CAcreateserial -days 30 -out "$data/server.pem" \
+    -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n') 2>/dev/null
   mariadb-install-db --no-defaults --datadir="$data/db" --user="$(id -un)" \
     --auth-root-authentication-method=normal --skip-test-db >"$data/install.log" 2>&1
   port=$(free_port)
   "$mariadbd" --no-defaults --datadir="$data/db" --user="$(id -un)" --bind-address=127.0.0.1 \
     --port="$port" --socket="$data/sock" --pid-file="$data/pid" --skip-name-resolve \
-    --max-connections=1000 --log-error="$data/error.log" &
+    --max-connections=1000 --log-error="$data/error.log" \
+    --ssl-ca="$data/ca.pem" --ssl-cert="$data/server.pem" --ssl-key="$data/server.key" &
   MARIADB_PID=$!
   trap 'kill "$MARIADB_PID" 2>/dev/null; wait "$MARIADB_PID" 2>/dev/null || true' EXIT
   for _ in $(seq 1 100); do
@@ -45,5 +55,6 @@ start_throwaway_mariadb() {
   done
   mariadb-admin --no-defaults --socket="$data/sock" -uroot ping >/dev/null
   MARIADB_URL="mysql://root@127.0.0.1:$port"
+  MARIADB_CA="$data/ca.pem"
   echo "== throwaway MariaDB on 127.0.0.1:$port (data in $data)"
 }

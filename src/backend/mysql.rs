@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use async_trait::async_trait;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Pool};
@@ -29,6 +30,8 @@ pub struct MysqlBackend {
     public_port: u16,
     timeout: Duration,
     capacity_mb: Option<u64>,
+    /// The CA of the server's TLS certificate, when the server is reached over TLS.
+    ca_certificate: Option<String>,
 }
 
 const BIND_PARAMETERS: &[&str] = &["read-only"];
@@ -38,14 +41,33 @@ impl MysqlBackend {
         let url = url::Url::parse(config.url.expose())?;
         let host = url.host_str().unwrap_or("127.0.0.1").to_string();
         let port = url.port().unwrap_or(3306);
+        let ca_certificate = match &config.ca_certificate {
+            Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "backends.mysql.ca_certificate: cannot read {}",
+                    path.display()
+                )
+            })?),
+            None => None,
+        };
+        if let Some(pem) = &ca_certificate {
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                anyhow::bail!("backends.mysql.ca_certificate: not a PEM certificate");
+            }
+        }
         Ok(MysqlBackend {
-            pool: mysql::pool(config.url.expose(), config.max_connections)
-                .map_err(|e| anyhow::anyhow!("backends.mysql.url: {e}"))?,
+            pool: mysql::pool(
+                config.url.expose(),
+                config.max_connections,
+                ca_certificate.as_deref().map(str::as_bytes),
+            )
+            .map_err(|e| anyhow::anyhow!("backends.mysql.url: {e}"))?,
             admin_address: format!("{host}:{port}"),
             public_host: config.public_host.clone().unwrap_or(host),
             public_port: config.public_port.unwrap_or(port),
             timeout: Duration::from_secs(config.connect_timeout_secs.max(1)),
             capacity_mb: config.max_total_storage_mb,
+            ca_certificate,
         })
     }
 
@@ -245,8 +267,14 @@ impl Backend for MysqlBackend {
         }
         // A user left by an interrupted bind of this same binding is replaced.
         self.drop_user(&mut conn, &user).await?;
+        // Over TLS, the binding's user must use TLS as well.
+        let require = if self.ca_certificate.is_some() {
+            "REQUIRE SSL "
+        } else {
+            ""
+        };
         conn.query_drop(format!(
-            "CREATE USER '{user}'@'%' IDENTIFIED BY '{password}' WITH MAX_USER_CONNECTIONS {}",
+            "CREATE USER '{user}'@'%' IDENTIFIED BY '{password}' {require}WITH MAX_USER_CONNECTIONS {}",
             limits.max_user_connections
         ))
         .await
@@ -269,19 +297,33 @@ impl Backend for MysqlBackend {
             return Err(e);
         }
         let (host, port) = (&self.public_host, self.public_port);
-        let credentials = json!({
-            "hostname": host,
-            "port": port,
-            "name": db,
-            "username": user,
-            "password": password,
-            "uri": format!("mysql://{user}:{password}@{host}:{port}/{db}?reconnect=true"),
-            "jdbcUrl": format!("jdbc:mysql://{host}:{port}/{db}?user={user}&password={password}"),
-        });
-        match credentials {
-            Value::Object(map) => Ok(map),
-            _ => unreachable!("a JSON object literal"),
+        let jdbc_tls = if self.ca_certificate.is_some() {
+            "&useSSL=true&requireSSL=true"
+        } else {
+            ""
+        };
+        let mut credentials = Map::new();
+        credentials.insert("hostname".into(), json!(host));
+        credentials.insert("port".into(), json!(port));
+        credentials.insert("name".into(), json!(db));
+        credentials.insert("username".into(), json!(user));
+        credentials.insert("password".into(), json!(password));
+        credentials.insert(
+            "uri".into(),
+            json!(format!(
+                "mysql://{user}:{password}@{host}:{port}/{db}?reconnect=true"
+            )),
+        );
+        credentials.insert(
+            "jdbcUrl".into(),
+            json!(format!(
+                "jdbc:mysql://{host}:{port}/{db}?user={user}&password={password}{jdbc_tls}"
+            )),
+        );
+        if let Some(ca) = &self.ca_certificate {
+            credentials.insert("ca_certificate".into(), json!(ca));
         }
+        Ok(credentials)
     }
 
     async fn enforce_quota(

@@ -70,7 +70,7 @@ impl MysqlStore {
             "mysql store {}",
             crate::config::redact_url(url).unwrap_or_default()
         );
-        let pool = mysql::pool(url, 20)?;
+        let pool = mysql::pool(url, 20, None)?;
         let store = MysqlStore { pool, describe };
         let migrate = async {
             let mut conn = match store.conn().await {

@@ -79,6 +79,12 @@ pub struct TestConfig {
     pub tls: Option<String>,
     /// `backends.mysql.max_total_storage_mb`.
     pub capacity_mb: Option<u64>,
+    /// `backends.mysql.ca_certificate`.
+    pub mysql_ca: Option<PathBuf>,
+    /// More `backends` entries, each a `name: {flow mapping}` line.
+    pub backends: Vec<String>,
+    /// More catalog services, each a YAML flow mapping.
+    pub services: Vec<String>,
 }
 
 impl TestConfig {
@@ -94,8 +100,18 @@ impl TestConfig {
             sso: 600,
             tls: None,
             capacity_mb: None,
+            mysql_ca: None,
+            backends: Vec::new(),
+            services: Vec::new(),
         }
     }
+
+    /// Reaches the MySQL backend over TLS, checking its certificate against `ca`.
+    pub fn with_mysql_ca(mut self, ca: PathBuf) -> Self {
+        self.mysql_ca = Some(ca);
+        self
+    }
+
 
     pub fn with_capacity_mb(mut self, mb: u64) -> Self {
         self.capacity_mb = Some(mb);
@@ -161,9 +177,11 @@ federation: {{refresh_secs: 1, catalog_ttl_secs: 60}}
 sso: {{api_info_scheme: http, session_secret: test-session-secret-32-characters-long, session_lifetime_secs: {sso}}}
 upstreams: [{upstreams}]
 backends:
-  mysql: {{url: "{backend}", connect_timeout_secs: 2, max_connections: 30{capacity}}}
+  mysql: {{url: "{backend}", connect_timeout_secs: 2, max_connections: 30{capacity}{ca}}}
+{backends}
 catalog:
   services:
+{services}
     - id: {SERVICE}
       name: mysql-test
       backend: mysql
@@ -202,6 +220,21 @@ catalog:
                 format!("http://127.0.0.1:{}", self.port)
             },
             sso = self.sso,
+            ca = self
+                .mysql_ca
+                .as_ref()
+                .map(|ca| format!(", ca_certificate: {:?}", ca.display().to_string()))
+                .unwrap_or_default(),
+            backends = self
+                .backends
+                .iter()
+                .map(|b| format!("  {b}\n"))
+                .collect::<String>(),
+            services = self
+                .services
+                .iter()
+                .map(|s| format!("    - {s}\n"))
+                .collect::<String>(),
             capacity = self
                 .capacity_mb
                 .map(|mb| format!(", max_total_storage_mb: {mb}"))
