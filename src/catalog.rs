@@ -33,6 +33,9 @@ pub struct PlanConfig {
     pub max_storage_mb: Option<u64>,
     #[serde(default)]
     pub max_user_connections: Option<u32>,
+    /// Swift: deprovision deletes the objects an account still holds, instead of refusing.
+    #[serde(default)]
+    pub purge_on_deprovision: bool,
     /// Backend work runs in the background; requires `accepts_incomplete=true`.
     #[serde(default)]
     pub asynchronous: bool,
@@ -48,7 +51,11 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanLimits {
     pub max_storage_mb: u64,
+    /// Connections per binding, where the backend can limit them (MySQL); 0 elsewhere.
     pub max_user_connections: u32,
+    /// Deprovision may delete what the instance still holds (Swift objects).
+    #[serde(default)]
+    pub purge_on_deprovision: bool,
 }
 
 /// Where in a plan's `schemas` the parameters of a call are described.
@@ -175,7 +182,7 @@ pub struct LocalCatalog {
 }
 
 /// The backends Brokerage knows, with the plan limits each needs.
-const BACKENDS: &[&str] = &["mysql"];
+const BACKENDS: &[&str] = &["mysql", "mongodb"];
 
 impl LocalCatalog {
     /// Validates the configured services: unique ids and names, CLI-friendly names, every
@@ -206,8 +213,11 @@ impl LocalCatalog {
                     BACKENDS.join(", ")
                 );
             }
-            if s.backend == "mysql" && config.backends.mysql.is_none() {
-                bail!("{key}.backend: mysql is used but backends.mysql is not configured");
+            if !config.backends.configured().contains(&s.backend.as_str()) {
+                bail!(
+                    "{key}.backend: {0} is used but backends.{0} is not configured",
+                    s.backend
+                );
             }
             if let Some(dc) = &w.dashboard_client {
                 if dc.id.is_empty() || dc.secret.is_empty() {
@@ -235,8 +245,13 @@ impl LocalCatalog {
                 let Some(max_storage_mb) = p.max_storage_mb.filter(|v| *v > 0) else {
                     bail!("{pkey}.max_storage_mb: required, a positive number of megabytes");
                 };
-                let Some(max_user_connections) = p.max_user_connections.filter(|v| *v > 0) else {
-                    bail!("{pkey}.max_user_connections: required, a positive number");
+                let max_user_connections = match p.max_user_connections {
+                    Some(n) if n > 0 => n,
+                    Some(_) => bail!("{pkey}.max_user_connections: must be positive"),
+                    None if s.backend == "mysql" => {
+                        bail!("{pkey}.max_user_connections: required by mysql, a positive number")
+                    }
+                    None => 0,
                 };
                 let mut schemas = HashMap::new();
                 for of in ParametersOf::ALL {
@@ -264,6 +279,7 @@ impl LocalCatalog {
                     limits: PlanLimits {
                         max_storage_mb,
                         max_user_connections,
+                        purge_on_deprovision: p.purge_on_deprovision,
                     },
                     asynchronous: p.asynchronous,
                     schemas: Arc::new(schemas),

@@ -144,6 +144,37 @@ pub struct LogConfig {
 pub struct Backends {
     #[serde(default)]
     pub mysql: Option<MysqlBackendConfig>,
+    #[serde(default)]
+    pub mongodb: Option<MongodbBackendConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongodbBackendConfig {
+    /// The admin connection: mongodb://user:password@host:port/?authSource=admin. The user
+    /// needs userAdminAnyDatabase and dbAdminAnyDatabase (or root).
+    pub url: Secret,
+    #[serde(default)]
+    pub public_host: Option<String>,
+    #[serde(default)]
+    pub public_port: Option<u16>,
+    #[serde(default = "five")]
+    pub connect_timeout_secs: u64,
+}
+
+fn five() -> u64 {
+    5
+}
+
+impl Backends {
+    /// The names of the backends configured.
+    pub fn configured(&self) -> Vec<&'static str> {
+        let Backends { mysql, mongodb } = self;
+        [("mysql", mysql.is_some()), ("mongodb", mongodb.is_some())]
+            .into_iter()
+            .filter_map(|(name, on)| on.then_some(name))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -2,6 +2,7 @@
 //! decides *whether* a call may run and records it; a backend only does it, and leaves
 //! nothing behind when it fails.
 
+pub mod mongodb;
 pub mod mysql;
 
 use std::collections::HashMap;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::catalog::PlanLimits;
 use crate::config::Config;
@@ -116,6 +118,12 @@ pub fn from_config(config: &Config) -> anyhow::Result<Backends> {
     if let Some(mysql) = &config.backends.mysql {
         backends.insert("mysql".into(), Arc::new(mysql::MysqlBackend::new(mysql)?));
     }
+    if let Some(mongodb) = &config.backends.mongodb {
+        backends.insert(
+            "mongodb".into(),
+            Arc::new(mongodb::MongodbBackend::new(mongodb)?),
+        );
+    }
     Ok(backends)
 }
 
@@ -143,5 +151,87 @@ pub fn only_known_parameters(
                 known.join(", ")
             }
         )))
+    }
+}
+
+/// Refuses a move to a plan smaller than what `what` already uses.
+pub(crate) fn fits(used_bytes: u64, to: PlanLimits, what: &str) -> Result<(), BackendError> {
+    if used_bytes > to.max_storage_mb * 1024 * 1024 {
+        return Err(BackendError::Rejected(format!(
+            "{what} uses {:.1} MB, more than the {} MB the new plan allows; delete data first",
+            used_bytes as f64 / (1024.0 * 1024.0),
+            to.max_storage_mb
+        )));
+    }
+    Ok(())
+}
+
+/// Removes a secret from an error's message.
+pub(crate) fn scrub(error: BackendError, secret: &str) -> BackendError {
+    let clean = |m: String| m.replace(secret, "***");
+    match error {
+        BackendError::Unavailable(m) => BackendError::Unavailable(clean(m)),
+        BackendError::Conflict(m) => BackendError::Conflict(clean(m)),
+        BackendError::Rejected(m) => BackendError::Rejected(clean(m)),
+        BackendError::BadRequest(m) => BackendError::BadRequest(clean(m)),
+        BackendError::Failed(m) => BackendError::Failed(clean(m)),
+    }
+}
+
+/// The database an instance owns.
+pub fn database_name(instance_id: &str) -> String {
+    let plain = !instance_id.is_empty()
+        && instance_id.len() <= 60
+        && instance_id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if plain {
+        format!("cf_{}", instance_id.replace('-', "_"))
+    } else {
+        format!("cf_h{}", &hex::encode(Sha256::digest(instance_id))[..40])
+    }
+}
+
+/// The user a binding owns: 32 characters of `[a-z0-9_]` (the most MySQL 8 allows).
+pub fn user_name(binding_id: &str) -> String {
+    format!("u_{}", &hex::encode(Sha256::digest(binding_id))[..30])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn safe(name: &str) -> bool {
+        name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }
+
+    #[test]
+    fn database_names_are_safe_and_distinct() {
+        let ids = [
+            "5a0e5c2a-3b1d-4c7e-9f00-1234567890ab",
+            "a-b",
+            "a_b",
+            "axb",
+            "AB",
+            "ab",
+            "x'; DROP DATABASE mysql; --",
+            "back`tick",
+            "../etc/passwd",
+            "é",
+            &"a".repeat(300),
+        ];
+        let names: Vec<String> = ids.iter().map(|id| database_name(id)).collect();
+        for (id, name) in ids.iter().zip(&names) {
+            assert!(safe(name), "{id:?} -> {name:?}");
+        }
+        let distinct: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{names:?}");
+        assert_eq!(
+            database_name("5a0e5c2a-3b1d-4c7e-9f00-1234567890ab"),
+            "cf_5a0e5c2a_3b1d_4c7e_9f00_1234567890ab"
+        );
     }
 }

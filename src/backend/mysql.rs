@@ -14,10 +14,13 @@ use mysql_async::prelude::*;
 use mysql_async::{Conn, Pool};
 use rand::distr::{Alphanumeric, SampleString};
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 use tracing::instrument;
 
-use super::{only_known_parameters, Backend, BackendError, BindingAccess, Parameters, QuotaChange};
+pub use super::{database_name, user_name};
+use super::{
+    fits, only_known_parameters, scrub, Backend, BackendError, BindingAccess, Parameters,
+    QuotaChange,
+};
 use crate::catalog::PlanLimits;
 use crate::config::MysqlBackendConfig;
 use crate::mysql::{self, SqlError};
@@ -204,15 +207,7 @@ impl Backend for MysqlBackend {
         only_known_parameters(parameters, &[])?;
         let db = database_name(instance_id);
         if to.max_storage_mb < from.max_storage_mb {
-            let used = self.usage_bytes(instance_id).await?;
-            if used > to.max_storage_mb * 1024 * 1024 {
-                return Err(BackendError::Rejected(format!(
-                    "the database uses {:.1} MB, more than the {} MB the new plan allows; \
-                     delete data first",
-                    used as f64 / (1024.0 * 1024.0),
-                    to.max_storage_mb
-                )));
-            }
+            fits(self.usage_bytes(instance_id).await?, to, "the database")?;
         }
         let mut conn = self.conn().await?;
         for user in self.users_of(&mut conn, &db).await? {
@@ -416,37 +411,6 @@ impl Backend for MysqlBackend {
     }
 }
 
-/// Removes a secret from an error's message.
-fn scrub(error: BackendError, secret: &str) -> BackendError {
-    let clean = |m: String| m.replace(secret, "***");
-    match error {
-        BackendError::Unavailable(m) => BackendError::Unavailable(clean(m)),
-        BackendError::Conflict(m) => BackendError::Conflict(clean(m)),
-        BackendError::Rejected(m) => BackendError::Rejected(clean(m)),
-        BackendError::BadRequest(m) => BackendError::BadRequest(clean(m)),
-        BackendError::Failed(m) => BackendError::Failed(clean(m)),
-    }
-}
-
-/// The database an instance owns.
-pub fn database_name(instance_id: &str) -> String {
-    let plain = !instance_id.is_empty()
-        && instance_id.len() <= 60
-        && instance_id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if plain {
-        format!("cf_{}", instance_id.replace('-', "_"))
-    } else {
-        format!("cf_h{}", &hex::encode(Sha256::digest(instance_id))[..40])
-    }
-}
-
-/// The MySQL user a binding owns: 32 characters, the most MySQL 8 allows.
-pub fn user_name(binding_id: &str) -> String {
-    format!("u_{}", &hex::encode(Sha256::digest(binding_id))[..30])
-}
-
 fn is_binding_user(name: &str) -> bool {
     name.len() == 32 && name.starts_with("u_") && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -459,40 +423,6 @@ fn grant_pattern(db: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn safe(name: &str) -> bool {
-        name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    }
-
-    #[test]
-    fn database_names_are_safe_and_distinct() {
-        let ids = [
-            "5a0e5c2a-3b1d-4c7e-9f00-1234567890ab",
-            "a-b",
-            "a_b",
-            "axb",
-            "AB",
-            "ab",
-            "x'; DROP DATABASE mysql; --",
-            "back`tick",
-            "../etc/passwd",
-            "é",
-            &"a".repeat(300),
-        ];
-        let names: Vec<String> = ids.iter().map(|id| database_name(id)).collect();
-        for (id, name) in ids.iter().zip(&names) {
-            assert!(safe(name), "{id:?} -> {name:?}");
-        }
-        let distinct: std::collections::HashSet<_> = names.iter().collect();
-        assert_eq!(distinct.len(), names.len(), "{names:?}");
-        assert_eq!(
-            database_name("5a0e5c2a-3b1d-4c7e-9f00-1234567890ab"),
-            "cf_5a0e5c2a_3b1d_4c7e_9f00_1234567890ab"
-        );
-    }
 
     #[test]
     fn user_names_fit_mysql8_and_are_recognised() {

@@ -112,6 +112,12 @@ impl TestConfig {
         self
     }
 
+    /// Adds a backend (`name: {...}`) and services using it (YAML flow mappings).
+    pub fn with_backend(mut self, backend: String, services: Vec<String>) -> Self {
+        self.backends.push(backend);
+        self.services.extend(services);
+        self
+    }
 
     pub fn with_capacity_mb(mut self, mb: u64) -> Self {
         self.capacity_mb = Some(mb);
@@ -432,12 +438,33 @@ impl TestClient {
     }
 
     pub async fn unbind(&self, id: &str, binding: &str, plan: &str) -> Answer {
+        self.unbind_from(id, binding, SERVICE, plan).await
+    }
+
+    pub async fn unbind_from(&self, id: &str, binding: &str, service: &str, plan: &str) -> Answer {
         self.call(
             Method::DELETE,
-            &format!("/v2/service_instances/{id}/service_bindings/{binding}?service_id={SERVICE}&plan_id={plan}"),
+            &format!("/v2/service_instances/{id}/service_bindings/{binding}?service_id={service}&plan_id={plan}"),
             None,
         )
         .await
+    }
+
+    /// Provisions an instance of any service and binds it once, returning the credentials.
+    pub async fn provision_and_bind(&self, id: &str, service: &str, plan: &str) -> Value {
+        self.provision_with(id, provision_body(service, plan), false)
+            .await
+            .expect(201);
+        let bound = self
+            .bind_with(
+                id,
+                &format!("{id}-b"),
+                json!({"service_id": service, "plan_id": plan, "app_guid": "app-1"}),
+                false,
+            )
+            .await;
+        bound.expect(201);
+        bound.body["credentials"].clone()
     }
 
     pub async fn last_operation(&self, id: &str, operation: Option<&str>) -> Answer {

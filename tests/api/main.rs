@@ -10,6 +10,7 @@ mod federation;
 mod fuzz_regressions;
 mod helpers;
 mod lifecycle;
+mod mongodb;
 mod mysql_tls;
 mod openapi;
 mod operator;

@@ -1,5 +1,6 @@
-# Sourced by scripts/test and scripts/bench: installs MariaDB when missing and starts a
-# throwaway server with its data under the given directory, on a free port.
+# Sourced by scripts/test and scripts/bench: installs what is missing and starts throwaway
+# servers with their data under the given directories, on free ports. Each stops when the
+# shell exits.
 # After `start_throwaway_mariadb DIR`, MARIADB_URL names it and MARIADB_CA is the CA of its
 # TLS certificate (clients may use TLS or not); it stops when the shell exits.
 
@@ -21,6 +22,22 @@ ensure_packages() {
     $sudo_cmd apt-get update -qq
     $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
+}
+
+# Every server started here is stopped when the shell exits.
+SERVER_PIDS=()
+stop_on_exit() {
+  SERVER_PIDS+=("$1")
+  trap 'for p in "${SERVER_PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null || true' EXIT
+}
+
+# Waits until something accepts TCP connections on 127.0.0.1:$1, for at most $2 seconds.
+wait_for_port() {
+  local port=$1 deadline=$((SECONDS + ${2:-30}))
+  until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+    [ $SECONDS -lt "$deadline" ] || { echo "nothing answers on port $port" >&2; return 1; }
+    sleep 0.2
+  done
 }
 
 free_port() {
@@ -47,8 +64,7 @@ start_throwaway_mariadb() {
     --port="$port" --socket="$data/sock" --pid-file="$data/pid" --skip-name-resolve \
     --max-connections=1000 --log-error="$data/error.log" \
     --ssl-ca="$data/ca.pem" --ssl-cert="$data/server.pem" --ssl-key="$data/server.key" &
-  MARIADB_PID=$!
-  trap 'kill "$MARIADB_PID" 2>/dev/null; wait "$MARIADB_PID" 2>/dev/null || true' EXIT
+  stop_on_exit $!
   for _ in $(seq 1 100); do
     if mariadb-admin --no-defaults --socket="$data/sock" -uroot ping >/dev/null 2>&1; then break; fi
     sleep 0.2
@@ -57,4 +73,39 @@ start_throwaway_mariadb() {
   MARIADB_URL="mysql://root@127.0.0.1:$port"
   MARIADB_CA="$data/ca.pem"
   echo "== throwaway MariaDB on 127.0.0.1:$port (data in $data)"
+}
+
+# MongoDB's wire protocol with authentication on, from PyPI's secantusdb (no mongod exists in
+# any registry these machines reach), installed into the venv $1. It has no localhost
+# exception, so it runs once without --auth to create the admin user.
+# After `start_throwaway_mongodb VENV DIR`, MONGODB_URL names it with that admin user.
+start_throwaway_mongodb() {
+  local venv=$1 data=$2 port pid
+  if ! "$venv/bin/python" -c 'import secantus, pymongo' >/dev/null 2>&1; then
+    echo "== installing secantusdb into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check secantusdb==0.7.0b3
+  fi
+  rm -rf "$data"
+  mkdir -p "$data"
+  port=$(free_port)
+  "$venv/bin/secantusd-py" --host 127.0.0.1 --port "$port" --storage-path "$data/db" \
+    --standalone >"$data/setup.log" 2>&1 &
+  pid=$!
+  wait_for_port "$port" 60
+  "$venv/bin/python" - "$port" <<'PY'
+import sys, pymongo
+client = pymongo.MongoClient(f"mongodb://127.0.0.1:{sys.argv[1]}/?directConnection=true")
+client.admin.command("createUser", "admin", pwd="test-admin-password",
+                     roles=[{"role": "root", "db": "admin"}])
+PY
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  "$venv/bin/secantusd-py" --host 127.0.0.1 --port "$port" --storage-path "$data/db" \
+    --standalone --auth >"$data/server.log" 2>&1 &
+  stop_on_exit $!
+  wait_for_port "$port" 60
+  MONGODB_URL="mongodb://admin:test-admin-password@127.0.0.1:$port/?authSource=admin"
+  echo "== throwaway MongoDB-compatible server (secantusdb) on 127.0.0.1:$port (data in $data)"
 }

@@ -1,0 +1,267 @@
+//! The MongoDB backend (seed section 4.3): a database per instance, a user per binding
+//! with `readWrite` on that database only.
+//!
+//! Names are the MySQL backend's: `cf_<id>` (or a hash) for the database, a hash of the
+//! binding id for the user, which lives in the instance's own database so that dropping the
+//! database can leave no user behind.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mongodb::bson::{doc, Document};
+use mongodb::error::{Error as MongoError, ErrorKind};
+use mongodb::options::ClientOptions;
+use mongodb::Client;
+use rand::distr::{Alphanumeric, SampleString};
+use serde_json::{json, Map, Value};
+use tokio::sync::OnceCell;
+use tracing::instrument;
+
+use super::{
+    database_name, fits, only_known_parameters, scrub, user_name, Backend, BackendError, Parameters,
+};
+use crate::catalog::PlanLimits;
+use crate::config::MongodbBackendConfig;
+
+/// The collection provision creates: MongoDB keeps a database only while it holds one.
+const MARKER: &str = "brokerage_instance";
+
+/// MongoDB's "user not found" code.
+const USER_NOT_FOUND: i32 = 11;
+
+pub struct MongodbBackend {
+    url: String,
+    client: OnceCell<Client>,
+    admin_address: String,
+    public_host: String,
+    public_port: u16,
+    timeout: Duration,
+}
+
+impl MongodbBackend {
+    pub fn new(config: &MongodbBackendConfig) -> anyhow::Result<Self> {
+        let url = config.url.expose();
+        let parsed =
+            url::Url::parse(url).map_err(|e| anyhow::anyhow!("backends.mongodb.url: {e}"))?;
+        if parsed.scheme() != "mongodb" || parsed.host_str().is_none() {
+            anyhow::bail!(
+                "backends.mongodb.url: must look like mongodb://user:password@host:port/?authSource=admin"
+            );
+        }
+        let host = parsed.host_str().unwrap_or("127.0.0.1").to_string();
+        let port = parsed.port().unwrap_or(27017);
+        Ok(MongodbBackend {
+            url: url.to_string(),
+            client: OnceCell::new(),
+            admin_address: format!("{host}:{port}"),
+            public_host: config.public_host.clone().unwrap_or(host),
+            public_port: config.public_port.unwrap_or(port),
+            timeout: Duration::from_secs(config.connect_timeout_secs.max(1)),
+        })
+    }
+
+    /// The admin client, built on first use (building it needs no server).
+    async fn client(&self) -> Result<&Client, BackendError> {
+        self.client
+            .get_or_try_init(|| async {
+                let mut options = ClientOptions::parse(&self.url)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                options.server_selection_timeout = Some(self.timeout);
+                options.connect_timeout = Some(self.timeout);
+                options.app_name = Some("brokerage".into());
+                Client::with_options(options).map_err(|e| self.error(e))
+            })
+            .await
+    }
+
+    fn error(&self, e: MongoError) -> BackendError {
+        match *e.kind {
+            ErrorKind::ServerSelection { .. }
+            | ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. } => BackendError::Unavailable(format!(
+                "the MongoDB server at {} is unreachable: {e}",
+                self.admin_address
+            )),
+            _ => BackendError::Failed(format!("MongoDB server at {}: {e}", self.admin_address)),
+        }
+    }
+
+    async fn command(&self, db: &str, command: Document) -> Result<Document, BackendError> {
+        let client = self.client().await?;
+        client
+            .database(db)
+            .run_command(command)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn database_exists(&self, db: &str) -> Result<bool, BackendError> {
+        let names = self
+            .client()
+            .await?
+            .list_database_names()
+            .filter(doc! {"name": db})
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(names.iter().any(|n| n == db))
+    }
+
+    async fn drop_user(&self, db: &str, user: &str) -> Result<(), BackendError> {
+        let client = self.client().await?;
+        match client
+            .database(db)
+            .run_command(doc! {"dropUser": user})
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if command_code(&e) == Some(USER_NOT_FOUND) => Ok(()),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    async fn data_bytes(&self, db: &str) -> Result<u64, BackendError> {
+        let stats = self.command(db, doc! {"dbStats": 1}).await?;
+        let size = ["dataSize", "indexSize"]
+            .iter()
+            .filter_map(|k| stats.get(*k))
+            .map(|v| match v {
+                mongodb::bson::Bson::Int32(n) => *n as u64,
+                mongodb::bson::Bson::Int64(n) => *n as u64,
+                mongodb::bson::Bson::Double(n) => *n as u64,
+                _ => 0,
+            })
+            .sum();
+        Ok(size)
+    }
+}
+
+fn command_code(e: &MongoError) -> Option<i32> {
+    match &*e.kind {
+        ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl Backend for MongodbBackend {
+    fn describe(&self) -> String {
+        format!("mongodb backend at {}", self.admin_address)
+    }
+
+    async fn check(&self) -> Result<(), BackendError> {
+        self.command("admin", doc! {"ping": 1}).await.map(|_| ())
+    }
+
+    #[instrument(skip(self, parameters), fields(backend = "mongodb"))]
+    async fn provision(
+        &self,
+        instance_id: &str,
+        _limits: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        only_known_parameters(parameters, &[])?;
+        let db = database_name(instance_id);
+        if self.database_exists(&db).await? {
+            return Err(BackendError::Conflict(format!(
+                "database {db} already exists on the MongoDB server; Brokerage has no record of it"
+            )));
+        }
+        self.command(&db, doc! {"create": MARKER}).await.map(|_| ())
+    }
+
+    async fn update(
+        &self,
+        instance_id: &str,
+        from: PlanLimits,
+        to: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        only_known_parameters(parameters, &[])?;
+        if to.max_storage_mb < from.max_storage_mb {
+            let used = self.data_bytes(&database_name(instance_id)).await?;
+            fits(used, to, "the database")?;
+        }
+        Ok(())
+    }
+
+    #[instrument(skip(self), fields(backend = "mongodb"))]
+    async fn deprovision(&self, instance_id: &str) -> Result<(), BackendError> {
+        let db = database_name(instance_id);
+        self.command(&db, doc! {"dropAllUsersFromDatabase": 1})
+            .await?;
+        self.command(&db, doc! {"dropDatabase": 1})
+            .await
+            .map(|_| ())
+    }
+
+    #[instrument(skip(self, parameters), fields(backend = "mongodb"))]
+    async fn bind(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        _limits: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<Map<String, Value>, BackendError> {
+        only_known_parameters(parameters, &[])?;
+        let db = database_name(instance_id);
+        let user = user_name(binding_id);
+        let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
+        if !self.database_exists(&db).await? {
+            return Err(BackendError::Failed(format!(
+                "database {db} is missing on the MongoDB server"
+            )));
+        }
+        // A user left by an interrupted bind of this same binding is replaced.
+        self.drop_user(&db, &user).await?;
+        self.command(
+            &db,
+            doc! {
+                "createUser": &user,
+                "pwd": &password,
+                "roles": [{"role": "readWrite", "db": &db}],
+            },
+        )
+        .await
+        .map_err(|e| scrub(e, &password))?;
+        let (host, port) = (&self.public_host, self.public_port);
+        let credentials = json!({
+            "uri": format!("mongodb://{user}:{password}@{host}:{port}/{db}?authSource={db}"),
+            "host": host,
+            "port": port,
+            "database": db,
+            "username": user,
+            "password": password,
+        });
+        match credentials {
+            Value::Object(map) => Ok(map),
+            _ => unreachable!("a JSON object literal"),
+        }
+    }
+
+    #[instrument(skip(self), fields(backend = "mongodb"))]
+    async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+        self.drop_user(&database_name(instance_id), &user_name(binding_id))
+            .await
+    }
+
+    async fn describe_instance(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+    ) -> Result<Vec<(String, String)>, BackendError> {
+        let db = database_name(instance_id);
+        let used = self.data_bytes(&db).await?;
+        Ok(vec![
+            ("Database".into(), db),
+            (
+                "Data size".into(),
+                format!(
+                    "{:.2} MB of {} MB",
+                    used as f64 / (1024.0 * 1024.0),
+                    limits.max_storage_mb
+                ),
+            ),
+        ])
+    }
+}
