@@ -146,6 +146,27 @@ pub struct Backends {
     pub mysql: Option<MysqlBackendConfig>,
     #[serde(default)]
     pub mongodb: Option<MongodbBackendConfig>,
+    #[serde(default)]
+    pub swift: Option<SwiftBackendConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwiftBackendConfig {
+    /// The Swift proxy with swauth, as the broker reaches it: http://host:port.
+    pub url: String,
+    /// The proxy as apps reach it, written into credentials; default: `url`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// swauth's `super_admin_key`.
+    pub admin_key: Secret,
+    /// Seconds each call to the proxy may take before the broker answers 503.
+    #[serde(default = "ten")]
+    pub timeout_secs: u64,
+}
+
+fn ten() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -169,11 +190,19 @@ fn five() -> u64 {
 impl Backends {
     /// The names of the backends configured.
     pub fn configured(&self) -> Vec<&'static str> {
-        let Backends { mysql, mongodb } = self;
-        [("mysql", mysql.is_some()), ("mongodb", mongodb.is_some())]
-            .into_iter()
-            .filter_map(|(name, on)| on.then_some(name))
-            .collect()
+        let Backends {
+            mysql,
+            mongodb,
+            swift,
+        } = self;
+        [
+            ("mysql", mysql.is_some()),
+            ("mongodb", mongodb.is_some()),
+            ("swift", swift.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect()
     }
 }
 

@@ -11,6 +11,9 @@ ensure_packages() {
       mariadb-server) command -v mariadb-install-db >/dev/null 2>&1 || missing+=(mariadb-server mariadb-client) ;;
       nodejs) command -v node >/dev/null 2>&1 || missing+=(nodejs npm) ;;
       python3) command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv) ;;
+      swift) command -v swift-proxy-server >/dev/null 2>&1 \
+        || missing+=(swift swift-proxy swift-account swift-container swift-object) ;;
+      python3-lib2to3) /usr/bin/python3 -c 'import lib2to3' >/dev/null 2>&1 || missing+=(python3-lib2to3) ;;
       *) command -v "$p" >/dev/null 2>&1 || missing+=("$p") ;;
     esac
   done
@@ -108,4 +111,127 @@ PY
   wait_for_port "$port" 60
   MONGODB_URL="mongodb://admin:test-admin-password@127.0.0.1:$port/?authSource=admin"
   echo "== throwaway MongoDB-compatible server (secantusdb) on 127.0.0.1:$port (data in $data)"
+}
+
+# swauth 1.3.0 (PyPI) is Python 2 only: fetch it (with the pip $2) into $1 and convert it
+# for Python 3 (2to3, then bytes where it hashes strings). The proxy loads it from there
+# through PYTHONPATH.
+prepare_swauth() {
+  local dest=$1 pip=$2 work
+  [ -f "$dest/swauth/middleware.py" ] && return 0
+  echo "== fetching swauth 1.3.0 and converting it for Python 3 into $dest"
+  work=$(mktemp -d)
+  "$pip" download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    -d "$work" swauth==1.3.0
+  tar -xzf "$work/swauth-1.3.0.tar.gz" -C "$work"
+  /usr/bin/python3 -m lib2to3 -w -n "$work/swauth-1.3.0/swauth" >/dev/null 2>&1
+  local s=$work/swauth-1.3.0/swauth
+  # The version comes from pkg_resources or pbr, neither of which sees this copy.
+  printf 'import gettext\n__version__ = "1.3.0"\ngettext.install("swauth")\n' >"$s/__init__.py"
+  sed -i -e 's/hashlib\.sha1(enc_key)/hashlib.sha1(enc_key.encode())/' \
+    -e 's/hashlib\.sha512(enc_key)/hashlib.sha512(enc_key.encode())/' \
+    -e "s/os\.urandom(32)\.encode('base64')\.rstrip()/__import__('base64').b64encode(os.urandom(32)).decode()/" \
+    "$s/authtypes.py"
+  sed -i -e 's/return sha512(enc_key)\.hexdigest()/return sha512(enc_key.encode()).hexdigest()/' \
+    -e 's/base64\.encodestring(/base64.encodebytes(/' \
+    "$s/middleware.py"
+  mkdir -p "$dest"
+  cp -r "$s" "$dest/swauth"
+  rm -rf "$work"
+}
+
+# A single-node OpenStack Swift (Debian's packages) with swauth and account quotas, all on
+# loopback with its rings, devices and logs under $2 (swauth from $1, fetched with the pip $3).
+# After `start_throwaway_swift SWAUTH_DIR DIR PIP`, SWIFT_URL is the proxy and SWIFT_ADMIN_KEY
+# swauth's super admin key.
+start_throwaway_swift() {
+  local swauth=$1 data=$2 proxy account container object memc kind port
+  prepare_swauth "$swauth" "$3"
+  rm -rf "$data"
+  mkdir -p "$data/etc" "$data/node/d1" "$data/run" "$data/log"
+  proxy=$(free_port) account=$(free_port) container=$(free_port) object=$(free_port) memc=$(free_port)
+  SWIFT_ADMIN_KEY=test-swauth-admin-key
+  memcached -l 127.0.0.1 -p "$memc" -U 0 -u "$(id -un)" >"$data/log/memcached.log" 2>&1 &
+  stop_on_exit $!
+  for kind in account container object; do
+    eval "port=\$$kind"
+    swift-ring-builder "$data/etc/$kind.builder" create 8 1 1 >/dev/null
+    swift-ring-builder "$data/etc/$kind.builder" add "r1z1-127.0.0.1:$port/d1" 100 >/dev/null
+    swift-ring-builder "$data/etc/$kind.builder" rebalance >/dev/null
+    cat >"$data/etc/$kind-server.conf" <<CONF
+[DEFAULT]
+bind_ip = 127.0.0.1
+bind_port = $port
+devices = $data/node
+mount_check = false
+swift_dir = $data/etc
+user = $(id -un)
+workers = 1
+log_name = $kind-server
+[pipeline:main]
+pipeline = $kind-server
+[app:$kind-server]
+use = egg:swift#$kind
+[$kind-replicator]
+[$kind-auditor]
+[$kind-updater]
+[account-reaper]
+[container-sync]
+[object-expirer]
+CONF
+    "swift-$kind-server" "$data/etc/$kind-server.conf" >"$data/log/$kind.log" 2>&1 &
+    stop_on_exit $!
+  done
+  cat >"$data/etc/proxy-server.conf" <<CONF
+[DEFAULT]
+bind_ip = 127.0.0.1
+bind_port = $proxy
+swift_dir = $data/etc
+user = $(id -un)
+workers = 1
+log_name = proxy-server
+[pipeline:main]
+pipeline = catch_errors healthcheck cache swauth account-quotas proxy-server
+[app:proxy-server]
+use = egg:swift#proxy
+allow_account_management = true
+account_autocreate = true
+# Quotas read the account's usage from a cache: keep it fresh for the tests.
+recheck_account_existence = 1
+[filter:swauth]
+paste.filter_factory = swauth.middleware:filter_factory
+super_admin_key = $SWIFT_ADMIN_KEY
+default_swift_cluster = local#http://127.0.0.1:$proxy/v1
+token_life = 3600
+[filter:account-quotas]
+use = egg:swift#account_quotas
+[filter:cache]
+use = egg:swift#memcache
+memcache_servers = 127.0.0.1:$memc
+[filter:catch_errors]
+use = egg:swift#catch_errors
+[filter:healthcheck]
+use = egg:swift#healthcheck
+CONF
+  # The container updater moves bytes-used into account listings, which quotas read.
+  cat >"$data/etc/container-updater.conf" <<CONF
+[DEFAULT]
+devices = $data/node
+mount_check = false
+swift_dir = $data/etc
+user = $(id -un)
+[container-updater]
+interval = 1
+CONF
+  PYTHONPATH="$swauth" swift-proxy-server "$data/etc/proxy-server.conf" >"$data/log/proxy.log" 2>&1 &
+  stop_on_exit $!
+  swift-container-updater "$data/etc/container-updater.conf" >"$data/log/updater.log" 2>&1 &
+  stop_on_exit $!
+  for port in $account $container $object $proxy; do wait_for_port "$port" 60; done
+  # swauth keeps its accounts in Swift itself: prepare its .auth account once.
+  curl -fsS -o /dev/null -X POST -H "X-Auth-Admin-User: .super_admin" \
+    -H "X-Auth-Admin-Key: $SWIFT_ADMIN_KEY" "http://127.0.0.1:$proxy/auth/v2/.prep"
+  SWIFT_URL="http://127.0.0.1:$proxy"
+  export SWIFT_ADMIN_KEY
+  echo "== throwaway Swift with swauth on 127.0.0.1:$proxy (data in $data)"
 }

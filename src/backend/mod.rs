@@ -4,6 +4,7 @@
 
 pub mod mongodb;
 pub mod mysql;
+pub mod swift;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -78,7 +79,9 @@ pub trait Backend: Send + Sync {
         parameters: Parameters<'_>,
     ) -> Result<(), BackendError>;
     /// Removes the instance and whatever access was left on it; done if already gone.
-    async fn deprovision(&self, instance_id: &str) -> Result<(), BackendError>;
+    /// Data the instance still holds is removed too, unless the backend keeps data apart
+    /// from the instance (Swift) and the plan does not allow purging it.
+    async fn deprovision(&self, instance_id: &str, limits: PlanLimits) -> Result<(), BackendError>;
     /// Creates access for one binding and returns the credentials apps read.
     async fn bind(
         &self,
@@ -124,6 +127,9 @@ pub fn from_config(config: &Config) -> anyhow::Result<Backends> {
             Arc::new(mongodb::MongodbBackend::new(mongodb)?),
         );
     }
+    if let Some(swift) = &config.backends.swift {
+        backends.insert("swift".into(), Arc::new(swift::SwiftBackend::new(swift)?));
+    }
     Ok(backends)
 }
 
@@ -151,6 +157,14 @@ pub fn only_known_parameters(
                 known.join(", ")
             }
         )))
+    }
+}
+
+/// A `json!({...})` literal as the map credentials are.
+pub(crate) fn object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => unreachable!("credentials are built from object literals"),
     }
 }
 

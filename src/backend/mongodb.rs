@@ -18,7 +18,8 @@ use tokio::sync::OnceCell;
 use tracing::instrument;
 
 use super::{
-    database_name, fits, only_known_parameters, scrub, user_name, Backend, BackendError, Parameters,
+    database_name, fits, object, only_known_parameters, scrub, user_name, Backend, BackendError,
+    Parameters,
 };
 use crate::catalog::PlanLimits;
 use crate::config::MongodbBackendConfig;
@@ -186,7 +187,11 @@ impl Backend for MongodbBackend {
     }
 
     #[instrument(skip(self), fields(backend = "mongodb"))]
-    async fn deprovision(&self, instance_id: &str) -> Result<(), BackendError> {
+    async fn deprovision(
+        &self,
+        instance_id: &str,
+        _limits: PlanLimits,
+    ) -> Result<(), BackendError> {
         let db = database_name(instance_id);
         self.command(&db, doc! {"dropAllUsersFromDatabase": 1})
             .await?;
@@ -233,10 +238,7 @@ impl Backend for MongodbBackend {
             "username": user,
             "password": password,
         });
-        match credentials {
-            Value::Object(map) => Ok(map),
-            _ => unreachable!("a JSON object literal"),
-        }
+        Ok(object(credentials))
     }
 
     #[instrument(skip(self), fields(backend = "mongodb"))]

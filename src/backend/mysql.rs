@@ -222,7 +222,11 @@ impl Backend for MysqlBackend {
     }
 
     #[instrument(skip(self), fields(backend = "mysql"))]
-    async fn deprovision(&self, instance_id: &str) -> Result<(), BackendError> {
+    async fn deprovision(
+        &self,
+        instance_id: &str,
+        _limits: PlanLimits,
+    ) -> Result<(), BackendError> {
         let db = database_name(instance_id);
         let mut conn = self.conn().await?;
         for user in self.users_of(&mut conn, &db).await? {

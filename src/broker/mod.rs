@@ -473,7 +473,7 @@ impl Broker {
         let instance_id = id.to_string();
         let work = async move {
             if takeover {
-                backend.deprovision(&instance_id).await?;
+                backend.deprovision(&instance_id, limits).await?;
             }
             backend
                 .provision(&instance_id, limits, parameters.as_ref())
@@ -651,7 +651,8 @@ impl Broker {
         }
         tracing::info!(instance_id = id, "deprovisioning");
         let instance_id = id.to_string();
-        let work = async move { backend.deprovision(&instance_id).await };
+        let limits = plan.limits;
+        let work = async move { backend.deprovision(&instance_id, limits).await };
         let previous_op = current.operation;
         self.drive(record, version, work, move |record, result| match result {
             Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),

@@ -18,3 +18,4 @@ mod protocol;
 mod quota;
 mod sso;
 mod store_contract;
+mod swift;

@@ -1,0 +1,502 @@
+//! The Swift object storage backend (seed section 4.2, the GlusterFS/Swift setup): a swauth
+//! account per instance holding the plan's byte quota, a swauth user per binding.
+//!
+//! swauth's admin API (`/auth/v2/...` with the super admin's headers) creates and deletes
+//! accounts and users; the quota (`X-Account-Meta-Quota-Bytes`, enforced by Swift's
+//! `account_quotas` middleware) is set on the storage account with a reseller-admin token,
+//! which swauth gives the super admin. Account names are the MySQL backend's database
+//! names (`cf_<id>` or a hash), user names a hash of the binding id.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::distr::{Alphanumeric, SampleString};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tracing::instrument;
+
+use super::{
+    database_name, fits, object, only_known_parameters, user_name, Backend, BackendError,
+    Parameters,
+};
+use crate::catalog::PlanLimits;
+use crate::config::Secret;
+use crate::config::SwiftBackendConfig;
+
+pub struct SwiftBackend {
+    http: reqwest::Client,
+    /// The proxy as the broker reaches it, without a trailing slash.
+    base: String,
+    /// The proxy as apps reach it.
+    public_base: String,
+    admin_key: Secret,
+}
+
+/// What swauth says about an account.
+#[derive(Deserialize)]
+struct AccountInfo {
+    services: Services,
+    #[serde(default)]
+    users: Vec<UserEntry>,
+}
+
+#[derive(Deserialize)]
+struct Services {
+    storage: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct UserEntry {
+    name: String,
+}
+
+impl AccountInfo {
+    /// The storage URL swauth hands out (its default cluster).
+    fn storage_url(&self) -> Result<String, BackendError> {
+        let storage = &self.services.storage;
+        let default = storage
+            .get("default")
+            .and_then(Value::as_str)
+            .unwrap_or("local");
+        storage
+            .get(default)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| BackendError::Failed("swauth gave the account no storage URL".into()))
+    }
+}
+
+/// Usage of a storage account.
+struct Usage {
+    bytes: u64,
+    objects: u64,
+}
+
+impl SwiftBackend {
+    pub fn new(config: &SwiftBackendConfig) -> anyhow::Result<Self> {
+        let base = config.url.trim_end_matches('/').to_string();
+        let parsed =
+            url::Url::parse(&base).map_err(|e| anyhow::anyhow!("backends.swift.url: {e}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            anyhow::bail!("backends.swift.url: must be the Swift proxy's http(s) URL");
+        }
+        if config.admin_key.expose().is_empty() {
+            anyhow::bail!("backends.swift.admin_key: must not be empty");
+        }
+        let timeout = Duration::from_secs(config.timeout_secs.max(1));
+        Ok(SwiftBackend {
+            http: reqwest::Client::builder()
+                .connect_timeout(timeout)
+                .timeout(timeout)
+                .build()?,
+            public_base: config
+                .public_url
+                .as_deref()
+                .unwrap_or(&base)
+                .trim_end_matches('/')
+                .to_string(),
+            base,
+            admin_key: config.admin_key.clone(),
+        })
+    }
+
+    /// A request to swauth's admin API, as its super admin.
+    fn admin(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}/auth/v2/{path}", self.base))
+            .header("X-Auth-Admin-User", ".super_admin")
+            .header("X-Auth-Admin-Key", self.admin_key.expose())
+    }
+
+    async fn send(&self, request: RequestBuilder, what: &str) -> Result<Response, BackendError> {
+        request.send().await.map_err(|e| {
+            if e.is_connect() || e.is_timeout() {
+                BackendError::Unavailable(format!(
+                    "the Swift proxy at {} is unreachable ({what}): {}",
+                    self.base,
+                    without_url(&e)
+                ))
+            } else {
+                BackendError::Failed(format!(
+                    "Swift proxy at {} ({what}): {}",
+                    self.base,
+                    without_url(&e)
+                ))
+            }
+        })
+    }
+
+    /// Fails unless the answer is a success (or, with `gone_ok`, a 404).
+    fn expect(&self, response: &Response, what: &str, gone_ok: bool) -> Result<(), BackendError> {
+        let status = response.status();
+        if status.is_success() || (gone_ok && status == StatusCode::NOT_FOUND) {
+            return Ok(());
+        }
+        Err(match status {
+            // A misconfigured broker: the service is unavailable until the operator acts.
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => BackendError::Unavailable(format!(
+                "swauth at {} refused the broker's admin key ({what})",
+                self.base
+            )),
+            s if s.is_server_error() => BackendError::Unavailable(format!(
+                "the Swift proxy at {} failed ({what}): {s}",
+                self.base
+            )),
+            s => BackendError::Failed(format!("Swift proxy at {} ({what}): {s}", self.base)),
+        })
+    }
+
+    async fn account(&self, account: &str) -> Result<Option<AccountInfo>, BackendError> {
+        let response = self
+            .send(self.admin(Method::GET, account), "reading the account")
+            .await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        self.expect(&response, "reading the account", false)?;
+        response
+            .json()
+            .await
+            .map(Some)
+            .map_err(|e| BackendError::Failed(format!("swauth's account answer: {e}")))
+    }
+
+    async fn existing_account(&self, account: &str) -> Result<AccountInfo, BackendError> {
+        self.account(account)
+            .await?
+            .ok_or_else(|| BackendError::Failed(format!("swauth account {account} is missing")))
+    }
+
+    /// A reseller-admin token: swauth gives one to its super admin.
+    async fn reseller_token(&self) -> Result<String, BackendError> {
+        let request = self
+            .http
+            .get(format!("{}/auth/v1.0", self.base))
+            .header("X-Auth-User", ".super_admin:.super_admin")
+            .header("X-Auth-Key", self.admin_key.expose());
+        let response = self.send(request, "getting an admin token").await?;
+        self.expect(&response, "getting an admin token", false)?;
+        response
+            .headers()
+            .get("x-auth-token")
+            .and_then(|t| t.to_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| BackendError::Failed("swauth gave no admin token".into()))
+    }
+
+    async fn storage(
+        &self,
+        method: Method,
+        url: &str,
+        token: &str,
+        what: &str,
+    ) -> Result<Response, BackendError> {
+        let response = self
+            .send(
+                self.http.request(method, url).header("X-Auth-Token", token),
+                what,
+            )
+            .await?;
+        self.expect(&response, what, false)?;
+        Ok(response)
+    }
+
+    async fn set_quota(&self, storage_url: &str, limits: PlanLimits) -> Result<(), BackendError> {
+        let token = self.reseller_token().await?;
+        let bytes = limits.max_storage_mb * 1024 * 1024;
+        self.send(
+            self.http
+                .post(storage_url)
+                .header("X-Auth-Token", &token)
+                .header("X-Account-Meta-Quota-Bytes", bytes.to_string()),
+            "setting the quota",
+        )
+        .await
+        .and_then(|r| self.expect(&r, "setting the quota", false))
+    }
+
+    async fn usage(&self, storage_url: &str, token: &str) -> Result<Usage, BackendError> {
+        let response = self
+            .storage(Method::HEAD, storage_url, token, "reading usage")
+            .await?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(Usage {
+            bytes: header("x-account-bytes-used"),
+            objects: header("x-account-object-count"),
+        })
+    }
+
+    /// Deletes every object and container of a storage account.
+    async fn purge(&self, storage_url: &str, token: &str) -> Result<(), BackendError> {
+        loop {
+            let containers: Vec<Value> = self
+                .storage(
+                    Method::GET,
+                    &format!("{storage_url}?format=json"),
+                    token,
+                    "listing containers",
+                )
+                .await?
+                .json()
+                .await
+                .map_err(|e| BackendError::Failed(format!("Swift's container listing: {e}")))?;
+            if containers.is_empty() {
+                return Ok(());
+            }
+            for container in containers.iter().filter_map(|c| c["name"].as_str()) {
+                let container_url = format!("{storage_url}/{}", encode(container));
+                loop {
+                    let objects: Vec<Value> = self
+                        .storage(
+                            Method::GET,
+                            &format!("{container_url}?format=json"),
+                            token,
+                            "listing objects",
+                        )
+                        .await?
+                        .json()
+                        .await
+                        .map_err(|e| {
+                            BackendError::Failed(format!("Swift's object listing: {e}"))
+                        })?;
+                    if objects.is_empty() {
+                        break;
+                    }
+                    for object in objects.iter().filter_map(|o| o["name"].as_str()) {
+                        let response = self
+                            .send(
+                                self.http
+                                    .delete(format!("{container_url}/{}", encode(object)))
+                                    .header("X-Auth-Token", token),
+                                "deleting an object",
+                            )
+                            .await?;
+                        self.expect(&response, "deleting an object", true)?;
+                    }
+                }
+                let response = self
+                    .send(
+                        self.http
+                            .delete(&container_url)
+                            .header("X-Auth-Token", token),
+                        "deleting a container",
+                    )
+                    .await?;
+                self.expect(&response, "deleting a container", true)?;
+            }
+        }
+    }
+
+    async fn delete_user(&self, account: &str, user: &str) -> Result<(), BackendError> {
+        let response = self
+            .send(
+                self.admin(Method::DELETE, &format!("{account}/{user}")),
+                "deleting a user",
+            )
+            .await?;
+        self.expect(&response, "deleting a user", true)
+    }
+
+    async fn delete_account(&self, account: &str) -> Result<(), BackendError> {
+        let response = self
+            .send(self.admin(Method::DELETE, account), "deleting the account")
+            .await?;
+        self.expect(&response, "deleting the account", true)
+    }
+}
+
+/// A path segment, percent-encoded.
+fn encode(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+/// reqwest's message without the URL it quotes.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut e = e.to_string();
+    if let Some(i) = e.find(" for url (") {
+        e.truncate(i);
+    }
+    e
+}
+
+#[async_trait]
+impl Backend for SwiftBackend {
+    fn describe(&self) -> String {
+        format!("swift backend at {}", self.base)
+    }
+
+    async fn check(&self) -> Result<(), BackendError> {
+        // Lists swauth's accounts: reaches the proxy and proves the admin key.
+        let response = self
+            .send(self.admin(Method::GET, ""), "listing accounts")
+            .await?;
+        self.expect(&response, "listing accounts", false)
+    }
+
+    #[instrument(skip(self, parameters), fields(backend = "swift"))]
+    async fn provision(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        only_known_parameters(parameters, &[])?;
+        let account = database_name(instance_id);
+        if self.account(&account).await?.is_some() {
+            return Err(BackendError::Conflict(format!(
+                "swauth account {account} already exists; Brokerage has no record of it"
+            )));
+        }
+        let response = self
+            .send(self.admin(Method::PUT, &account), "creating the account")
+            .await?;
+        self.expect(&response, "creating the account", false)?;
+        // An account without its quota is not what the plan promised: take it back.
+        let quota = async {
+            let info = self
+                .account(&account)
+                .await?
+                .ok_or_else(|| BackendError::Failed("the new account vanished".into()))?;
+            self.set_quota(&info.storage_url()?, limits).await
+        }
+        .await;
+        if let Err(e) = quota {
+            self.delete_account(&account).await?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn update(
+        &self,
+        instance_id: &str,
+        from: PlanLimits,
+        to: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        only_known_parameters(parameters, &[])?;
+        let account = database_name(instance_id);
+        let info = self.existing_account(&account).await?;
+        let storage_url = info.storage_url()?;
+        if to.max_storage_mb < from.max_storage_mb {
+            let token = self.reseller_token().await?;
+            fits(
+                self.usage(&storage_url, &token).await?.bytes,
+                to,
+                "the account",
+            )?;
+        }
+        self.set_quota(&storage_url, to).await
+    }
+
+    #[instrument(skip(self), fields(backend = "swift"))]
+    async fn deprovision(&self, instance_id: &str, limits: PlanLimits) -> Result<(), BackendError> {
+        let account = database_name(instance_id);
+        let Some(info) = self.account(&account).await? else {
+            return Ok(());
+        };
+        let storage_url = info.storage_url()?;
+        let token = self.reseller_token().await?;
+        let usage = self.usage(&storage_url, &token).await?;
+        if usage.objects > 0 {
+            if !limits.purge_on_deprovision {
+                return Err(BackendError::Rejected(format!(
+                    "the account still holds {} object{} ({} bytes): delete them first; \
+                     this plan does not delete data on deprovision",
+                    usage.objects,
+                    if usage.objects == 1 { "" } else { "s" },
+                    usage.bytes
+                )));
+            }
+            self.purge(&storage_url, &token).await?;
+        }
+        for user in &info.users {
+            self.delete_user(&account, &user.name).await?;
+        }
+        self.delete_account(&account).await
+    }
+
+    #[instrument(skip(self, parameters), fields(backend = "swift"))]
+    async fn bind(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        _limits: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<Map<String, Value>, BackendError> {
+        only_known_parameters(parameters, &[])?;
+        let account = database_name(instance_id);
+        let user = user_name(binding_id);
+        let key = Alphanumeric.sample_string(&mut rand::rng(), 32);
+        let info = self.existing_account(&account).await?;
+        let storage_url = info.storage_url()?;
+        // The account's own admin: full access to this account's containers, none elsewhere.
+        let response = self
+            .send(
+                self.admin(Method::PUT, &format!("{account}/{user}"))
+                    .header("X-Auth-User-Key", &key)
+                    .header("X-Auth-User-Admin", "true"),
+                "creating the user",
+            )
+            .await?;
+        self.expect(&response, "creating the user", false)?;
+        let public_storage_url = storage_url.replacen(&self.base, &self.public_base, 1);
+        let auth_url = format!("{}/auth/v1.0", self.public_base);
+        let uri = match url::Url::parse(&auth_url) {
+            Ok(mut u) => {
+                let _ = u.set_username(&format!("{account}:{user}"));
+                let _ = u.set_password(Some(&key));
+                u.to_string()
+            }
+            Err(_) => auth_url.clone(),
+        };
+        let credentials = json!({
+            "auth_url": auth_url,
+            "username": format!("{account}:{user}"),
+            "password": key,
+            "storage_url": public_storage_url,
+            "account": account,
+            "uri": uri,
+        });
+        Ok(object(credentials))
+    }
+
+    #[instrument(skip(self), fields(backend = "swift"))]
+    async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+        self.delete_user(&database_name(instance_id), &user_name(binding_id))
+            .await
+    }
+
+    async fn describe_instance(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+    ) -> Result<Vec<(String, String)>, BackendError> {
+        let account = database_name(instance_id);
+        let info = self.existing_account(&account).await?;
+        let token = self.reseller_token().await?;
+        let usage = self.usage(&info.storage_url()?, &token).await?;
+        Ok(vec![
+            ("Account".into(), account),
+            (
+                "Storage used".into(),
+                format!(
+                    "{:.2} MB of {} MB in {} objects",
+                    usage.bytes as f64 / (1024.0 * 1024.0),
+                    limits.max_storage_mb,
+                    usage.objects
+                ),
+            ),
+        ])
+    }
+}
