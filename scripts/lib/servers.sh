@@ -155,7 +155,8 @@ start_throwaway_swift() {
   stop_on_exit $!
   for kind in account container object; do
     eval "port=\$$kind"
-    swift-ring-builder "$data/etc/$kind.builder" create 8 1 1 >/dev/null
+    # Few partitions: the container updater forks once per partition on every sweep.
+    swift-ring-builder "$data/etc/$kind.builder" create 1 1 1 >/dev/null
     swift-ring-builder "$data/etc/$kind.builder" add "r1z1-127.0.0.1:$port/d1" 100 >/dev/null
     swift-ring-builder "$data/etc/$kind.builder" rebalance >/dev/null
     cat >"$data/etc/$kind-server.conf" <<CONF
@@ -213,19 +214,29 @@ use = egg:swift#catch_errors
 [filter:healthcheck]
 use = egg:swift#healthcheck
 CONF
-  # The container updater moves bytes-used into account listings, which quotas read.
-  cat >"$data/etc/container-updater.conf" <<CONF
+  # The updaters carry object and container changes up into account listings and usage,
+  # which quotas read (also those the object server had to queue under load).
+  cat >"$data/etc/updaters.conf" <<CONF
 [DEFAULT]
 devices = $data/node
 mount_check = false
 swift_dir = $data/etc
 user = $(id -un)
+recon_cache_path = $data/run
 [container-updater]
-interval = 1
+interval = 2
+concurrency = 1
+# Without it the daemon's sweeps crawl (over 20 s for a few dozen containers).
+containers_per_second = 1000
+[object-updater]
+interval = 5
+concurrency = 1
 CONF
   PYTHONPATH="$swauth" swift-proxy-server "$data/etc/proxy-server.conf" >"$data/log/proxy.log" 2>&1 &
   stop_on_exit $!
-  swift-container-updater "$data/etc/container-updater.conf" >"$data/log/updater.log" 2>&1 &
+  swift-container-updater "$data/etc/updaters.conf" >"$data/log/container-updater.log" 2>&1 &
+  stop_on_exit $!
+  swift-object-updater "$data/etc/updaters.conf" >"$data/log/object-updater.log" 2>&1 &
   stop_on_exit $!
   for port in $account $container $object $proxy; do wait_for_port "$port" 60; done
   # swauth keeps its accounts in Swift itself: prepare its .auth account once.
