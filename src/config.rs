@@ -148,6 +148,36 @@ pub struct Backends {
     pub mongodb: Option<MongodbBackendConfig>,
     #[serde(default)]
     pub swift: Option<SwiftBackendConfig>,
+    #[serde(default)]
+    pub cubrid: Option<CubridBackendConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CubridBackendConfig {
+    /// CUBRID's `cubrid` utility on the broker's host.
+    pub cubrid: PathBuf,
+    /// CUBRID's `csql`.
+    pub csql: PathBuf,
+    /// Where each instance's database gets a directory of its own (absolute).
+    pub databases_dir: PathBuf,
+    /// Host and CUBRID broker port apps connect to, written into credentials.
+    pub public_host: String,
+    #[serde(default = "cubrid_broker_port")]
+    pub public_port: u16,
+    /// The dba password the broker gives every new database (letters and digits).
+    pub dba_password: Secret,
+    /// Seconds one CUBRID command may take before the broker answers 503.
+    #[serde(default = "sixty")]
+    pub timeout_secs: u64,
+}
+
+fn cubrid_broker_port() -> u16 {
+    33000
+}
+
+fn sixty() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -194,11 +224,13 @@ impl Backends {
             mysql,
             mongodb,
             swift,
+            cubrid,
         } = self;
         [
             ("mysql", mysql.is_some()),
             ("mongodb", mongodb.is_some()),
             ("swift", swift.is_some()),
+            ("cubrid", cubrid.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))

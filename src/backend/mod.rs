@@ -2,6 +2,7 @@
 //! decides *whether* a call may run and records it; a backend only does it, and leaves
 //! nothing behind when it fails.
 
+pub mod cubrid;
 pub mod mongodb;
 pub mod mysql;
 pub mod swift;
@@ -129,6 +130,12 @@ pub fn from_config(config: &Config) -> anyhow::Result<Backends> {
     }
     if let Some(swift) = &config.backends.swift {
         backends.insert("swift".into(), Arc::new(swift::SwiftBackend::new(swift)?));
+    }
+    if let Some(cubrid) = &config.backends.cubrid {
+        backends.insert(
+            "cubrid".into(),
+            Arc::new(cubrid::CubridBackend::new(cubrid)?),
+        );
     }
     Ok(backends)
 }

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod cubrid;
 mod deploy;
 mod durability;
 mod faults;
