@@ -105,6 +105,24 @@ fn catalog_prints_the_default_catalog() {
 }
 
 #[test]
+fn the_whole_marketplace_example_offers_every_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/config/all-backends.yml");
+    let out = brokerage(&["catalog", "--config", file], &[], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let catalog: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = catalog["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["mysql-db", "mongodb", "object-storage", "cubrid"]);
+    // Backend-only settings never reach the published catalog.
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("purge_on_deprovision"));
+}
+
+#[test]
 fn configuration_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let service = |id: &str, name: &str, plan: &str| {

@@ -109,7 +109,10 @@ fn the_brokerage_job_renders_for_default_and_full_properties_and_the_broker_acce
         "store": {"kind": "mysql", "url": format!("{}/bkgstore_{}", mysql_url(), uuid::Uuid::new_v4().simple())},
         "broker": {"operation_timeout_secs": 20, "retry_after_secs": 10, "max_body_bytes": 65536, "quota_interval_secs": 3},
         "log": {"format": "text", "level": "debug"},
-        "backends": {"mysql": {"url": mysql_url(), "public_host": "mysql.service.internal", "public_port": 3306, "max_total_storage_mb": 102400}},
+        "backends": {"mysql": {"url": mysql_url(), "public_host": "mysql.service.internal", "public_port": 3306, "max_total_storage_mb": 102400},
+                     "mongodb": {"url": std::env::var("BKG_TEST_MONGODB_URL").unwrap()},
+                     "swift": {"url": std::env::var("BKG_TEST_SWIFT_URL").unwrap(),
+                               "admin_key": std::env::var("BKG_TEST_SWIFT_ADMIN_KEY").unwrap()}},
         "catalog": {"services": [{"id": "svc-1", "name": "small-db", "backend": "mysql", "description": "d",
             "bindable": true, "plans": [{"id": "plan-1", "name": "tiny", "description": "d",
             "max_storage_mb": 10, "max_user_connections": 2}]}]},
@@ -144,6 +147,10 @@ fn the_brokerage_job_renders_for_default_and_full_properties_and_the_broker_acce
             );
             rendered["listen"]["tls"] = json!({"certificate": crt, "private_key": key_file});
             assert_eq!(rendered["catalog"]["services"][0]["name"], "small-db");
+            assert_eq!(
+                rendered["backends"]["swift"]["admin_key"],
+                std::env::var("BKG_TEST_SWIFT_ADMIN_KEY").unwrap()
+            );
         }
         std::fs::write(&file, serde_yaml::to_string(&rendered).unwrap()).unwrap();
         let (ok, said) = check(&file, dir.path());
