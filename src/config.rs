@@ -150,6 +150,22 @@ pub struct Backends {
     pub swift: Option<SwiftBackendConfig>,
     #[serde(default)]
     pub cubrid: Option<CubridBackendConfig>,
+    #[serde(default)]
+    pub postgresql: Option<PostgresqlBackendConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresqlBackendConfig {
+    /// The admin connection: postgres://user:password@host:port/postgres. The user needs
+    /// CREATEDB and CREATEROLE (or superuser).
+    pub url: Secret,
+    #[serde(default)]
+    pub public_host: Option<String>,
+    #[serde(default)]
+    pub public_port: Option<u16>,
+    #[serde(default = "five")]
+    pub connect_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -225,12 +241,14 @@ impl Backends {
             mongodb,
             swift,
             cubrid,
+            postgresql,
         } = self;
         [
             ("mysql", mysql.is_some()),
             ("mongodb", mongodb.is_some()),
             ("swift", swift.is_some()),
             ("cubrid", cubrid.is_some()),
+            ("postgresql", postgresql.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))

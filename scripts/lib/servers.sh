@@ -13,6 +13,7 @@ ensure_packages() {
       python3) command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv) ;;
       swift) command -v swift-proxy-server >/dev/null 2>&1 \
         || missing+=(swift swift-proxy swift-account swift-container swift-object) ;;
+      postgresql) compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql) ;;
       python3-lib2to3) /usr/bin/python3 -c 'import lib2to3' >/dev/null 2>&1 || missing+=(python3-lib2to3) ;;
       *) command -v "$p" >/dev/null 2>&1 || missing+=("$p") ;;
     esac
@@ -245,4 +246,26 @@ CONF
   SWIFT_URL="http://127.0.0.1:$proxy"
   export SWIFT_ADMIN_KEY
   echo "== throwaway Swift with swauth on 127.0.0.1:$proxy (data in $data)"
+}
+
+# PostgreSQL (Debian's packages) as the postgres system user, which the package creates:
+# PostgreSQL refuses to run as root. Data under $1, password authentication over TCP.
+# After `start_throwaway_postgresql DIR`, POSTGRESQL_URL names its superuser.
+start_throwaway_postgresql() {
+  local data=$1 bin port run=()
+  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  [ "$(id -u)" -eq 0 ] && run=(runuser -u postgres --)
+  rm -rf "$data"
+  mkdir -p "$data"
+  echo "test-postgres-password" >"$data/pwfile"
+  [ "$(id -u)" -eq 0 ] && chown -R postgres "$data"
+  "${run[@]}" "$bin/initdb" -D "$data/db" -U postgres --pwfile="$data/pwfile" \
+    --auth-local=trust --auth-host=scram-sha-256 >"$data/initdb.log" 2>&1
+  port=$(free_port)
+  "${run[@]}" "$bin/postgres" -D "$data/db" -h 127.0.0.1 -p "$port" -k "$data" \
+    -c max_connections=300 >"$data/server.log" 2>&1 &
+  stop_on_exit $!
+  wait_for_port "$port" 60
+  POSTGRESQL_URL="postgres://postgres:test-postgres-password@127.0.0.1:$port/postgres"
+  echo "== throwaway PostgreSQL on 127.0.0.1:$port (data in $data)"
 }

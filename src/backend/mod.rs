@@ -5,6 +5,7 @@
 pub mod cubrid;
 pub mod mongodb;
 pub mod mysql;
+pub mod postgresql;
 pub mod swift;
 
 use std::collections::HashMap;
@@ -135,6 +136,12 @@ pub fn from_config(config: &Config) -> anyhow::Result<Backends> {
         backends.insert(
             "cubrid".into(),
             Arc::new(cubrid::CubridBackend::new(cubrid)?),
+        );
+    }
+    if let Some(postgresql) = &config.backends.postgresql {
+        backends.insert(
+            "postgresql".into(),
+            Arc::new(postgresql::PostgresqlBackend::new(postgresql)?),
         );
     }
     Ok(backends)

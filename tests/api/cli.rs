@@ -117,7 +117,16 @@ fn the_whole_marketplace_example_offers_every_backend() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["mysql-db", "mongodb", "object-storage", "cubrid"]);
+    assert_eq!(
+        names,
+        [
+            "mysql-db",
+            "postgresql",
+            "mongodb",
+            "object-storage",
+            "cubrid"
+        ]
+    );
     // Backend-only settings never reach the published catalog.
     assert!(!String::from_utf8_lossy(&out.stdout).contains("purge_on_deprovision"));
 }

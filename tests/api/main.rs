@@ -15,6 +15,7 @@ mod mongodb;
 mod mysql_tls;
 mod openapi;
 mod operator;
+mod postgresql;
 mod protocol;
 mod quota;
 mod sso;

@@ -1,0 +1,360 @@
+//! The PostgreSQL backend: a database per instance owned by a group role of its own, a
+//! login role per binding that is a member of the group, with the plan's connection limit.
+//!
+//! The group role (`o_<hash>`) owns the database, so every binding may connect and create in
+//! its `public` schema; objects a binding creates are shared with the group through default
+//! privileges, and on unbind they pass to the group rather than vanish. `REVOKE ... FROM
+//! PUBLIC` keeps every other role out of the database.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::distr::{Alphanumeric, SampleString};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use tokio_postgres::{Client, NoTls};
+use tracing::instrument;
+
+use super::{
+    database_name, fits, object, only_known_parameters, scrub, user_name, Backend, BackendError,
+    Parameters,
+};
+use crate::catalog::PlanLimits;
+use crate::config::PostgresqlBackendConfig;
+
+pub struct PostgresqlBackend {
+    config: tokio_postgres::Config,
+    admin_address: String,
+    public_host: String,
+    public_port: u16,
+    timeout: Duration,
+}
+
+/// The group role that owns an instance's database.
+pub fn owner_role(instance_id: &str) -> String {
+    format!("o_{}", &hex::encode(Sha256::digest(instance_id))[..30])
+}
+
+/// PostgreSQL's CONNECTION LIMIT for a plan: -1 is no limit.
+fn connection_limit(limits: PlanLimits) -> i64 {
+    if limits.max_user_connections == 0 {
+        -1
+    } else {
+        i64::from(limits.max_user_connections)
+    }
+}
+
+impl PostgresqlBackend {
+    pub fn new(config: &PostgresqlBackendConfig) -> anyhow::Result<Self> {
+        let parsed: tokio_postgres::Config = config
+            .url
+            .expose()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("backends.postgresql.url: {e}"))?;
+        let url = url::Url::parse(config.url.expose())
+            .map_err(|e| anyhow::anyhow!("backends.postgresql.url: {e}"))?;
+        let host = url.host_str().unwrap_or("127.0.0.1").to_string();
+        let port = url.port().unwrap_or(5432);
+        Ok(PostgresqlBackend {
+            config: parsed,
+            admin_address: format!("{host}:{port}"),
+            public_host: config.public_host.clone().unwrap_or(host),
+            public_port: config.public_port.unwrap_or(port),
+            timeout: Duration::from_secs(config.connect_timeout_secs.max(1)),
+        })
+    }
+
+    fn error(&self, e: tokio_postgres::Error) -> BackendError {
+        if e.as_db_error().is_none() {
+            BackendError::Unavailable(format!(
+                "the PostgreSQL server at {} is unreachable: {e}",
+                self.admin_address
+            ))
+        } else {
+            BackendError::Failed(format!("PostgreSQL server at {}: {e}", self.admin_address))
+        }
+    }
+
+    /// An admin connection to `database` (the configured one when `None`).
+    async fn connect(&self, database: Option<&str>) -> Result<Client, BackendError> {
+        let mut config = self.config.clone();
+        config.connect_timeout(self.timeout);
+        if let Some(db) = database {
+            config.dbname(db);
+        }
+        let connecting = tokio::time::timeout(self.timeout, config.connect(NoTls));
+        let (client, connection) = connecting
+            .await
+            .map_err(|_| {
+                BackendError::Unavailable(format!(
+                    "the PostgreSQL server at {} did not answer within {:?}",
+                    self.admin_address, self.timeout
+                ))
+            })?
+            .map_err(|e| self.error(e))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    async fn database_exists(&self, client: &Client, db: &str) -> Result<bool, BackendError> {
+        let rows = client
+            .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(!rows.is_empty())
+    }
+
+    /// The login roles of an instance: members of its group role.
+    async fn members(&self, client: &Client, group: &str) -> Result<Vec<String>, BackendError> {
+        let rows = client
+            .query(
+                "SELECT m.rolname FROM pg_auth_members a
+                 JOIN pg_roles g ON g.oid = a.roleid
+                 JOIN pg_roles m ON m.oid = a.member
+                 WHERE g.rolname = $1",
+                &[&group],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+    }
+
+    /// Ends a role's sessions, then drops it.
+    async fn drop_role(&self, client: &Client, role: &str) -> Result<(), BackendError> {
+        client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                &[&role],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        client
+            .batch_execute(&format!("DROP ROLE IF EXISTS \"{role}\""))
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn size_bytes(&self, db: &str) -> Result<u64, BackendError> {
+        let client = self.connect(None).await?;
+        let row = client
+            .query_one("SELECT pg_database_size($1)", &[&db])
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(row.get::<_, i64>(0).max(0) as u64)
+    }
+}
+
+#[async_trait]
+impl Backend for PostgresqlBackend {
+    fn describe(&self) -> String {
+        format!("postgresql backend at {}", self.admin_address)
+    }
+
+    async fn check(&self) -> Result<(), BackendError> {
+        let client = self.connect(None).await?;
+        client
+            .batch_execute("SELECT 1")
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    #[instrument(skip(self, parameters), fields(backend = "postgresql"))]
+    async fn provision(
+        &self,
+        instance_id: &str,
+        _limits: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        only_known_parameters(parameters, &[])?;
+        let (db, owner) = (database_name(instance_id), owner_role(instance_id));
+        let client = self.connect(None).await?;
+        if self.database_exists(&client, &db).await? {
+            return Err(BackendError::Conflict(format!(
+                "database {db} already exists on the PostgreSQL server; Brokerage has no record of it"
+            )));
+        }
+        // A group role left by an interrupted provision of this same instance goes first.
+        self.drop_role(&client, &owner).await?;
+        client
+            .batch_execute(&format!("CREATE ROLE \"{owner}\" NOLOGIN"))
+            .await
+            .map_err(|e| self.error(e))?;
+        let created = client
+            .batch_execute(&format!(
+                "CREATE DATABASE \"{db}\" OWNER \"{owner}\" ENCODING 'UTF8' TEMPLATE template0"
+            ))
+            .await;
+        let locked = match created {
+            Ok(()) => client
+                .batch_execute(&format!("REVOKE ALL ON DATABASE \"{db}\" FROM PUBLIC"))
+                .await
+                .map_err(|e| self.error(e)),
+            Err(e) => Err(self.error(e)),
+        };
+        if let Err(e) = locked {
+            // Half an instance is no instance.
+            let _ = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\""))
+                .await;
+            self.drop_role(&client, &owner).await?;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn update(
+        &self,
+        instance_id: &str,
+        from: PlanLimits,
+        to: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        only_known_parameters(parameters, &[])?;
+        if to.max_storage_mb < from.max_storage_mb {
+            fits(
+                self.size_bytes(&database_name(instance_id)).await?,
+                to,
+                "the database",
+            )?;
+        }
+        let client = self.connect(None).await?;
+        for member in self.members(&client, &owner_role(instance_id)).await? {
+            client
+                .batch_execute(&format!(
+                    "ALTER ROLE \"{member}\" CONNECTION LIMIT {}",
+                    connection_limit(to)
+                ))
+                .await
+                .map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
+    #[instrument(skip(self), fields(backend = "postgresql"))]
+    async fn deprovision(
+        &self,
+        instance_id: &str,
+        _limits: PlanLimits,
+    ) -> Result<(), BackendError> {
+        let (db, owner) = (database_name(instance_id), owner_role(instance_id));
+        let client = self.connect(None).await?;
+        client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .await
+            .map_err(|e| self.error(e))?;
+        for member in self.members(&client, &owner).await? {
+            self.drop_role(&client, &member).await?;
+        }
+        self.drop_role(&client, &owner).await
+    }
+
+    #[instrument(skip(self, parameters), fields(backend = "postgresql"))]
+    async fn bind(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        limits: PlanLimits,
+        parameters: Parameters<'_>,
+    ) -> Result<Map<String, Value>, BackendError> {
+        only_known_parameters(parameters, &[])?;
+        let (db, owner) = (database_name(instance_id), owner_role(instance_id));
+        let user = user_name(binding_id);
+        let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
+        let client = self.connect(None).await?;
+        if !self.database_exists(&client, &db).await? {
+            return Err(BackendError::Failed(format!(
+                "database {db} is missing on the PostgreSQL server"
+            )));
+        }
+        // A role left by an interrupted bind of this same binding is replaced.
+        self.unbind(instance_id, binding_id).await?;
+        client
+            .batch_execute(&format!(
+                "CREATE ROLE \"{user}\" LOGIN PASSWORD '{password}' CONNECTION LIMIT {} IN ROLE \"{owner}\"",
+                connection_limit(limits)
+            ))
+            .await
+            .map_err(|e| scrub(self.error(e), &password))?;
+        // What this binding creates, every binding of the instance may use.
+        let shared = async {
+            let instance = self.connect(Some(&db)).await?;
+            instance
+                .batch_execute(&format!(
+                    "ALTER DEFAULT PRIVILEGES FOR ROLE \"{user}\" GRANT ALL ON TABLES TO \"{owner}\";
+                     ALTER DEFAULT PRIVILEGES FOR ROLE \"{user}\" GRANT ALL ON SEQUENCES TO \"{owner}\";
+                     ALTER DEFAULT PRIVILEGES FOR ROLE \"{user}\" GRANT ALL ON FUNCTIONS TO \"{owner}\""
+                ))
+                .await
+                .map_err(|e| self.error(e))
+        }
+        .await;
+        if let Err(e) = shared {
+            self.unbind(instance_id, binding_id).await?;
+            return Err(e);
+        }
+        let (host, port) = (&self.public_host, self.public_port);
+        Ok(object(json!({
+            "hostname": host,
+            "port": port,
+            "name": db,
+            "username": user,
+            "password": password,
+            "uri": format!("postgres://{user}:{password}@{host}:{port}/{db}"),
+            "jdbcUrl": format!(
+                "jdbc:postgresql://{host}:{port}/{db}?user={user}&password={password}"
+            ),
+        })))
+    }
+
+    #[instrument(skip(self), fields(backend = "postgresql"))]
+    async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+        let (db, owner) = (database_name(instance_id), owner_role(instance_id));
+        let user = user_name(binding_id);
+        let client = self.connect(None).await?;
+        let exists = !client
+            .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+            .await
+            .map_err(|e| self.error(e))?
+            .is_empty();
+        if !exists {
+            return Ok(());
+        }
+        if self.database_exists(&client, &db).await? {
+            // The binding's objects stay with the instance; its privileges go.
+            let instance = self.connect(Some(&db)).await?;
+            instance
+                .batch_execute(&format!(
+                    "REASSIGN OWNED BY \"{user}\" TO \"{owner}\"; DROP OWNED BY \"{user}\""
+                ))
+                .await
+                .map_err(|e| self.error(e))?;
+        }
+        self.drop_role(&client, &user).await
+    }
+
+    async fn describe_instance(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+    ) -> Result<Vec<(String, String)>, BackendError> {
+        let db = database_name(instance_id);
+        let used = self.size_bytes(&db).await?;
+        Ok(vec![
+            ("Database".into(), db),
+            (
+                "Size".into(),
+                format!(
+                    "{:.2} MB of {} MB",
+                    used as f64 / (1024.0 * 1024.0),
+                    limits.max_storage_mb
+                ),
+            ),
+            (
+                "Connections per binding".into(),
+                limits.max_user_connections.to_string(),
+            ),
+        ])
+    }
+}

@@ -1,0 +1,178 @@
+//! The PostgreSQL service against a real PostgreSQL (Debian's packages) that `scripts/test`
+//! starts on loopback, with the credentials used exactly as an app's driver does.
+
+use brokerage::backend::database_name;
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio_postgres::{Client, NoTls};
+
+use crate::helpers::*;
+
+const PG_SERVICE: &str = "svc-postgresql-test";
+const PG_PLAN: &str = "plan-postgresql-2con";
+
+fn postgresql_url() -> String {
+    std::env::var("BKG_TEST_POSTGRESQL_URL").expect(
+        "BKG_TEST_POSTGRESQL_URL is not set: run the suite with ./scripts/test, which starts PostgreSQL",
+    )
+}
+
+fn with_postgresql(url: &str) -> TestConfig {
+    TestConfig::new().with_backend(
+        format!("postgresql: {{url: \"{url}\", connect_timeout_secs: 3}}"),
+        vec![format!(
+            "{{id: {PG_SERVICE}, name: postgresql-test, backend: postgresql, description: PostgreSQL for tests, \
+             bindable: true, plan_updateable: true, instances_retrievable: true, bindings_retrievable: true, \
+             plans: [{{id: {PG_PLAN}, name: small, description: 2 connections, max_storage_mb: 50, max_user_connections: 2}}]}}"
+        )],
+    )
+}
+
+/// Connects with a binding's `uri`, as an app does; `database` overrides its database.
+async fn connect(creds: &Value, database: Option<&str>) -> Result<Client, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = creds["uri"].as_str().unwrap().parse().unwrap();
+    if let Some(db) = database {
+        config.dbname(db);
+    }
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// What the server said.
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string())
+}
+
+async fn admin_has_database(db: &str) -> bool {
+    let (client, connection) = tokio_postgres::connect(&postgresql_url(), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    !client
+        .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+        .await
+        .unwrap()
+        .is_empty()
+}
+
+async fn bind(app: &TestApp, id: &str, binding: &str) -> Value {
+    let bound = app
+        .bind_with(
+            id,
+            binding,
+            json!({"service_id": PG_SERVICE, "plan_id": PG_PLAN, "app_guid": "app-1"}),
+            false,
+        )
+        .await;
+    bound.expect(201);
+    bound.body["credentials"].clone()
+}
+
+#[tokio::test]
+async fn bindings_share_their_database_are_kept_out_of_others_and_lose_access_on_unbind() {
+    let app = spawn_with(with_postgresql(&postgresql_url())).await;
+    let (a, b) = (unique("pg-a"), unique("pg-b"));
+    let creds_a = app.provision_and_bind(&a, PG_SERVICE, PG_PLAN).await;
+    let creds_b = app.provision_and_bind(&b, PG_SERVICE, PG_PLAN).await;
+    for key in [
+        "hostname", "port", "name", "username", "password", "uri", "jdbcUrl",
+    ] {
+        assert!(
+            !creds_a[key].is_null(),
+            "credentials carry {key}: {creds_a}"
+        );
+    }
+    assert_eq!(creds_a["name"], database_name(&a));
+
+    // The app creates and fills a table in its database.
+    let client = connect(&creds_a, None).await.expect("the binding connects");
+    client
+        .batch_execute("CREATE TABLE notes (id serial PRIMARY KEY, body text); INSERT INTO notes (body) VALUES ('hello')")
+        .await
+        .unwrap();
+
+    // A second binding of the same instance sees and writes the same table.
+    let second = bind(&app, &a, &format!("{a}-b2")).await;
+    let other_app = connect(&second, None).await.unwrap();
+    other_app
+        .batch_execute("INSERT INTO notes (body) VALUES ('from the second app')")
+        .await
+        .unwrap();
+    let n: i64 = other_app
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+
+    // Another instance's database refuses it.
+    let err = connect(&creds_a, Some(creds_b["name"].as_str().unwrap()))
+        .await
+        .map(|_| ())
+        .expect_err("no access to another instance's database");
+    assert!(message(&err).contains("permission denied"), "{err:?}");
+
+    // The plan's connection limit holds per binding.
+    let _extra = connect(&creds_a, None).await.expect("a second connection");
+    let err = connect(&creds_a, None)
+        .await
+        .map(|_| ())
+        .expect_err("a third connection is refused");
+    assert!(message(&err).contains("too many connections"), "{err:?}");
+    drop(_extra);
+
+    // Unbind drops the role and ends its sessions; its table stays for the other binding.
+    app.unbind_from(&a, &format!("{a}-b"), PG_SERVICE, PG_PLAN)
+        .await
+        .expect(200);
+    assert!(
+        client.query_one("SELECT 1", &[]).await.is_err(),
+        "the open session was ended"
+    );
+    assert!(connect(&creds_a, None).await.is_err(), "the login is gone");
+    let n: i64 = other_app
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "data outlives the binding that wrote it");
+
+    // Deprovision (bindings are taken along only when unbound first) drops the database.
+    app.unbind_from(&a, &format!("{a}-b2"), PG_SERVICE, PG_PLAN)
+        .await
+        .expect(200);
+    app.deprovision(&a, PG_SERVICE, PG_PLAN).await.expect(200);
+    assert!(!admin_has_database(&database_name(&a)).await);
+    assert!(connect(&second, None).await.is_err());
+    app.unbind_from(&b, &format!("{b}-b"), PG_SERVICE, PG_PLAN)
+        .await
+        .expect(200);
+    app.deprovision(&b, PG_SERVICE, PG_PLAN).await.expect(200);
+}
+
+#[tokio::test]
+async fn a_postgresql_server_that_is_down_gets_503_and_no_record() {
+    let app = spawn_with(with_postgresql(&format!(
+        "postgres://postgres:secret-pw@127.0.0.1:{}/postgres",
+        free_port()
+    )))
+    .await;
+    let id = unique("pg-down");
+    let answer = app
+        .provision_with(&id, provision_body(PG_SERVICE, PG_PLAN), false)
+        .await;
+    answer.expect_error(503, None);
+    assert!(answer.body["description"]
+        .as_str()
+        .unwrap()
+        .contains("PostgreSQL"));
+    assert!(!answer.raw.contains("secret-pw"));
+    app.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
+        .await
+        .expect_error(404, None);
+}
