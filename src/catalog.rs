@@ -182,7 +182,7 @@ pub struct LocalCatalog {
 }
 
 /// The backends Brokerage knows, with the plan limits each needs.
-const BACKENDS: &[&str] = &["mysql", "mongodb", "swift", "cubrid", "postgresql"];
+const BACKENDS: &[&str] = &["mysql", "mongodb", "swift", "cubrid", "postgresql", "redis"];
 
 impl LocalCatalog {
     /// Validates the configured services: unique ids and names, CLI-friendly names, every

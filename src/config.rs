@@ -152,6 +152,21 @@ pub struct Backends {
     pub cubrid: Option<CubridBackendConfig>,
     #[serde(default)]
     pub postgresql: Option<PostgresqlBackendConfig>,
+    #[serde(default)]
+    pub redis: Option<RedisBackendConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisBackendConfig {
+    /// The admin connection: redis://user:password@host:port, a user that may run ACL.
+    pub url: Secret,
+    #[serde(default)]
+    pub public_host: Option<String>,
+    #[serde(default)]
+    pub public_port: Option<u16>,
+    #[serde(default = "five")]
+    pub connect_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -242,6 +257,7 @@ impl Backends {
             swift,
             cubrid,
             postgresql,
+            redis,
         } = self;
         [
             ("mysql", mysql.is_some()),
@@ -249,6 +265,7 @@ impl Backends {
             ("swift", swift.is_some()),
             ("cubrid", cubrid.is_some()),
             ("postgresql", postgresql.is_some()),
+            ("redis", redis.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))

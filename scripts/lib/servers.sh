@@ -13,6 +13,7 @@ ensure_packages() {
       python3) command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv) ;;
       swift) command -v swift-proxy-server >/dev/null 2>&1 \
         || missing+=(swift swift-proxy swift-account swift-container swift-object) ;;
+      redis) command -v redis-server >/dev/null 2>&1 || missing+=(redis-server) ;;
       postgresql) compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql) ;;
       python3-lib2to3) /usr/bin/python3 -c 'import lib2to3' >/dev/null 2>&1 || missing+=(python3-lib2to3) ;;
       *) command -v "$p" >/dev/null 2>&1 || missing+=("$p") ;;
@@ -268,4 +269,19 @@ start_throwaway_postgresql() {
   wait_for_port "$port" 60
   POSTGRESQL_URL="postgres://postgres:test-postgres-password@127.0.0.1:$port/postgres"
   echo "== throwaway PostgreSQL on 127.0.0.1:$port (data in $data)"
+}
+
+# Redis (Debian's package) with a password on its default user and nothing kept on disk.
+# After `start_throwaway_redis DIR`, REDIS_URL names its admin.
+start_throwaway_redis() {
+  local data=$1 port
+  rm -rf "$data"
+  mkdir -p "$data"
+  port=$(free_port)
+  redis-server --bind 127.0.0.1 --port "$port" --dir "$data" --save "" --appendonly no \
+    --requirepass test-redis-password --logfile "$data/server.log" &
+  stop_on_exit $!
+  wait_for_port "$port" 30
+  REDIS_URL="redis://default:test-redis-password@127.0.0.1:$port"
+  echo "== throwaway Redis on 127.0.0.1:$port (data in $data)"
 }

@@ -6,6 +6,7 @@ pub mod cubrid;
 pub mod mongodb;
 pub mod mysql;
 pub mod postgresql;
+pub mod redis;
 pub mod swift;
 
 use std::collections::HashMap;
@@ -143,6 +144,9 @@ pub fn from_config(config: &Config) -> anyhow::Result<Backends> {
             "postgresql".into(),
             Arc::new(postgresql::PostgresqlBackend::new(postgresql)?),
         );
+    }
+    if let Some(redis) = &config.backends.redis {
+        backends.insert("redis".into(), Arc::new(redis::RedisBackend::new(redis)?));
     }
     Ok(backends)
 }

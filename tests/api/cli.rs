@@ -122,6 +122,7 @@ fn the_whole_marketplace_example_offers_every_backend() {
         [
             "mysql-db",
             "postgresql",
+            "redis",
             "mongodb",
             "object-storage",
             "cubrid"

@@ -18,6 +18,7 @@ mod operator;
 mod postgresql;
 mod protocol;
 mod quota;
+mod redis;
 mod sso;
 mod store_contract;
 mod swift;

@@ -1,0 +1,150 @@
+//! The Redis service against a real Redis (Debian's package) that `scripts/test` starts on
+//! loopback: each binding is an ACL user confined to its instance's key prefix.
+
+use brokerage::backend::redis::key_prefix;
+use redis::aio::MultiplexedConnection;
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+const REDIS_SERVICE: &str = "svc-redis-test";
+const REDIS_PLAN: &str = "plan-redis";
+
+fn redis_url() -> String {
+    std::env::var("BKG_TEST_REDIS_URL").expect(
+        "BKG_TEST_REDIS_URL is not set: run the suite with ./scripts/test, which starts Redis",
+    )
+}
+
+fn with_redis(url: &str) -> TestConfig {
+    TestConfig::new().with_backend(
+        format!("redis: {{url: \"{url}\", connect_timeout_secs: 3}}"),
+        vec![format!(
+            "{{id: {REDIS_SERVICE}, name: redis-test, backend: redis, description: Redis for tests, \
+             bindable: true, instances_retrievable: true, bindings_retrievable: true, \
+             plans: [{{id: {REDIS_PLAN}, name: shared, description: a key prefix, max_storage_mb: 10}}]}}"
+        )],
+    )
+}
+
+/// A connection from a binding's `uri`, as an app opens it.
+async fn connect(creds: &Value) -> redis::RedisResult<MultiplexedConnection> {
+    redis::Client::open(creds["uri"].as_str().unwrap())?
+        .get_multiplexed_async_connection()
+        .await
+}
+
+async fn run(con: &mut MultiplexedConnection, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(con).await
+}
+
+fn refused(result: redis::RedisResult<redis::Value>) -> bool {
+    match result {
+        Err(e) => {
+            let said = format!("{e:?} {e}");
+            assert!(said.contains("NOPERM") || said.contains("NoPerm"), "{said}");
+            true
+        }
+        Ok(v) => panic!("allowed: {v:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_binding_reaches_only_its_own_keys_and_loses_its_login_on_unbind() {
+    let app = spawn_with(with_redis(&redis_url())).await;
+    let (a, b) = (unique("redis-a"), unique("redis-b"));
+    let creds_a = app.provision_and_bind(&a, REDIS_SERVICE, REDIS_PLAN).await;
+    let creds_b = app.provision_and_bind(&b, REDIS_SERVICE, REDIS_PLAN).await;
+    for key in ["host", "port", "username", "password", "uri", "key_prefix"] {
+        assert!(
+            !creds_a[key].is_null(),
+            "credentials carry {key}: {creds_a}"
+        );
+    }
+    let (pa, pb) = (key_prefix(&a), key_prefix(&b));
+    assert_eq!(creds_a["key_prefix"], pa);
+
+    let mut con = connect(&creds_a).await.expect("the binding connects");
+    run(&mut con, &["SET", &format!("{pa}greeting"), "hello"])
+        .await
+        .unwrap();
+    let got = run(&mut con, &["GET", &format!("{pa}greeting")])
+        .await
+        .unwrap();
+    assert_eq!(got, redis::Value::BulkString(b"hello".to_vec()));
+    // Another instance's keys, unprefixed keys and dangerous commands are refused.
+    assert!(refused(
+        run(&mut con, &["SET", &format!("{pb}x"), "1"]).await
+    ));
+    assert!(refused(run(&mut con, &["GET", "unprefixed"]).await));
+    assert!(refused(run(&mut con, &["FLUSHALL"]).await));
+    assert!(refused(run(&mut con, &["CONFIG", "GET", "*"]).await));
+
+    let mut con_b = connect(&creds_b).await.unwrap();
+    assert!(refused(
+        run(&mut con_b, &["GET", &format!("{pa}greeting")]).await
+    ));
+
+    // Unbind deletes the user: its connection is closed and it cannot log in again.
+    app.unbind_from(&a, &format!("{a}-b"), REDIS_SERVICE, REDIS_PLAN)
+        .await
+        .expect(200);
+    assert!(run(&mut con, &["GET", &format!("{pa}greeting")])
+        .await
+        .is_err());
+    assert!(connect(&creds_a).await.is_err(), "the login is gone");
+    run(&mut con_b, &["SET", &format!("{pb}still"), "works"])
+        .await
+        .unwrap();
+
+    // Deprovision deletes the instance's keys and nothing else.
+    app.deprovision(&a, REDIS_SERVICE, REDIS_PLAN)
+        .await
+        .expect(200);
+    let mut admin = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let left = run(&mut admin, &["EXISTS", &format!("{pa}greeting")])
+        .await
+        .unwrap();
+    assert_eq!(left, redis::Value::Int(0));
+    let kept = run(&mut admin, &["EXISTS", &format!("{pb}still")])
+        .await
+        .unwrap();
+    assert_eq!(kept, redis::Value::Int(1));
+    app.unbind_from(&b, &format!("{b}-b"), REDIS_SERVICE, REDIS_PLAN)
+        .await
+        .expect(200);
+    app.deprovision(&b, REDIS_SERVICE, REDIS_PLAN)
+        .await
+        .expect(200);
+}
+
+#[tokio::test]
+async fn a_redis_server_that_is_down_gets_503_and_no_record() {
+    let app = spawn_with(with_redis(&format!(
+        "redis://default:secret-pw@127.0.0.1:{}",
+        free_port()
+    )))
+    .await;
+    let id = unique("redis-down");
+    let answer = app
+        .provision_with(&id, provision_body(REDIS_SERVICE, REDIS_PLAN), false)
+        .await;
+    answer.expect_error(503, None);
+    assert!(answer.body["description"]
+        .as_str()
+        .unwrap()
+        .contains("Redis"));
+    assert!(!answer.raw.contains("secret-pw"));
+    app.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
+        .await
+        .expect_error(404, None);
+}
