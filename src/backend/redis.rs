@@ -69,15 +69,17 @@ impl RedisBackend {
         }
     }
 
+    fn late(&self) -> BackendError {
+        BackendError::Unavailable(format!(
+            "the Redis server at {} did not answer within {:?}",
+            self.admin_address, self.timeout
+        ))
+    }
+
     async fn connection(&self) -> Result<MultiplexedConnection, BackendError> {
         tokio::time::timeout(self.timeout, self.client.get_multiplexed_async_connection())
             .await
-            .map_err(|_| {
-                BackendError::Unavailable(format!(
-                    "the Redis server at {} did not answer within {:?}",
-                    self.admin_address, self.timeout
-                ))
-            })?
+            .map_err(|_| self.late())?
             .map_err(|e| self.error(e))
     }
 
@@ -88,12 +90,7 @@ impl RedisBackend {
     ) -> Result<T, BackendError> {
         tokio::time::timeout(self.timeout, cmd.query_async(con))
             .await
-            .map_err(|_| {
-                BackendError::Unavailable(format!(
-                    "the Redis server at {} did not answer within {:?}",
-                    self.admin_address, self.timeout
-                ))
-            })?
+            .map_err(|_| self.late())?
             .map_err(|e| self.error(e))
     }
 
