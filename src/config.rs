@@ -145,42 +145,15 @@ pub struct Backends {
     #[serde(default)]
     pub mysql: Option<MysqlBackendConfig>,
     #[serde(default)]
-    pub mongodb: Option<MongodbBackendConfig>,
+    pub mongodb: Option<ServerBackendConfig>,
     #[serde(default)]
     pub swift: Option<SwiftBackendConfig>,
     #[serde(default)]
     pub cubrid: Option<CubridBackendConfig>,
     #[serde(default)]
-    pub postgresql: Option<PostgresqlBackendConfig>,
+    pub postgresql: Option<ServerBackendConfig>,
     #[serde(default)]
-    pub redis: Option<RedisBackendConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisBackendConfig {
-    /// The admin connection: redis://user:password@host:port, a user that may run ACL.
-    pub url: Secret,
-    #[serde(default)]
-    pub public_host: Option<String>,
-    #[serde(default)]
-    pub public_port: Option<u16>,
-    #[serde(default = "five")]
-    pub connect_timeout_secs: u64,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresqlBackendConfig {
-    /// The admin connection: postgres://user:password@host:port/postgres. The user needs
-    /// CREATEDB and CREATEROLE (or superuser).
-    pub url: Secret,
-    #[serde(default)]
-    pub public_host: Option<String>,
-    #[serde(default)]
-    pub public_port: Option<u16>,
-    #[serde(default = "five")]
-    pub connect_timeout_secs: u64,
+    pub redis: Option<ServerBackendConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -230,16 +203,20 @@ fn ten() -> u64 {
     10
 }
 
+/// A backend reached at one admin URL: MongoDB
+/// (`mongodb://user:password@host:port/?authSource=admin`, root or userAdminAnyDatabase and
+/// dbAdminAnyDatabase), PostgreSQL (`postgres://user:password@host:port/postgres`, CREATEDB
+/// and CREATEROLE) and Redis (`redis://user:password@host:port`, a user that may run ACL).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct MongodbBackendConfig {
-    /// The admin connection: mongodb://user:password@host:port/?authSource=admin. The user
-    /// needs userAdminAnyDatabase and dbAdminAnyDatabase (or root).
+pub struct ServerBackendConfig {
     pub url: Secret,
+    /// Host and port written into credentials; default: the url's.
     #[serde(default)]
     pub public_host: Option<String>,
     #[serde(default)]
     pub public_port: Option<u16>,
+    /// Seconds to wait for the server before answering 503.
     #[serde(default = "five")]
     pub connect_timeout_secs: u64,
 }

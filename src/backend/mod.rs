@@ -11,13 +11,14 @@ pub mod swift;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::catalog::PlanLimits;
-use crate::config::Config;
+use crate::config::{Config, ServerBackendConfig};
 
 /// How a backend failed; the broker maps each to an OSB status.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -120,33 +121,51 @@ pub type Backends = HashMap<String, Arc<dyn Backend>>;
 /// The configured backends, by the name services refer to them with. Building them
 /// reaches no server.
 pub fn from_config(config: &Config) -> anyhow::Result<Backends> {
+    let c = &config.backends;
+    type Built = Option<anyhow::Result<Arc<dyn Backend>>>;
+    let built: [(&str, Built); 6] = [
+        (
+            "mysql",
+            c.mysql
+                .as_ref()
+                .map(|b| Ok(Arc::new(mysql::MysqlBackend::new(b)?) as _)),
+        ),
+        (
+            "mongodb",
+            c.mongodb
+                .as_ref()
+                .map(|b| Ok(Arc::new(mongodb::MongodbBackend::new(b)?) as _)),
+        ),
+        (
+            "postgresql",
+            c.postgresql
+                .as_ref()
+                .map(|b| Ok(Arc::new(postgresql::PostgresqlBackend::new(b)?) as _)),
+        ),
+        (
+            "redis",
+            c.redis
+                .as_ref()
+                .map(|b| Ok(Arc::new(redis::RedisBackend::new(b)?) as _)),
+        ),
+        (
+            "swift",
+            c.swift
+                .as_ref()
+                .map(|b| Ok(Arc::new(swift::SwiftBackend::new(b)?) as _)),
+        ),
+        (
+            "cubrid",
+            c.cubrid
+                .as_ref()
+                .map(|b| Ok(Arc::new(cubrid::CubridBackend::new(b)?) as _)),
+        ),
+    ];
     let mut backends: Backends = HashMap::new();
-    if let Some(mysql) = &config.backends.mysql {
-        backends.insert("mysql".into(), Arc::new(mysql::MysqlBackend::new(mysql)?));
-    }
-    if let Some(mongodb) = &config.backends.mongodb {
-        backends.insert(
-            "mongodb".into(),
-            Arc::new(mongodb::MongodbBackend::new(mongodb)?),
-        );
-    }
-    if let Some(swift) = &config.backends.swift {
-        backends.insert("swift".into(), Arc::new(swift::SwiftBackend::new(swift)?));
-    }
-    if let Some(cubrid) = &config.backends.cubrid {
-        backends.insert(
-            "cubrid".into(),
-            Arc::new(cubrid::CubridBackend::new(cubrid)?),
-        );
-    }
-    if let Some(postgresql) = &config.backends.postgresql {
-        backends.insert(
-            "postgresql".into(),
-            Arc::new(postgresql::PostgresqlBackend::new(postgresql)?),
-        );
-    }
-    if let Some(redis) = &config.backends.redis {
-        backends.insert("redis".into(), Arc::new(redis::RedisBackend::new(redis)?));
+    for (name, backend) in built {
+        if let Some(backend) = backend {
+            backends.insert(name.to_string(), backend?);
+        }
     }
     Ok(backends)
 }
@@ -175,6 +194,57 @@ pub fn only_known_parameters(
                 known.join(", ")
             }
         )))
+    }
+}
+
+/// Where a server backend is: as the broker reaches it (named in messages, never with
+/// secrets) and as apps reach it (written into credentials).
+pub(crate) struct Endpoint {
+    pub admin_address: String,
+    pub public_host: String,
+    pub public_port: u16,
+    pub timeout: Duration,
+}
+
+impl Endpoint {
+    /// Reads host and port from an admin URL of the given scheme.
+    pub(crate) fn of(
+        key: &str,
+        url: &str,
+        scheme: &str,
+        default_port: u16,
+        public_host: Option<&String>,
+        public_port: Option<u16>,
+        timeout_secs: u64,
+    ) -> anyhow::Result<Endpoint> {
+        let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let Some(host) = parsed.host_str().filter(|_| parsed.scheme() == scheme) else {
+            anyhow::bail!("{key}: must look like {scheme}://user:password@host:port");
+        };
+        let port = parsed.port().unwrap_or(default_port);
+        Ok(Endpoint {
+            admin_address: format!("{host}:{port}"),
+            public_host: public_host.cloned().unwrap_or_else(|| host.to_string()),
+            public_port: public_port.unwrap_or(port),
+            timeout: Duration::from_secs(timeout_secs.max(1)),
+        })
+    }
+
+    pub(crate) fn from_config(
+        key: &str,
+        config: &ServerBackendConfig,
+        scheme: &str,
+        default_port: u16,
+    ) -> anyhow::Result<Endpoint> {
+        Endpoint::of(
+            key,
+            config.url.expose(),
+            scheme,
+            default_port,
+            config.public_host.as_ref(),
+            config.public_port,
+            config.connect_timeout_secs,
+        )
     }
 }
 

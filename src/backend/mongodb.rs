@@ -5,8 +5,6 @@
 //! binding id for the user, which lives in the instance's own database so that dropping the
 //! database can leave no user behind.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use mongodb::bson::{doc, Document};
 use mongodb::error::{Error as MongoError, ErrorKind};
@@ -19,10 +17,10 @@ use tracing::instrument;
 
 use super::{
     database_name, fits, object, only_known_parameters, scrub, user_name, Backend, BackendError,
-    Parameters,
+    Endpoint, Parameters,
 };
 use crate::catalog::PlanLimits;
-use crate::config::MongodbBackendConfig;
+use crate::config::ServerBackendConfig;
 
 /// The collection provision creates: MongoDB keeps a database only while it holds one.
 const MARKER: &str = "brokerage_instance";
@@ -33,31 +31,15 @@ const USER_NOT_FOUND: i32 = 11;
 pub struct MongodbBackend {
     url: String,
     client: OnceCell<Client>,
-    admin_address: String,
-    public_host: String,
-    public_port: u16,
-    timeout: Duration,
+    at: Endpoint,
 }
 
 impl MongodbBackend {
-    pub fn new(config: &MongodbBackendConfig) -> anyhow::Result<Self> {
-        let url = config.url.expose();
-        let parsed =
-            url::Url::parse(url).map_err(|e| anyhow::anyhow!("backends.mongodb.url: {e}"))?;
-        if parsed.scheme() != "mongodb" || parsed.host_str().is_none() {
-            anyhow::bail!(
-                "backends.mongodb.url: must look like mongodb://user:password@host:port/?authSource=admin"
-            );
-        }
-        let host = parsed.host_str().unwrap_or("127.0.0.1").to_string();
-        let port = parsed.port().unwrap_or(27017);
+    pub fn new(config: &ServerBackendConfig) -> anyhow::Result<Self> {
         Ok(MongodbBackend {
-            url: url.to_string(),
+            at: Endpoint::from_config("backends.mongodb.url", config, "mongodb", 27017)?,
+            url: config.url.expose().to_string(),
             client: OnceCell::new(),
-            admin_address: format!("{host}:{port}"),
-            public_host: config.public_host.clone().unwrap_or(host),
-            public_port: config.public_port.unwrap_or(port),
-            timeout: Duration::from_secs(config.connect_timeout_secs.max(1)),
         })
     }
 
@@ -68,8 +50,8 @@ impl MongodbBackend {
                 let mut options = ClientOptions::parse(&self.url)
                     .await
                     .map_err(|e| self.error(e))?;
-                options.server_selection_timeout = Some(self.timeout);
-                options.connect_timeout = Some(self.timeout);
+                options.server_selection_timeout = Some(self.at.timeout);
+                options.connect_timeout = Some(self.at.timeout);
                 options.app_name = Some("brokerage".into());
                 Client::with_options(options).map_err(|e| self.error(e))
             })
@@ -82,9 +64,9 @@ impl MongodbBackend {
             | ErrorKind::Io(_)
             | ErrorKind::ConnectionPoolCleared { .. } => BackendError::Unavailable(format!(
                 "the MongoDB server at {} is unreachable: {e}",
-                self.admin_address
+                self.at.admin_address
             )),
-            _ => BackendError::Failed(format!("MongoDB server at {}: {e}", self.admin_address)),
+            _ => BackendError::Failed(format!("MongoDB server at {}: {e}", self.at.admin_address)),
         }
     }
 
@@ -147,7 +129,7 @@ fn command_code(e: &MongoError) -> Option<i32> {
 #[async_trait]
 impl Backend for MongodbBackend {
     fn describe(&self) -> String {
-        format!("mongodb backend at {}", self.admin_address)
+        format!("mongodb backend at {}", self.at.admin_address)
     }
 
     async fn check(&self) -> Result<(), BackendError> {
@@ -229,7 +211,7 @@ impl Backend for MongodbBackend {
         )
         .await
         .map_err(|e| scrub(e, &password))?;
-        let (host, port) = (&self.public_host, self.public_port);
+        let (host, port) = (&self.at.public_host, self.at.public_port);
         let credentials = json!({
             "uri": format!("mongodb://{user}:{password}@{host}:{port}/{db}?authSource={db}"),
             "host": host,

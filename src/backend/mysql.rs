@@ -6,8 +6,6 @@
 //! allows 32 characters). Grants escape `_` so one instance's grant never matches another
 //! instance's database.
 
-use std::time::Duration;
-
 use anyhow::Context;
 use async_trait::async_trait;
 use mysql_async::prelude::*;
@@ -18,7 +16,7 @@ use tracing::instrument;
 
 pub use super::{database_name, user_name};
 use super::{
-    fits, only_known_parameters, scrub, Backend, BackendError, BindingAccess, Parameters,
+    fits, only_known_parameters, scrub, Backend, BackendError, BindingAccess, Endpoint, Parameters,
     QuotaChange,
 };
 use crate::catalog::PlanLimits;
@@ -27,11 +25,7 @@ use crate::mysql::{self, SqlError};
 
 pub struct MysqlBackend {
     pool: Pool,
-    /// host:port as the broker reaches the server, for messages.
-    admin_address: String,
-    public_host: String,
-    public_port: u16,
-    timeout: Duration,
+    at: Endpoint,
     capacity_mb: Option<u64>,
     /// The CA of the server's TLS certificate, when the server is reached over TLS.
     ca_certificate: Option<String>,
@@ -41,9 +35,15 @@ const BIND_PARAMETERS: &[&str] = &["read-only"];
 
 impl MysqlBackend {
     pub fn new(config: &MysqlBackendConfig) -> anyhow::Result<Self> {
-        let url = url::Url::parse(config.url.expose())?;
-        let host = url.host_str().unwrap_or("127.0.0.1").to_string();
-        let port = url.port().unwrap_or(3306);
+        let at = Endpoint::of(
+            "backends.mysql.url",
+            config.url.expose(),
+            "mysql",
+            3306,
+            config.public_host.as_ref(),
+            config.public_port,
+            config.connect_timeout_secs,
+        )?;
         let ca_certificate = match &config.ca_certificate {
             Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
                 format!(
@@ -65,17 +65,14 @@ impl MysqlBackend {
                 ca_certificate.as_deref().map(str::as_bytes),
             )
             .map_err(|e| anyhow::anyhow!("backends.mysql.url: {e}"))?,
-            admin_address: format!("{host}:{port}"),
-            public_host: config.public_host.clone().unwrap_or(host),
-            public_port: config.public_port.unwrap_or(port),
-            timeout: Duration::from_secs(config.connect_timeout_secs.max(1)),
+            at,
             capacity_mb: config.max_total_storage_mb,
             ca_certificate,
         })
     }
 
     async fn conn(&self) -> Result<Conn, BackendError> {
-        mysql::conn(&self.pool, self.timeout)
+        mysql::conn(&self.pool, self.at.timeout)
             .await
             .map_err(|e| self.error(e))
     }
@@ -85,10 +82,10 @@ impl MysqlBackend {
         if e.is_unreachable() {
             BackendError::Unavailable(format!(
                 "the MySQL server at {} is unreachable: {e}",
-                self.admin_address
+                self.at.admin_address
             ))
         } else {
-            BackendError::Failed(format!("MySQL server at {}: {e}", self.admin_address))
+            BackendError::Failed(format!("MySQL server at {}: {e}", self.at.admin_address))
         }
     }
 
@@ -162,7 +159,7 @@ impl MysqlBackend {
 #[async_trait]
 impl Backend for MysqlBackend {
     fn describe(&self) -> String {
-        format!("mysql backend at {}", self.admin_address)
+        format!("mysql backend at {}", self.at.admin_address)
     }
 
     fn capacity_mb(&self) -> Option<u64> {
@@ -295,7 +292,7 @@ impl Backend for MysqlBackend {
             self.drop_user(&mut conn, &user).await?;
             return Err(e);
         }
-        let (host, port) = (&self.public_host, self.public_port);
+        let (host, port) = (&self.at.public_host, self.at.public_port);
         let jdbc_tls = if self.ca_certificate.is_some() {
             "&useSSL=true&requireSSL=true"
         } else {

@@ -6,8 +6,6 @@
 //! privileges, and on unbind they pass to the group rather than vanish. `REVOKE ... FROM
 //! PUBLIC` keeps every other role out of the database.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
 use serde_json::{json, Map, Value};
@@ -17,17 +15,14 @@ use tracing::instrument;
 
 use super::{
     database_name, fits, object, only_known_parameters, scrub, user_name, Backend, BackendError,
-    Parameters,
+    Endpoint, Parameters,
 };
 use crate::catalog::PlanLimits;
-use crate::config::PostgresqlBackendConfig;
+use crate::config::ServerBackendConfig;
 
 pub struct PostgresqlBackend {
     config: tokio_postgres::Config,
-    admin_address: String,
-    public_host: String,
-    public_port: u16,
-    timeout: Duration,
+    at: Endpoint,
 }
 
 /// The group role that owns an instance's database.
@@ -45,22 +40,15 @@ fn connection_limit(limits: PlanLimits) -> i64 {
 }
 
 impl PostgresqlBackend {
-    pub fn new(config: &PostgresqlBackendConfig) -> anyhow::Result<Self> {
+    pub fn new(config: &ServerBackendConfig) -> anyhow::Result<Self> {
         let parsed: tokio_postgres::Config = config
             .url
             .expose()
             .parse()
             .map_err(|e| anyhow::anyhow!("backends.postgresql.url: {e}"))?;
-        let url = url::Url::parse(config.url.expose())
-            .map_err(|e| anyhow::anyhow!("backends.postgresql.url: {e}"))?;
-        let host = url.host_str().unwrap_or("127.0.0.1").to_string();
-        let port = url.port().unwrap_or(5432);
         Ok(PostgresqlBackend {
+            at: Endpoint::from_config("backends.postgresql.url", config, "postgres", 5432)?,
             config: parsed,
-            admin_address: format!("{host}:{port}"),
-            public_host: config.public_host.clone().unwrap_or(host),
-            public_port: config.public_port.unwrap_or(port),
-            timeout: Duration::from_secs(config.connect_timeout_secs.max(1)),
         })
     }
 
@@ -68,27 +56,30 @@ impl PostgresqlBackend {
         if e.as_db_error().is_none() {
             BackendError::Unavailable(format!(
                 "the PostgreSQL server at {} is unreachable: {e}",
-                self.admin_address
+                self.at.admin_address
             ))
         } else {
-            BackendError::Failed(format!("PostgreSQL server at {}: {e}", self.admin_address))
+            BackendError::Failed(format!(
+                "PostgreSQL server at {}: {e}",
+                self.at.admin_address
+            ))
         }
     }
 
     /// An admin connection to `database` (the configured one when `None`).
     async fn connect(&self, database: Option<&str>) -> Result<Client, BackendError> {
         let mut config = self.config.clone();
-        config.connect_timeout(self.timeout);
+        config.connect_timeout(self.at.timeout);
         if let Some(db) = database {
             config.dbname(db);
         }
-        let connecting = tokio::time::timeout(self.timeout, config.connect(NoTls));
+        let connecting = tokio::time::timeout(self.at.timeout, config.connect(NoTls));
         let (client, connection) = connecting
             .await
             .map_err(|_| {
                 BackendError::Unavailable(format!(
                     "the PostgreSQL server at {} did not answer within {:?}",
-                    self.admin_address, self.timeout
+                    self.at.admin_address, self.at.timeout
                 ))
             })?
             .map_err(|e| self.error(e))?;
@@ -149,7 +140,7 @@ impl PostgresqlBackend {
 #[async_trait]
 impl Backend for PostgresqlBackend {
     fn describe(&self) -> String {
-        format!("postgresql backend at {}", self.admin_address)
+        format!("postgresql backend at {}", self.at.admin_address)
     }
 
     async fn check(&self) -> Result<(), BackendError> {
@@ -294,7 +285,7 @@ impl Backend for PostgresqlBackend {
             self.unbind(instance_id, binding_id).await?;
             return Err(e);
         }
-        let (host, port) = (&self.public_host, self.public_port);
+        let (host, port) = (&self.at.public_host, self.at.public_port);
         Ok(object(json!({
             "hostname": host,
             "port": port,

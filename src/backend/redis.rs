@@ -5,8 +5,6 @@
 //! ACL users live in the server's memory; the broker runs `ACL SAVE` after each change so a
 //! server with an `aclfile` keeps them across restarts.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
 use redis::aio::MultiplexedConnection;
@@ -16,17 +14,14 @@ use tracing::instrument;
 
 use super::{
     database_name, object, only_known_parameters, scrub, user_name, Backend, BackendError,
-    Parameters,
+    Endpoint, Parameters,
 };
 use crate::catalog::PlanLimits;
-use crate::config::RedisBackendConfig;
+use crate::config::ServerBackendConfig;
 
 pub struct RedisBackend {
     client: redis::Client,
-    admin_address: String,
-    public_host: String,
-    public_port: u16,
-    timeout: Duration,
+    at: Endpoint,
 }
 
 /// The keys (and channels) an instance owns start with this.
@@ -40,21 +35,11 @@ pub fn acl_user(instance_id: &str, binding_id: &str) -> String {
 }
 
 impl RedisBackend {
-    pub fn new(config: &RedisBackendConfig) -> anyhow::Result<Self> {
-        let url = url::Url::parse(config.url.expose())
-            .map_err(|e| anyhow::anyhow!("backends.redis.url: {e}"))?;
-        if url.scheme() != "redis" || url.host_str().is_none() {
-            anyhow::bail!("backends.redis.url: must look like redis://user:password@host:port");
-        }
-        let host = url.host_str().unwrap_or("127.0.0.1").to_string();
-        let port = url.port().unwrap_or(6379);
+    pub fn new(config: &ServerBackendConfig) -> anyhow::Result<Self> {
         Ok(RedisBackend {
+            at: Endpoint::from_config("backends.redis.url", config, "redis", 6379)?,
             client: redis::Client::open(config.url.expose())
                 .map_err(|e| anyhow::anyhow!("backends.redis.url: {e}"))?,
-            admin_address: format!("{host}:{port}"),
-            public_host: config.public_host.clone().unwrap_or(host),
-            public_port: config.public_port.unwrap_or(port),
-            timeout: Duration::from_secs(config.connect_timeout_secs.max(1)),
         })
     }
 
@@ -62,25 +47,28 @@ impl RedisBackend {
         if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() {
             BackendError::Unavailable(format!(
                 "the Redis server at {} is unreachable: {e}",
-                self.admin_address
+                self.at.admin_address
             ))
         } else {
-            BackendError::Failed(format!("Redis server at {}: {e}", self.admin_address))
+            BackendError::Failed(format!("Redis server at {}: {e}", self.at.admin_address))
         }
     }
 
     fn late(&self) -> BackendError {
         BackendError::Unavailable(format!(
             "the Redis server at {} did not answer within {:?}",
-            self.admin_address, self.timeout
+            self.at.admin_address, self.at.timeout
         ))
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, BackendError> {
-        tokio::time::timeout(self.timeout, self.client.get_multiplexed_async_connection())
-            .await
-            .map_err(|_| self.late())?
-            .map_err(|e| self.error(e))
+        tokio::time::timeout(
+            self.at.timeout,
+            self.client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| self.late())?
+        .map_err(|e| self.error(e))
     }
 
     async fn run<T: redis::FromRedisValue>(
@@ -88,7 +76,7 @@ impl RedisBackend {
         con: &mut MultiplexedConnection,
         cmd: &Cmd,
     ) -> Result<T, BackendError> {
-        tokio::time::timeout(self.timeout, cmd.query_async(con))
+        tokio::time::timeout(self.at.timeout, cmd.query_async(con))
             .await
             .map_err(|_| self.late())?
             .map_err(|e| self.error(e))
@@ -118,7 +106,7 @@ impl RedisBackend {
 #[async_trait]
 impl Backend for RedisBackend {
     fn describe(&self) -> String {
-        format!("redis backend at {}", self.admin_address)
+        format!("redis backend at {}", self.at.admin_address)
     }
 
     async fn check(&self) -> Result<(), BackendError> {
@@ -218,7 +206,7 @@ impl Backend for RedisBackend {
             .await
             .map_err(|e| scrub(e, &password))?;
         self.save_acl(&mut con).await;
-        let (host, port) = (&self.public_host, self.public_port);
+        let (host, port) = (&self.at.public_host, self.at.public_port);
         Ok(object(json!({
             "host": host,
             "port": port,

@@ -4,7 +4,7 @@
 //! run SQL. These tests show which commands the broker builds and in what order, that they
 //! need no shell, and how failures are rolled back, not that CUBRID itself accepts them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use brokerage::backend::cubrid::cubrid_database_name;
@@ -94,10 +94,6 @@ fn argv(entry: &Value) -> Vec<&str> {
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect()
-}
-
-fn exists(path: &Path) -> bool {
-    path.exists()
 }
 
 #[tokio::test]
@@ -196,7 +192,7 @@ async fn stand_in_commands_run_without_a_shell_and_credentials_work_only_for_the
             vec!["deletedb".to_string(), db_a.clone()]
         ]
     );
-    assert!(!exists(&dir_a), "the directory is gone");
+    assert!(!dir_a.exists(), "the directory is gone");
     app.deprovision(&a, CUBRID_SERVICE, CUBRID_PLAN)
         .await
         .expect(410);
@@ -230,7 +226,7 @@ async fn stand_in_a_server_that_will_not_start_leaves_no_database_and_no_record(
         .collect();
     assert!(tools.iter().any(|c| c.starts_with("createdb")), "{tools:?}");
     assert!(tools.contains(&format!("deletedb {db}")), "{tools:?}");
-    assert!(!exists(&cubrid.path(&format!("databases/{db}"))));
+    assert!(!cubrid.path(&format!("databases/{db}")).exists());
 
     // Once the server starts again, the same provision succeeds.
     std::fs::remove_file(cubrid.path("fail")).unwrap();
