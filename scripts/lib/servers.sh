@@ -1,6 +1,7 @@
 # Sourced by scripts/test and scripts/bench: installs what is missing and starts throwaway
 # servers with their data under the given directories, on free ports. Each stops when the
-# shell exits.
+# shell exits. A server that does not start is named, the tail of its log printed, and the
+# script exits non-zero (server_failed).
 # After `start_throwaway_mariadb DIR`, MARIADB_URL names it and MARIADB_CA is the CA of its
 # TLS certificate (clients may use TLS or not); it stops when the shell exits.
 
@@ -29,20 +30,65 @@ ensure_packages() {
   fi
 }
 
-# Every server started here is stopped when the shell exits.
+# Every server started here is stopped when the shell exits, and the directories in
+# SERVER_DIRS (data kept outside the checkout) are removed then.
 SERVER_PIDS=()
+SERVER_DIRS=()
+stop_servers() {
+  local p
+  for p in "${SERVER_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null || true
+  for p in "${SERVER_DIRS[@]}"; do rm -rf "$p"; done
+}
 stop_on_exit() {
   SERVER_PIDS+=("$1")
-  trap 'for p in "${SERVER_PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null || true' EXIT
+  trap stop_servers EXIT
 }
 
-# Waits until something accepts TCP connections on 127.0.0.1:$1, for at most $2 seconds.
+# `server_failed NAME WHY LOG...`: says which server did not start and why, prints the last
+# lines of each log given, and exits non-zero.
+server_failed() {
+  local name=$1 why=$2 log
+  shift 2
+  echo "!! $name did not start: $why" >&2
+  for log in "$@"; do
+    if [ -s "$log" ]; then
+      echo "!! last lines of $log:" >&2
+      tail -n 25 "$log" | sed 's/^/   | /' >&2
+    else
+      echo "!! $log is empty or missing" >&2
+    fi
+  done
+  exit 1
+}
+
+# `wait_for_port PORT SECONDS PID`: waits until something accepts TCP connections on
+# 127.0.0.1:PORT. With PID, fails as soon as that process has exited, and also when it exits
+# just after the port answers (then someone else holds the port).
 wait_for_port() {
-  local port=$1 deadline=$((SECONDS + ${2:-30}))
+  local port=$1 deadline=$((SECONDS + ${2:-30})) pid=${3:-}
   until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
-    [ $SECONDS -lt "$deadline" ] || { echo "nothing answers on port $port" >&2; return 1; }
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+      echo "the process exited before answering on port $port"
+      return 1
+    fi
+    [ $SECONDS -lt "$deadline" ] || { echo "nothing answers on port $port after ${2:-30} s"; return 1; }
     sleep 0.2
   done
+  if [ -n "$pid" ]; then
+    sleep 0.5
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "the process exited although port $port answers (is another process using it?)"
+      return 1
+    fi
+  fi
+}
+
+# `expect_port NAME PORT SECONDS PID LOG...`: wait_for_port, or server_failed with the logs.
+expect_port() {
+  local name=$1 port=$2 secs=$3 pid=$4 why
+  shift 4
+  why=$(wait_for_port "$port" "$secs" "$pid") || server_failed "$name" "$why" "$@"
 }
 
 free_port() {
@@ -50,7 +96,7 @@ free_port() {
 }
 
 start_throwaway_mariadb() {
-  local data=$1 mariadbd port
+  local data=$1 mariadbd port pid sock link
   mariadbd=$(command -v mariadbd || echo /usr/sbin/mariadbd)
   rm -rf "$data"
   mkdir -p "$data"
@@ -62,19 +108,29 @@ start_throwaway_mariadb() {
   openssl x509 -req -in "$data/server.csr" -CA "$data/ca.pem" -CAkey "$data/ca.key" \
     -CAcreateserial -days 30 -out "$data/server.pem" \
     -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n') 2>/dev/null
-  mariadb-install-db --no-defaults --datadir="$data/db" --user="$(id -un)" \
-    --auth-root-authentication-method=normal --skip-test-db >"$data/install.log" 2>&1
+  # mariadb-install-db splits its paths at spaces: hand it a link without any.
+  link=$(mktemp -d)
+  SERVER_DIRS+=("$link")
+  trap stop_servers EXIT
+  ln -s "$data" "$link/data"
+  mariadb-install-db --no-defaults --datadir="$link/data/db" --user="$(id -un)" \
+    --auth-root-authentication-method=normal --skip-test-db >"$data/install.log" 2>&1 \
+    || server_failed MariaDB "mariadb-install-db failed" "$data/install.log"
   port=$(free_port)
+  sock=$data/sock
   "$mariadbd" --no-defaults --datadir="$data/db" --user="$(id -un)" --bind-address=127.0.0.1 \
-    --port="$port" --socket="$data/sock" --pid-file="$data/pid" --skip-name-resolve \
+    --port="$port" --socket="$sock" --pid-file="$data/pid" --skip-name-resolve \
     --max-connections=1000 --log-error="$data/error.log" \
     --ssl-ca="$data/ca.pem" --ssl-cert="$data/server.pem" --ssl-key="$data/server.key" &
-  stop_on_exit $!
+  pid=$!
+  stop_on_exit $pid
+  expect_port MariaDB "$port" 30 "$pid" "$data/error.log"
   for _ in $(seq 1 100); do
-    if mariadb-admin --no-defaults --socket="$data/sock" -uroot ping >/dev/null 2>&1; then break; fi
+    if mariadb-admin --no-defaults --socket="$sock" -uroot ping >/dev/null 2>&1; then break; fi
     sleep 0.2
   done
-  mariadb-admin --no-defaults --socket="$data/sock" -uroot ping >/dev/null
+  mariadb-admin --no-defaults --socket="$sock" -uroot ping >/dev/null 2>&1 \
+    || server_failed MariaDB "it does not answer mariadb-admin ping" "$data/error.log"
   MARIADB_URL="mysql://root@127.0.0.1:$port"
   MARIADB_CA="$data/ca.pem"
   echo "== throwaway MariaDB on 127.0.0.1:$port (data in $data)"
@@ -98,8 +154,9 @@ start_throwaway_mongodb() {
   "$venv/bin/secantusd-py" --host 127.0.0.1 --port "$port" --storage-path "$data/db" \
     --standalone >"$data/setup.log" 2>&1 &
   pid=$!
-  wait_for_port "$port" 60
-  "$venv/bin/python" - "$port" <<'PY'
+  expect_port "MongoDB-compatible server (secantusdb, setup run)" "$port" 60 "$pid" "$data/setup.log"
+  "$venv/bin/python" - "$port" >>"$data/setup.log" 2>&1 <<'PY' \
+    || server_failed "MongoDB-compatible server (secantusdb)" "creating its admin user failed" "$data/setup.log"
 import sys, pymongo
 client = pymongo.MongoClient(f"mongodb://127.0.0.1:{sys.argv[1]}/?directConnection=true")
 client.admin.command("createUser", "admin", pwd="test-admin-password",
@@ -109,8 +166,9 @@ PY
   wait "$pid" 2>/dev/null || true
   "$venv/bin/secantusd-py" --host 127.0.0.1 --port "$port" --storage-path "$data/db" \
     --standalone --auth >"$data/server.log" 2>&1 &
-  stop_on_exit $!
-  wait_for_port "$port" 60
+  pid=$!
+  stop_on_exit $pid
+  expect_port "MongoDB-compatible server (secantusdb)" "$port" 60 "$pid" "$data/server.log"
   MONGODB_URL="mongodb://admin:test-admin-password@127.0.0.1:$port/?authSource=admin"
   echo "== throwaway MongoDB-compatible server (secantusdb) on 127.0.0.1:$port (data in $data)"
 }
@@ -148,12 +206,14 @@ prepare_swauth() {
 # swauth's super admin key.
 start_throwaway_swift() {
   local swauth=$1 data=$2 proxy account container object memc kind port
+  local -A pids=()
   prepare_swauth "$swauth" "$3"
   rm -rf "$data"
   mkdir -p "$data/etc" "$data/node/d1" "$data/run" "$data/log"
   proxy=$(free_port) account=$(free_port) container=$(free_port) object=$(free_port) memc=$(free_port)
   SWIFT_ADMIN_KEY=test-swauth-admin-key
   memcached -l 127.0.0.1 -p "$memc" -U 0 -u "$(id -un)" >"$data/log/memcached.log" 2>&1 &
+  pids[memcached]=$!
   stop_on_exit $!
   for kind in account container object; do
     eval "port=\$$kind"
@@ -183,6 +243,7 @@ use = egg:swift#$kind
 [object-expirer]
 CONF
     "swift-$kind-server" "$data/etc/$kind-server.conf" >"$data/log/$kind.log" 2>&1 &
+    pids[$kind]=$!
     stop_on_exit $!
   done
   cat >"$data/etc/proxy-server.conf" <<CONF
@@ -235,53 +296,77 @@ interval = 5
 concurrency = 1
 CONF
   PYTHONPATH="$swauth" swift-proxy-server "$data/etc/proxy-server.conf" >"$data/log/proxy.log" 2>&1 &
+  pids[proxy]=$!
   stop_on_exit $!
   swift-container-updater "$data/etc/updaters.conf" >"$data/log/container-updater.log" 2>&1 &
   stop_on_exit $!
   swift-object-updater "$data/etc/updaters.conf" >"$data/log/object-updater.log" 2>&1 &
   stop_on_exit $!
-  for port in $account $container $object $proxy; do wait_for_port "$port" 60; done
+  expect_port "Swift memcached" "$memc" 30 "${pids[memcached]}" "$data/log/memcached.log"
+  for kind in account container object; do
+    eval "port=\$$kind"
+    expect_port "Swift $kind server" "$port" 60 "${pids[$kind]}" "$data/log/$kind.log"
+  done
+  expect_port "Swift proxy (with swauth)" "$proxy" 60 "${pids[proxy]}" "$data/log/proxy.log"
   # swauth keeps its accounts in Swift itself: prepare its .auth account once.
   curl -fsS -o /dev/null -X POST -H "X-Auth-Admin-User: .super_admin" \
-    -H "X-Auth-Admin-Key: $SWIFT_ADMIN_KEY" "http://127.0.0.1:$proxy/auth/v2/.prep"
+    -H "X-Auth-Admin-Key: $SWIFT_ADMIN_KEY" "http://127.0.0.1:$proxy/auth/v2/.prep" \
+    2>"$data/log/prep.log" \
+    || server_failed "Swift proxy (with swauth)" "swauth's .prep was refused" \
+      "$data/log/prep.log" "$data/log/proxy.log"
   SWIFT_URL="http://127.0.0.1:$proxy"
   export SWIFT_ADMIN_KEY
   echo "== throwaway Swift with swauth on 127.0.0.1:$proxy (data in $data)"
 }
 
-# PostgreSQL (Debian's packages) as the postgres system user, which the package creates:
-# PostgreSQL refuses to run as root. Data under $1, password authentication over TCP.
+# PostgreSQL (Debian's packages), password authentication over TCP. PostgreSQL refuses to
+# run as root, so under root it runs as the postgres system user (the package creates it),
+# and that user may not be able to enter the checkout (a clone in /root or in a 0700
+# directory): its data directory is then one of its own under the system's temporary
+# directory (`mktemp -d`, owned by postgres, removed on exit), and $1 keeps only a link to
+# it and the logs. Run as any other user, the data lives under $1.
 # After `start_throwaway_postgresql DIR`, POSTGRESQL_URL names its superuser.
 start_throwaway_postgresql() {
-  local data=$1 bin port run=()
-  bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-  [ "$(id -u)" -eq 0 ] && run=(runuser -u postgres --)
+  local data=$1 bin port pid run=() db
+  bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  [ -n "$bin" ] || server_failed PostgreSQL "no /usr/lib/postgresql/*/bin/initdb is installed"
   rm -rf "$data"
   mkdir -p "$data"
-  echo "test-postgres-password" >"$data/pwfile"
-  [ "$(id -u)" -eq 0 ] && chown -R postgres "$data"
-  "${run[@]}" "$bin/initdb" -D "$data/db" -U postgres --pwfile="$data/pwfile" \
-    --auth-local=trust --auth-host=scram-sha-256 >"$data/initdb.log" 2>&1
+  db=$data
+  if [ "$(id -u)" -eq 0 ]; then
+    run=(runuser -u postgres --)
+    db=$(mktemp -d "${TMPDIR:-/tmp}/brokerage-test-postgresql.XXXXXX")
+    chown postgres "$db"
+    ln -s "$db" "$data/private"
+    SERVER_DIRS+=("$db")
+    trap stop_servers EXIT
+  fi
+  "${run[@]}" sh -c 'echo test-postgres-password >"$1/pwfile"' sh "$db"
+  "${run[@]}" "$bin/initdb" -D "$db/db" -U postgres --pwfile="$db/pwfile" \
+    --auth-local=trust --auth-host=scram-sha-256 >"$data/initdb.log" 2>&1 \
+    || server_failed PostgreSQL "initdb failed (data directory $db/db)" "$data/initdb.log"
   port=$(free_port)
-  "${run[@]}" "$bin/postgres" -D "$data/db" -h 127.0.0.1 -p "$port" -k "$data" \
+  "${run[@]}" "$bin/postgres" -D "$db/db" -h 127.0.0.1 -p "$port" -k "$db" \
     -c max_connections=300 >"$data/server.log" 2>&1 &
-  stop_on_exit $!
-  wait_for_port "$port" 60
+  pid=$!
+  stop_on_exit $pid
+  expect_port PostgreSQL "$port" 60 "$pid" "$data/server.log"
   POSTGRESQL_URL="postgres://postgres:test-postgres-password@127.0.0.1:$port/postgres"
-  echo "== throwaway PostgreSQL on 127.0.0.1:$port (data in $data)"
+  echo "== throwaway PostgreSQL on 127.0.0.1:$port (data in $db/db, logs in $data)"
 }
 
 # Redis (Debian's package) with a password on its default user and nothing kept on disk.
 # After `start_throwaway_redis DIR`, REDIS_URL names its admin.
 start_throwaway_redis() {
-  local data=$1 port
+  local data=$1 port pid
   rm -rf "$data"
   mkdir -p "$data"
   port=$(free_port)
   redis-server --bind 127.0.0.1 --port "$port" --dir "$data" --save "" --appendonly no \
     --requirepass test-redis-password --logfile "$data/server.log" &
-  stop_on_exit $!
-  wait_for_port "$port" 30
+  pid=$!
+  stop_on_exit $pid
+  expect_port Redis "$port" 30 "$pid" "$data/server.log"
   REDIS_URL="redis://default:test-redis-password@127.0.0.1:$port"
   echo "== throwaway Redis on 127.0.0.1:$port (data in $data)"
 }
