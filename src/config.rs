@@ -14,7 +14,6 @@ use url::Url;
 use crate::catalog::ServiceConfig;
 
 pub const DEFAULTS: &str = include_str!("../config/brokerage.yml");
-pub const DEFAULT_PASSWORD: &str = "brokerage-dev-password";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -53,12 +52,15 @@ pub struct SsoConfig {
     pub cloud_controller_url: Option<String>,
     /// Scheme for the hosts `X-Api-Info-Location` names.
     pub api_info_scheme: String,
+    /// Hosts (`host` or `host:port`) a provision's `X-Api-Info-Location` may name, besides
+    /// `cloud_controller_url`'s. Any other is ignored: the broker connects only to platforms
+    /// the operator named.
+    #[serde(default)]
+    pub allowed_cloud_controllers: Vec<String>,
     pub session_secret: Secret,
     pub session_lifetime_secs: u64,
     pub timeout_secs: u64,
 }
-
-pub const DEFAULT_SESSION_SECRET: &str = "brokerage-dev-session-secret-change-me-please";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +79,16 @@ pub struct Listen {
     /// Serve HTTPS with this certificate and key (PEM files); plain HTTP when absent.
     #[serde(default)]
     pub tls: Option<ListenTls>,
+    /// Seconds a connection has to complete its TLS handshake and each request head.
+    pub header_timeout_secs: u64,
+    /// Seconds a request body may take to arrive in full (then 408).
+    pub body_timeout_secs: u64,
+    /// Seconds a keep-alive connection may sit with no request before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Connections open at once; past it, new ones wait until one closes.
+    pub max_connections: usize,
+    /// On SIGTERM: seconds requests in flight and background operations get to finish.
+    pub shutdown_deadline_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -123,6 +135,8 @@ pub struct BrokerSettings {
     pub operation_timeout_secs: u64,
     pub retry_after_secs: u64,
     pub max_body_bytes: usize,
+    /// `/ready` probes the store and backends at most once per this many seconds.
+    pub ready_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -334,6 +348,21 @@ impl Config {
         if self.broker.max_body_bytes < 1024 {
             bail!("broker.max_body_bytes: must be at least 1024");
         }
+        if self.broker.ready_interval_secs == 0 {
+            bail!("broker.ready_interval_secs: must be at least 1");
+        }
+        let l = &self.listen;
+        if l.header_timeout_secs == 0 || l.body_timeout_secs == 0 || l.idle_timeout_secs == 0 {
+            bail!("listen.header_timeout_secs, body_timeout_secs and idle_timeout_secs: must be at least 1");
+        }
+        if l.max_connections == 0 {
+            bail!("listen.max_connections: must be at least 1");
+        }
+        for (i, host) in self.sso.allowed_cloud_controllers.iter().enumerate() {
+            if crate::dashboard::api_host(host).is_none() {
+                bail!("sso.allowed_cloud_controllers[{i}]: {host:?} must be a host or host:port");
+            }
+        }
         match &self.store {
             StoreConfig::Mysql { url, .. } => check_mysql_url("store.url", url)?,
             StoreConfig::Embedded { path, .. } if path.as_os_str().is_empty() => {
@@ -397,11 +426,45 @@ impl Config {
         Ok(())
     }
 
-    pub fn uses_default_password(&self) -> bool {
-        self.auth
-            .credentials
-            .iter()
-            .any(|c| c.password.expose() == DEFAULT_PASSWORD)
+    /// The keys still holding a secret that ships with Brokerage (in the built-in defaults or
+    /// `config/all-backends.yml`), which anybody can read.
+    pub fn default_secrets(&self) -> Vec<String> {
+        let shipped = shipped_secrets();
+        let mut mine: Vec<(String, &str)> = Vec::new();
+        for (key, list) in [
+            ("auth.credentials", &self.auth.credentials),
+            ("metrics.credentials", &self.metrics.credentials),
+        ] {
+            for (i, c) in list.iter().enumerate() {
+                mine.push((format!("{key}[{i}].password"), c.password.expose()));
+            }
+        }
+        mine.push((
+            "sso.session_secret".into(),
+            self.sso.session_secret.expose(),
+        ));
+        for s in &self.catalog.services {
+            if let Some(dc) = &s.service.dashboard_client {
+                let key = format!(
+                    "catalog service {}: dashboard_client.secret",
+                    s.service.name
+                );
+                mine.push((key, &dc.secret));
+            }
+        }
+        if let Some(swift) = &self.backends.swift {
+            mine.push(("backends.swift.admin_key".into(), swift.admin_key.expose()));
+        }
+        if let Some(cubrid) = &self.backends.cubrid {
+            mine.push((
+                "backends.cubrid.dba_password".into(),
+                cubrid.dba_password.expose(),
+            ));
+        }
+        mine.into_iter()
+            .filter(|(_, value)| shipped.iter().any(|s| s == value))
+            .map(|(key, _)| key)
+            .collect()
     }
 
     /// The effective configuration as YAML, every secret masked.
@@ -424,6 +487,40 @@ impl Config {
         }
         serde_yaml::to_string(&masked).unwrap_or_default()
     }
+}
+
+/// Every secret value written in the configuration files that ship with Brokerage.
+fn shipped_secrets() -> Vec<String> {
+    const KEYS: &[&str] = &[
+        "password",
+        "secret",
+        "session_secret",
+        "admin_key",
+        "dba_password",
+    ];
+    fn walk(value: &serde_yaml::Value, out: &mut Vec<String>) {
+        match value {
+            serde_yaml::Value::Mapping(map) => {
+                for (k, v) in map {
+                    if let (Some(k), Some(v)) = (k.as_str(), v.as_str()) {
+                        if KEYS.contains(&k) {
+                            out.push(v.to_string());
+                        }
+                    }
+                    walk(v, out);
+                }
+            }
+            serde_yaml::Value::Sequence(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for file in [DEFAULTS, include_str!("../config/all-backends.yml")] {
+        if let Ok(value) = serde_yaml::from_str(file) {
+            walk(&value, &mut out);
+        }
+    }
+    out
 }
 
 /// The first MySQL service in Cloud Foundry's `VCAP_SERVICES`, as a URL.
@@ -502,6 +599,24 @@ fn describe_figment_error(e: figment::Error) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::vcap_mysql_url;
+    use figment::providers::Format;
+
+    #[test]
+    fn shipped_secrets_are_named() {
+        let config: super::Config = figment::Figment::new()
+            .merge(figment::providers::Yaml::string(super::DEFAULTS))
+            .extract()
+            .unwrap();
+        let found = config.default_secrets();
+        for key in [
+            "auth.credentials[0].password",
+            "metrics.credentials[0].password",
+            "sso.session_secret",
+            "catalog service mysql-db: dashboard_client.secret",
+        ] {
+            assert!(found.iter().any(|f| f == key), "{key} not in {found:?}");
+        }
+    }
 
     #[test]
     fn vcap_services_name_the_store() {

@@ -60,8 +60,88 @@ pub struct Dashboard {
     broker: Broker,
     sso: Arc<sso::Sso>,
     links: sso::DashboardLinks,
-    fallback_cc: Option<Url>,
-    api_info_scheme: String,
+    platforms: Arc<Platforms>,
+}
+
+/// `X-Api-Info-Location` (`host[:port]`, optionally followed by `/v2/info`) as a lowercase
+/// `host[:port]`, or `None` when it is anything else (a scheme, credentials, another path).
+pub fn api_host(location: &str) -> Option<String> {
+    let host = location
+        .trim()
+        .trim_end_matches('/')
+        .trim_end_matches("/v2/info");
+    if host.is_empty()
+        || host.contains(['/', '@', '\\', '?', '#'])
+        || host.contains(char::is_whitespace)
+    {
+        return None;
+    }
+    let url = Url::parse(&format!("http://{host}")).ok()?;
+    let name = url.host_str()?;
+    Some(match url.port() {
+        Some(port) => format!("{name}:{port}"),
+        None => name.to_string(),
+    })
+}
+
+/// The Cloud Controllers the operator allows: `sso.cloud_controller_url` and
+/// `sso.allowed_cloud_controllers`. The broker connects to no other platform host, whatever
+/// a provision's `X-Api-Info-Location` says.
+pub struct Platforms {
+    configured: Option<Url>,
+    allowed: Vec<String>,
+    scheme: String,
+}
+
+impl Platforms {
+    pub fn new(sso: &crate::config::SsoConfig) -> anyhow::Result<Self> {
+        let configured = sso
+            .cloud_controller_url
+            .as_deref()
+            .map(Url::parse)
+            .transpose()?;
+        let mut allowed: Vec<String> = sso
+            .allowed_cloud_controllers
+            .iter()
+            .filter_map(|h| api_host(h))
+            .collect();
+        if let Some(host) = configured.as_ref().and_then(|cc| {
+            let name = cc.host_str()?;
+            Some(match cc.port() {
+                Some(port) => format!("{name}:{port}"),
+                None => name.to_string(),
+            })
+        }) {
+            allowed.push(host.to_ascii_lowercase());
+        }
+        Ok(Platforms {
+            configured,
+            allowed,
+            scheme: sso.api_info_scheme.clone(),
+        })
+    }
+
+    /// What a provision's `X-Api-Info-Location` is recorded as: its host, when allowed.
+    pub fn admit(&self, location: &str) -> Option<String> {
+        let host = api_host(location).filter(|h| self.allowed.contains(h));
+        if host.is_none() {
+            tracing::warn!(
+                location = %location.chars().filter(|c| !c.is_control()).take(200).collect::<String>(),
+                "X-Api-Info-Location names a host the operator did not allow (sso.cloud_controller_url, sso.allowed_cloud_controllers): ignored"
+            );
+        }
+        host
+    }
+
+    /// The Cloud Controller to ask about an instance: the allowed one that provisioned it,
+    /// or the configured one.
+    pub fn cloud_controller(&self, recorded: Option<&str>) -> Option<Url> {
+        recorded
+            .and_then(api_host)
+            .filter(|h| self.allowed.contains(h))
+            .and_then(|host| Url::parse(&format!("{}://{host}", self.scheme)).ok())
+            .or_else(|| self.configured.clone())
+    }
 }
 
 fn message(status: u16, title: &str, text: impl Into<String>) -> Outcome {
@@ -96,15 +176,13 @@ impl Dashboard {
         broker: Broker,
         sso: Arc<sso::Sso>,
         links: sso::DashboardLinks,
-        fallback_cc: Option<Url>,
-        api_info_scheme: String,
+        platforms: Arc<Platforms>,
     ) -> Self {
         Dashboard {
             broker,
             sso,
             links,
-            fallback_cc,
-            api_info_scheme,
+            platforms,
         }
     }
 
@@ -162,15 +240,10 @@ impl Dashboard {
         })
     }
 
-    /// The Cloud Controller that provisioned the instance, or the configured one.
+    /// The Cloud Controller that provisioned the instance (if allowed), or the configured one.
     fn cloud_controller(&self, record: &InstanceRecord) -> Option<Url> {
-        record
-            .api_info_location
-            .as_deref()
-            .map(|loc| loc.trim_end_matches('/').trim_end_matches("/v2/info"))
-            .filter(|host| !host.is_empty() && !host.contains("://"))
-            .and_then(|host| Url::parse(&format!("{}://{host}", self.api_info_scheme)).ok())
-            .or_else(|| self.fallback_cc.clone())
+        self.platforms
+            .cloud_controller(record.api_info_location.as_deref())
     }
 
     pub async fn visit(&self, id: &str, path_and_query: &str, cookies: Option<&str>) -> Outcome {
@@ -181,7 +254,14 @@ impl Dashboard {
         let Some(cc) = self.cloud_controller(&record) else {
             return no_cloud_controller();
         };
-        let Some(session) = self.sso.sessions().open_session(cookies) else {
+        // A session works only with the Cloud Controller it was issued for: its token is
+        // never shown to another.
+        let session = self
+            .sso
+            .sessions()
+            .open_session(cookies)
+            .filter(|s| s.cloud_controller == cc.as_str());
+        let Some(session) = session else {
             let uaa = match self.uaa(&cc).await {
                 Ok(uaa) => uaa,
                 Err(outcome) => return outcome,
@@ -340,7 +420,8 @@ impl Dashboard {
             Err(outcome) => return outcome,
         };
         match self.sso.complete(&uaa, &client, pending, code).await {
-            Ok(session) => {
+            Ok(mut session) => {
+                session.cloud_controller = cc.to_string();
                 tracing::info!(user = %session.user_id, instance_id = %instance_id, "dashboard login");
                 Outcome::Redirect {
                     location: return_path,

@@ -25,6 +25,9 @@ pub enum OsbError {
     /// 410 with `{}`: deprovision or unbind of what does not exist.
     #[error("gone")]
     Gone,
+    /// 408: the request body did not arrive in time.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// 412: missing or unsupported `X-Broker-API-Version`.
     #[error("{0}")]
     PreconditionFailed(String),
@@ -75,6 +78,7 @@ impl OsbError {
             NotFound(_) => 404,
             MethodNotAllowed => 405,
             Conflict(_) => 409,
+            RequestTimeout => 408,
             Gone => 410,
             PreconditionFailed(_) => 412,
             PayloadTooLarge(_) => 413,
@@ -101,6 +105,7 @@ impl OsbError {
             NotFound(_) => "NotFound",
             MethodNotAllowed => "MethodNotAllowed",
             Conflict(_) => "Conflict",
+            RequestTimeout => "RequestTimeout",
             Gone => "Gone",
             PreconditionFailed(_) => "PreconditionFailed",
             PayloadTooLarge(_) => "PayloadTooLarge",

@@ -65,8 +65,15 @@ impl RequestHarness {
                 broker,
                 &config.auth.credentials,
                 &config.metrics.credentials,
-                65536,
+                http::Limits {
+                    max_body_bytes: 65536,
+                    body_timeout: Duration::from_secs(5),
+                    ready_interval: Duration::from_secs(5),
+                },
                 None,
+                std::sync::Arc::new(
+                    crate::dashboard::Platforms::new(&config.sso).expect("default platforms"),
+                ),
             ))
         });
         RequestHarness { runtime, router }

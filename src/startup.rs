@@ -48,13 +48,19 @@ pub async fn build(config: &Config) -> anyhow::Result<(Broker, Router)> {
         federation,
         metrics,
     );
-    let dashboard = dashboard(config, &broker, links)?;
+    let platforms = std::sync::Arc::new(crate::dashboard::Platforms::new(&config.sso)?);
+    let dashboard = dashboard(config, &broker, links, platforms.clone())?;
     let state = AppState::new(
         broker.clone(),
         &config.auth.credentials,
         &config.metrics.credentials,
-        config.broker.max_body_bytes,
+        http::Limits {
+            max_body_bytes: config.broker.max_body_bytes,
+            body_timeout: Duration::from_secs(config.listen.body_timeout_secs),
+            ready_interval: Duration::from_secs(config.broker.ready_interval_secs),
+        },
         Some(dashboard),
+        platforms,
     );
     Ok((broker, http::router(state)))
 }
@@ -64,6 +70,7 @@ fn dashboard(
     config: &Config,
     broker: &Broker,
     links: sso::DashboardLinks,
+    platforms: std::sync::Arc<crate::dashboard::Platforms>,
 ) -> anyhow::Result<std::sync::Arc<crate::dashboard::Dashboard>> {
     let s = &config.sso;
     let uaa = match (&s.authorization_endpoint, &s.token_endpoint) {
@@ -77,17 +84,11 @@ fn dashboard(
         secure_cookies: links.is_https(),
         timeout: Duration::from_secs(s.timeout_secs),
     };
-    let fallback = s
-        .cloud_controller_url
-        .as_deref()
-        .map(url::Url::parse)
-        .transpose()?;
     Ok(std::sync::Arc::new(crate::dashboard::Dashboard::new(
         broker.clone(),
         std::sync::Arc::new(sso::Sso::new(settings)?),
         links,
-        fallback,
-        s.api_info_scheme.clone(),
+        platforms,
     )))
 }
 
@@ -117,11 +118,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (broker, router) = build(config).await?;
-    if config.uses_default_password() {
-        tracing::warn!("auth.credentials uses the built-in default password: set your own before registering this broker");
-    }
-    if config.sso.session_secret.expose() == crate::config::DEFAULT_SESSION_SECRET {
-        tracing::warn!("sso.session_secret is the built-in default: set your own so dashboard sessions cannot be forged");
+    for key in config.default_secrets() {
+        tracing::warn!(%key, "this secret is the one shipped with Brokerage, which anybody can read: set your own before registering this broker");
     }
     tracing::info!(
         address = %listener.local_addr()?,
@@ -137,35 +135,50 @@ pub async fn serve(
         )
         .run_forever(),
     );
-    match &config.listen.tls {
-        Some(tls) => crate::tls::serve(listener, router, crate::tls::server_config(tls)?, shutdown)
-            .await
-            .context("serving HTTPS")?,
-        None => axum::serve(
-            axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                // Answers are small and latency matters: no Nagle delay.
-                let _ = tcp.set_nodelay(true);
-            }),
-            router,
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving HTTP")?,
+    let tls = config
+        .listen
+        .tls
+        .as_ref()
+        .map(crate::tls::server_config)
+        .transpose()
+        .context("serving HTTPS")?;
+    let l = &config.listen;
+    let server = http::serve::start(
+        listener,
+        router,
+        tls,
+        http::serve::Limits {
+            header_timeout: Duration::from_secs(l.header_timeout_secs),
+            idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+            max_connections: l.max_connections,
+        },
+    );
+    shutdown.await;
+    // One deadline for everything still running: requests in flight, then background
+    // operations (which record their own end).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(l.shutdown_deadline_secs);
+    tracing::info!("shutting down: accepting nothing new, finishing requests in flight");
+    let open = server
+        .shutdown(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
+    if open > 0 {
+        tracing::warn!(
+            open,
+            "connections still busy at the shutdown deadline are cut"
+        );
     }
     refresher.abort();
     enforcer.abort();
     tracing::info!("draining background operations");
-    if tokio::time::timeout(
-        Duration::from_secs(config.broker.operation_timeout_secs + 5),
-        broker.drain(),
-    )
-    .await
-    .is_err()
+    if tokio::time::timeout_at(deadline, broker.drain())
+        .await
+        .is_err()
     {
         tracing::warn!(
-            "background operations still running at exit; they will read as interrupted"
+            "background operations still running at the shutdown deadline; they will read as interrupted"
         );
     }
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -155,8 +155,7 @@ impl SwiftBackend {
             return Ok(None);
         }
         self.expect(&response, "reading the account", false)?;
-        response
-            .json()
+        upstreams::bounded::json(response, ANSWER_CAP)
             .await
             .map(Some)
             .map_err(|e| BackendError::Failed(format!("swauth's account answer: {e}")))
@@ -204,7 +203,7 @@ impl SwiftBackend {
 
     async fn set_quota(&self, storage_url: &str, limits: PlanLimits) -> Result<(), BackendError> {
         let token = self.reseller_token().await?;
-        let bytes = limits.max_storage_mb * 1024 * 1024;
+        let bytes = limits.max_storage_mb.saturating_mul(1024 * 1024);
         self.send(
             self.http
                 .post(storage_url)
@@ -237,36 +236,36 @@ impl SwiftBackend {
     /// Deletes every object and container of a storage account.
     async fn purge(&self, storage_url: &str, token: &str) -> Result<(), BackendError> {
         loop {
-            let containers: Vec<Value> = self
-                .storage(
+            let containers: Vec<Value> = upstreams::bounded::json(
+                self.storage(
                     Method::GET,
-                    &format!("{storage_url}?format=json"),
+                    &format!("{storage_url}?format=json&limit={LISTING_PAGE}"),
                     token,
                     "listing containers",
                 )
-                .await?
-                .json()
-                .await
-                .map_err(|e| BackendError::Failed(format!("Swift's container listing: {e}")))?;
+                .await?,
+                ANSWER_CAP,
+            )
+            .await
+            .map_err(|e| BackendError::Failed(format!("Swift's container listing: {e}")))?;
             if containers.is_empty() {
                 return Ok(());
             }
             for container in containers.iter().filter_map(|c| c["name"].as_str()) {
                 let container_url = format!("{storage_url}/{}", encode(container));
                 loop {
-                    let objects: Vec<Value> = self
-                        .storage(
+                    let objects: Vec<Value> = upstreams::bounded::json(
+                        self.storage(
                             Method::GET,
-                            &format!("{container_url}?format=json"),
+                            &format!("{container_url}?format=json&limit={LISTING_PAGE}"),
                             token,
                             "listing objects",
                         )
-                        .await?
-                        .json()
-                        .await
-                        .map_err(|e| {
-                            BackendError::Failed(format!("Swift's object listing: {e}"))
-                        })?;
+                        .await?,
+                        ANSWER_CAP,
+                    )
+                    .await
+                    .map_err(|e| BackendError::Failed(format!("Swift's object listing: {e}")))?;
                     if objects.is_empty() {
                         break;
                     }
@@ -312,6 +311,11 @@ impl SwiftBackend {
         self.expect(&response, "deleting the account", true)
     }
 }
+
+/// Names asked for per listing page; Swift names are at most 1 KiB each.
+const LISTING_PAGE: usize = 1000;
+/// Largest answer read from swauth or Swift: a listing page with room to spare.
+const ANSWER_CAP: usize = 4 << 20;
 
 /// A path segment, percent-encoded.
 fn encode(segment: &str) -> String {

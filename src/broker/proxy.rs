@@ -72,12 +72,22 @@ fn upstream_error(e: UpstreamError) -> OsbError {
     }
 }
 
+/// An upstream's `Retry-After` in seconds: digits only, at most a day (larger numbers
+/// saturate there).
+fn retry_after_secs(value: &str) -> Option<u64> {
+    let value = value.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(value.parse::<u64>().unwrap_or(u64::MAX).min(86_400))
+}
+
 /// The answer as the upstream gave it.
 fn passthrough(r: OsbResponse) -> Reply {
     Reply {
         status: r.status,
         body: r.body,
-        retry_after: r.retry_after.and_then(|v| v.trim().parse().ok()),
+        retry_after: r.retry_after.as_deref().and_then(retry_after_secs),
     }
 }
 

@@ -42,6 +42,8 @@ pub struct Federation {
     fresh: moka::future::Cache<String, Arc<FetchedCatalog>>,
     snapshot: RwLock<Arc<Snapshot>>,
     refresh_every: Duration,
+    /// Each upstream's last refresh: when it succeeded, or what kind of failure it was.
+    last_refresh: RwLock<std::collections::HashMap<String, Result<DateTime<Utc>, &'static str>>>,
 }
 
 impl Federation {
@@ -73,6 +75,7 @@ impl Federation {
             fresh: moka::future::Cache::builder().time_to_live(ttl).build(),
             snapshot: RwLock::new(Arc::new(snapshot(empty))),
             refresh_every,
+            last_refresh: RwLock::default(),
         })
     }
 
@@ -104,6 +107,10 @@ impl Federation {
             )
         });
         for (alias, result) in futures::future::join_all(fetches).await {
+            self.last_refresh.write().expect("refresh lock").insert(
+                alias.clone(),
+                result.as_ref().map(|_| Utc::now()).map_err(|e| e.kind()),
+            );
             match result {
                 Ok(catalog) => {
                     let fetched = Arc::new(FetchedCatalog {
@@ -214,9 +221,20 @@ impl Federation {
                 .values()
                 .filter(|r| r.alias == u.alias())
                 .count();
-            let catalog = match self.fresh.get(u.alias()).await {
+            let mut catalog = match self.fresh.get(u.alias()).await {
                 Some(c) => json!({"state": "fresh", "fetched_at": c.fetched_at}),
                 None => json!({"state": "last-good-copy"}),
+            };
+            let last = self
+                .last_refresh
+                .read()
+                .expect("refresh lock")
+                .get(u.alias())
+                .copied();
+            catalog["last_refresh"] = match last {
+                None => json!({"ok": null}),
+                Some(Ok(at)) => json!({"ok": true, "at": at}),
+                Some(Err(kind)) => json!({"ok": false, "failure": kind}),
             };
             out.push(json!({
                 "alias": u.alias(),

@@ -75,7 +75,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OsbJson<T> {
     type Rejection = OsbError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, OsbError> {
-        let limit = state.max_body_bytes;
+        let limit = state.limits.max_body_bytes;
         let headers = req.headers();
         if let Some(content_type) = headers.get(CONTENT_TYPE) {
             let essence = content_type
@@ -97,9 +97,13 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OsbJson<T> {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(OsbError::PayloadTooLarge(limit));
         }
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| OsbError::PayloadTooLarge(limit))?;
+        let bytes = tokio::time::timeout(
+            state.limits.body_timeout,
+            axum::body::to_bytes(req.into_body(), limit),
+        )
+        .await
+        .map_err(|_| OsbError::RequestTimeout)?
+        .map_err(|_| OsbError::PayloadTooLarge(limit))?;
         let value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
             Value::Object(Default::default())
         } else {

@@ -4,6 +4,7 @@
 
 mod dashboard;
 mod extract;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,14 +35,27 @@ const REQUEST_IDENTITY: HeaderName = HeaderName::from_static("x-broker-api-reque
 const ORIGINATING_IDENTITY: HeaderName =
     HeaderName::from_static("x-broker-api-originating-identity");
 
+/// Limits on what a request may cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body (413 past it).
+    pub max_body_bytes: usize,
+    /// Longest a request body may take to arrive (408 past it).
+    pub body_timeout: std::time::Duration,
+    /// `/ready` probes the store and backends at most once per this interval.
+    pub ready_interval: std::time::Duration,
+}
+
 /// What the handlers share: cheap handles only.
 #[derive(Clone)]
 pub struct AppState {
     pub broker: Broker,
     credentials: Arc<BrokerCredentials>,
     metrics_credentials: Arc<BrokerCredentials>,
-    pub max_body_bytes: usize,
+    pub limits: Limits,
     pub dashboard: Option<Arc<crate::dashboard::Dashboard>>,
+    platforms: Arc<crate::dashboard::Platforms>,
+    readiness: Arc<Readiness>,
 }
 
 impl AppState {
@@ -49,26 +63,30 @@ impl AppState {
         broker: Broker,
         credentials: &[Credential],
         metrics_credentials: &[Credential],
-        max_body_bytes: usize,
+        limits: Limits,
         dashboard: Option<Arc<crate::dashboard::Dashboard>>,
+        platforms: Arc<crate::dashboard::Platforms>,
     ) -> Self {
         AppState {
             broker,
             credentials: Arc::new(BrokerCredentials::new(credentials)),
             metrics_credentials: Arc::new(BrokerCredentials::new(metrics_credentials)),
-            max_body_bytes,
+            limits,
             dashboard,
+            platforms,
+            readiness: Arc::default(),
         }
     }
 }
 
-/// The headers an OSB call carries that upstreams must see too.
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CallContext {
+/// The headers an OSB call carries that upstreams must see too. `X-Api-Info-Location` is
+/// kept only when it names a Cloud Controller the operator allows.
+impl axum::extract::FromRequestParts<AppState> for CallContext {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
-        _state: &S,
+        state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let header = |name: &HeaderName| {
             parts
@@ -81,7 +99,8 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CallContext {
             api_version: header(&API_VERSION).unwrap_or_else(|| ApiVersion::CURRENT.to_string()),
             originating_identity: header(&ORIGINATING_IDENTITY),
             request_identity: header(&REQUEST_IDENTITY),
-            api_info_location: header(&HeaderName::from_static("x-api-info-location")),
+            api_info_location: header(&HeaderName::from_static("x-api-info-location"))
+                .and_then(|location| state.platforms.admit(&location)),
         })
     }
 }
@@ -302,34 +321,89 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-/// Readiness: the store and every backend answer. Upstream breaker states are shown but do
-/// not make the broker unready (one dead upstream must not take the rest out of rotation).
-async fn ready(State(state): State<AppState>) -> Response {
-    let quick = std::time::Duration::from_secs(3);
-    let broker = &state.broker;
-    let store = match tokio::time::timeout(quick, broker.store().check()).await {
-        Ok(Ok(())) => json!({"ok": true}),
-        Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
-        Err(_) => json!({"ok": false, "error": "no answer within 3 s"}),
-    };
-    let mut ready = store["ok"] == true;
-    let mut backends = serde_json::Map::new();
-    for (name, backend) in broker.backends() {
-        let status = match tokio::time::timeout(quick, backend.check()).await {
-            Ok(Ok(())) => json!({"ok": true}),
-            Ok(Err(e)) => json!({"ok": false, "error": e.to_string()}),
-            Err(_) => json!({"ok": false, "error": "no answer within 3 s"}),
+/// The last readiness probe, shared by every `/ready` request of this process.
+#[derive(Default)]
+struct Readiness {
+    last: tokio::sync::Mutex<Option<(Instant, Arc<Probed>)>>,
+}
+
+/// One probe of the store and every backend: whether each answered, and why not.
+struct Probed {
+    ready: bool,
+    store: Result<(), String>,
+    backends: Vec<(String, Result<(), String>)>,
+}
+
+impl Readiness {
+    /// The cached probe while younger than `interval`; otherwise one new probe, which
+    /// concurrent requests wait for instead of probing themselves.
+    async fn probe(&self, broker: &Broker, interval: std::time::Duration) -> Arc<Probed> {
+        let mut last = self.last.lock().await;
+        if let Some((at, probed)) = last.as_ref() {
+            if at.elapsed() < interval {
+                return probed.clone();
+            }
+        }
+        let quick = std::time::Duration::from_secs(3);
+        let outcome = |r: Result<Result<(), String>, _>| {
+            r.unwrap_or_else(|_| Err("no answer within 3 s".to_string()))
         };
-        ready &= status["ok"] == true;
-        backends.insert(name.clone(), status);
+        let store = outcome(
+            tokio::time::timeout(quick, broker.store().check())
+                .await
+                .map(|r| r.map_err(|e| e.to_string())),
+        );
+        let mut backends = Vec::new();
+        for (name, backend) in broker.backends() {
+            let status = outcome(
+                tokio::time::timeout(quick, backend.check())
+                    .await
+                    .map(|r| r.map_err(|e| e.to_string())),
+            );
+            backends.push((name.clone(), status));
+        }
+        backends.sort_by(|a, b| a.0.cmp(&b.0));
+        let ready = store.is_ok() && backends.iter().all(|(_, s)| s.is_ok());
+        let probed = Arc::new(Probed {
+            ready,
+            store,
+            backends,
+        });
+        *last = Some((Instant::now(), probed.clone()));
+        probed
     }
+}
+
+/// Readiness: the store and every backend answer, probed at most once per
+/// `broker.ready_interval_secs` whatever the request rate. Upstream breaker states are shown
+/// but do not make the broker unready (one dead upstream must not take the rest out of
+/// rotation). Anyone learns ready or not per system; why not (which may name hosts and
+/// users) only with the metrics credentials.
+async fn ready(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    let probed = state
+        .readiness
+        .probe(&state.broker, state.limits.ready_interval)
+        .await;
+    let detailed = state
+        .metrics_credentials
+        .accepts(headers.get(AUTHORIZATION));
+    let show = |status: &Result<(), String>| match (status, detailed) {
+        (Ok(()), _) => json!({"ok": true}),
+        (Err(e), true) => json!({"ok": false, "error": e}),
+        (Err(_), false) => json!({"ok": false}),
+    };
+    let backends: serde_json::Map<String, serde_json::Value> = probed
+        .backends
+        .iter()
+        .map(|(name, status)| (name.clone(), show(status)))
+        .collect();
     let body = json!({
-        "ready": ready,
-        "store": store,
+        "ready": probed.ready,
+        "store": show(&probed.store),
         "backends": backends,
-        "upstreams": broker.federation().health().await,
+        "upstreams": state.broker.federation().health().await,
     });
-    let status = if ready {
+    let status = if probed.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -33,6 +33,68 @@ fn docs(table: Table) -> Docs {
     }
 }
 
+mod private {
+    use std::fs::{DirBuilder, OpenOptions, Permissions};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+    use std::path::Path;
+
+    use anyhow::Context;
+
+    /// The store's directory (0700) and an empty file (0600) when missing; both tightened
+    /// when looser. A directory that is not the broker's own (owned by another user, or
+    /// shared and sticky like /tmp) is left as it is, with a warning.
+    pub fn prepare(path: &Path) -> anyhow::Result<()> {
+        // A store named without a directory lives in the working directory, which is not
+        // the broker's own to tighten.
+        let named = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let dir = named.unwrap_or(Path::new("."));
+        if !dir.exists() {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("store.path: cannot create {}", dir.display()))?;
+        }
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("store.path: cannot create {}", path.display()))
+            }
+        }
+        let file = std::fs::metadata(path)
+            .with_context(|| format!("store.path: cannot read {}", path.display()))?;
+        if file.mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", file.mode() & 0o777), "the store file was readable by others: now 0600");
+            std::fs::set_permissions(path, Permissions::from_mode(0o600))
+                .with_context(|| format!("store.path: cannot make {} private", path.display()))?;
+        }
+        let d = std::fs::metadata(dir)
+            .with_context(|| format!("store.path: cannot read {}", dir.display()))?;
+        if d.mode() & 0o077 != 0 {
+            let ours = named.is_some()
+                && d.uid() == file.uid()
+                && d.mode() & 0o1000 == 0
+                && dir.parent().is_some();
+            if ours {
+                tracing::warn!(dir = %dir.display(), mode = format!("{:o}", d.mode() & 0o777), "the store's directory was open to others: now 0700");
+                std::fs::set_permissions(dir, Permissions::from_mode(0o700)).with_context(
+                    || format!("store.path: cannot make {} private", dir.display()),
+                )?;
+            } else {
+                tracing::warn!(dir = %dir.display(), "the store's directory is shared with others; give the store a directory of its own");
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
@@ -43,11 +105,11 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl EmbeddedStore {
+    /// Opens (or creates) the file. It holds every binding's credentials: it is created
+    /// 0600 in a directory created 0700, and both are tightened (with a warning) when found
+    /// looser.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("store.path: cannot create {}", dir.display()))?;
-        }
+        private::prepare(path)?;
         let db = Database::create(path)
             .with_context(|| format!("store.path: cannot open {}", path.display()))?;
         Self::with_tables(db, path.to_path_buf())

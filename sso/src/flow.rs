@@ -13,6 +13,10 @@ use url::Url;
 
 use crate::session::{PendingLogin, Session};
 
+/// Largest answer read from UAA or Cloud Controller, in bytes: their answers here are a few
+/// hundred bytes; anything past this is a faulty or hostile peer.
+pub const ANSWER_CAP: usize = 64 * 1024;
+
 /// The scopes Cloud Foundry grants a dashboard client.
 pub const SCOPES: &[&str] = &["openid", "cloud_controller_service_permissions.read"];
 
@@ -105,7 +109,9 @@ pub async fn discover(http: &reqwest::Client, cloud_controller: &Url) -> Result<
     if !response.status().is_success() {
         return Err(fail(format!("status {}", response.status())));
     }
-    let info: Info = response.json().await.map_err(|e| fail(e.to_string()))?;
+    let info: Info = upstreams::bounded::json(response, ANSWER_CAP)
+        .await
+        .map_err(fail)?;
     Uaa::new(&info.authorization_endpoint, &info.token_endpoint)
 }
 
@@ -177,7 +183,10 @@ pub async fn complete(
     let token = oauth
         .exchange_code(AuthorizationCode::new(code.to_string()))
         .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce_verifier))
-        .request_async(http)
+        .request_async(&upstreams::bounded::OAuthClient {
+            http,
+            cap: ANSWER_CAP,
+        })
         .await
         .map_err(|e| SsoError::CodeRejected(describe_token_error(&e)))?;
     let access_token = token.access_token().secret().clone();
@@ -188,9 +197,10 @@ pub async fn complete(
         user_id: user.user_id,
         user_name: user.user_name,
         access_token,
-        expires_at: issued + token_lifetime.min(lifetime).as_secs(),
+        expires_at: issued.saturating_add(token_lifetime.min(lifetime).as_secs()),
         created_at: issued,
         login_server: String::new(),
+        cloud_controller: String::new(),
     })
 }
 
@@ -221,10 +231,9 @@ async fn userinfo(http: &reqwest::Client, uaa: &Uaa, token: &str) -> Result<User
     if !response.status().is_success() {
         return Err(SsoError::UserInfo(format!("status {}", response.status())));
     }
-    let info: serde_json::Value = response
-        .json()
+    let info: serde_json::Value = upstreams::bounded::json(response, ANSWER_CAP)
         .await
-        .map_err(|e| SsoError::UserInfo(e.to_string()))?;
+        .map_err(SsoError::UserInfo)?;
     let field = |names: &[&str]| {
         names
             .iter()
@@ -267,10 +276,9 @@ pub async fn permissions(
             .map_err(|e| SsoError::Permissions(e.without_url().to_string()))?;
         match response.status().as_u16() {
             200 => {
-                return response
-                    .json()
+                return upstreams::bounded::json(response, ANSWER_CAP)
                     .await
-                    .map_err(|e| SsoError::Permissions(e.to_string()))
+                    .map_err(SsoError::Permissions)
             }
             // Not visible to this user at all.
             403 => {

@@ -25,6 +25,10 @@ pub struct Session {
     /// UAA's login server the user signed in at, for logout.
     #[serde(default)]
     pub login_server: String,
+    /// The Cloud Controller whose instance the user signed in for: the session (and its
+    /// token) is used with that one only.
+    #[serde(default)]
+    pub cloud_controller: String,
 }
 
 impl std::fmt::Debug for Session {
@@ -170,6 +174,7 @@ mod tests {
             expires_at: now() + expires_in,
             created_at: now(),
             login_server: "https://login.example".into(),
+            cloud_controller: "https://api.example".into(),
         }
     }
 

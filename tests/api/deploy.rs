@@ -100,7 +100,7 @@ fn the_brokerage_job_renders_for_default_and_full_properties_and_the_broker_acce
     }});
     let (cert, key) = self_signed();
     let full = json!({"brokerage": {
-        "listen": {"port": 9443},
+        "listen": {"port": 9443, "limits": {"max_connections": 2048, "header_timeout_secs": 5}},
         "external_url": "https://brokerage.sys.example.com",
         "credentials": [{"username": "broker", "password": "generated-broker-password"},
                         {"username": "rotating", "password": "the-next-broker-password"}],
@@ -122,6 +122,7 @@ fn the_brokerage_job_renders_for_default_and_full_properties_and_the_broker_acce
                 "authorization_endpoint": "https://login.sys.example.com",
                 "token_endpoint": "https://uaa.sys.example.com",
                 "cloud_controller_url": "https://api.sys.example.com",
+                "allowed_cloud_controllers": ["api.sys.example.com", "api.other.example.com:8443"],
                 "session_lifetime_secs": 1800},
     }});
     for (name, props) in [("minimal", &minimal), ("full", &full)] {
@@ -147,6 +148,11 @@ fn the_brokerage_job_renders_for_default_and_full_properties_and_the_broker_acce
             );
             rendered["listen"]["tls"] = json!({"certificate": crt, "private_key": key_file});
             assert_eq!(rendered["catalog"]["services"][0]["name"], "small-db");
+            assert_eq!(rendered["listen"]["max_connections"], 2048);
+            assert_eq!(
+                rendered["sso"]["allowed_cloud_controllers"][1],
+                "api.other.example.com:8443"
+            );
             assert_eq!(
                 rendered["backends"]["swift"]["admin_key"],
                 std::env::var("BKG_TEST_SWIFT_ADMIN_KEY").unwrap()

@@ -85,6 +85,12 @@ pub struct TestConfig {
     pub backends: Vec<String>,
     /// More catalog services, each a YAML flow mapping.
     pub services: Vec<String>,
+    /// More `listen` keys, as `key: value` (flow mapping entries).
+    pub listen: Vec<String>,
+    /// More `broker` keys, as `key: value`.
+    pub broker: Vec<String>,
+    /// More `sso` keys, as `key: value` (flow mapping entries).
+    pub sso_keys: Vec<String>,
 }
 
 impl TestConfig {
@@ -103,7 +109,28 @@ impl TestConfig {
             mysql_ca: None,
             backends: Vec::new(),
             services: Vec::new(),
+            listen: Vec::new(),
+            broker: Vec::new(),
+            sso_keys: Vec::new(),
         }
+    }
+
+    /// Adds `key: value` to `listen`.
+    pub fn with_listen(mut self, entry: &str) -> Self {
+        self.listen.push(entry.to_string());
+        self
+    }
+
+    /// Adds `key: value` to `broker`.
+    pub fn with_broker(mut self, entry: &str) -> Self {
+        self.broker.push(entry.to_string());
+        self
+    }
+
+    /// Adds `key: value` to `sso`.
+    pub fn with_sso(mut self, entry: &str) -> Self {
+        self.sso_keys.push(entry.to_string());
+        self
     }
 
     /// Reaches the MySQL backend over TLS, checking its certificate against `ca`.
@@ -166,7 +193,7 @@ impl TestConfig {
     pub fn write(&self) -> PathBuf {
         let text = format!(
             r#"
-listen: {{host: 127.0.0.1, port: {port}{tls}}}
+listen: {{host: 127.0.0.1, port: {port}{tls}{listen}}}
 auth:
   credentials:
     - {{username: {USER}, password: {PASSWORD}}}
@@ -178,9 +205,9 @@ broker:
   quota_interval_secs: 1
   retry_after_secs: 1
   max_body_bytes: 65536
-log: {{format: text, level: "info,brokerage=trace"}}
+{broker}log: {{format: text, level: "info,brokerage=trace"}}
 federation: {{refresh_secs: 1, catalog_ttl_secs: 60}}
-sso: {{api_info_scheme: http, session_secret: test-session-secret-32-characters-long, session_lifetime_secs: {sso}}}
+sso: {{api_info_scheme: http, session_secret: test-session-secret-32-characters-long, session_lifetime_secs: {sso}{sso_keys}}}
 upstreams: [{upstreams}]
 backends:
   mysql: {{url: "{backend}", connect_timeout_secs: 2, max_connections: 30{capacity}{ca}}}
@@ -217,6 +244,21 @@ catalog:
         - {{id: {FIXED_B}, name: fixed-b, description: b, max_storage_mb: 5, max_user_connections: 2}}
 "#,
             port = self.port,
+            listen = self
+                .listen
+                .iter()
+                .map(|e| format!(", {e}"))
+                .collect::<String>(),
+            broker = self
+                .broker
+                .iter()
+                .map(|e| format!("  {e}\n"))
+                .collect::<String>(),
+            sso_keys = self
+                .sso_keys
+                .iter()
+                .map(|e| format!(", {e}"))
+                .collect::<String>(),
             store = self.store.yaml(),
             backend = self.mysql_backend_url,
             upstreams = self.upstreams.join(", "),
@@ -346,6 +388,20 @@ impl TestClient {
             .request(method, format!("{}{path}", self.base))
             .basic_auth(USER, Some(PASSWORD))
             .header("X-Broker-API-Version", "2.17")
+    }
+
+    /// A provision of the small MySQL plan that names the Cloud Controller it comes from
+    /// (`X-Api-Info-Location`).
+    pub async fn provision_from(&self, id: &str, api_info_location: &str) -> Answer {
+        Answer::from(
+            self.request(Method::PUT, &format!("/v2/service_instances/{id}"))
+                .header("X-Api-Info-Location", api_info_location)
+                .json(&provision_body(SERVICE, SMALL))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Answer {

@@ -11,6 +11,7 @@ mod federation;
 mod fuzz_regressions;
 mod helpers;
 mod lifecycle;
+mod limits;
 mod mongodb;
 mod mysql_tls;
 mod openapi;

@@ -106,7 +106,12 @@ async fn ready_turns_false_when_the_store_is_unreachable() {
     let proxy = cuttable_mysql().await;
     let db = format!("bkgready_{}", uuid::Uuid::new_v4().simple());
     let store_url = format!("mysql://root@127.0.0.1:{}/{db}", proxy.port);
-    let app = spawn_with(TestConfig::new().with_store(StoreKind::Url(store_url))).await;
+    let app = spawn_with(
+        TestConfig::new()
+            .with_store(StoreKind::Url(store_url))
+            .with_broker("ready_interval_secs: 1"),
+    )
+    .await;
     let ready = |app: &TestApp| {
         let url = format!("{}/ready", app.base);
         async move {
@@ -121,7 +126,8 @@ async fn ready_turns_false_when_the_store_is_unreachable() {
     assert_eq!(body["backends"]["mysql"]["ok"], true);
 
     proxy.cut.notify_one();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The probe is cached for ready_interval_secs: the next one sees the store gone.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, body) = ready(&app).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["ready"], false);

@@ -94,6 +94,11 @@ pub struct World {
 
 impl World {
     pub async fn start(session_lifetime: u64) -> World {
+        World::start_allowing(session_lifetime, &[]).await
+    }
+
+    /// The world, with more Cloud Controller hosts the broker may be pointed at.
+    pub async fn start_allowing(session_lifetime: u64, more: &[String]) -> World {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let oauth = oauth_server(
@@ -126,24 +131,20 @@ impl World {
 
         let config = TestConfig::new()
             .with_port(port)
-            .with_session_lifetime(session_lifetime);
+            .with_session_lifetime(session_lifetime)
+            .with_sso(&format!(
+                "allowed_cloud_controllers: [\"{cc_address}\"{}]",
+                more.iter()
+                    .map(|m| format!(", \"{m}\""))
+                    .collect::<String>()
+            ));
         let file = config.write();
         let broker = BrokerProcess::start(&file, port, &config.dir.path().join("broker.log")).await;
         let instance = unique("dash");
         let client = broker.client();
-        let created = Answer::from(
-            client
-                .client
-                .put(format!("{}/v2/service_instances/{instance}", broker.base))
-                .basic_auth(USER, Some(PASSWORD))
-                .header("X-Broker-API-Version", "2.15")
-                .header("X-Api-Info-Location", format!("{cc_address}/v2/info"))
-                .json(&provision_body(SERVICE, SMALL))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let created = client
+            .provision_from(&instance, &format!("{cc_address}/v2/info"))
+            .await;
         created.expect(201);
         let dashboard_url = created.body["dashboard_url"].as_str().unwrap().to_string();
         assert_eq!(
@@ -347,6 +348,68 @@ async fn a_manager_logs_in_and_sees_the_dashboard_a_reader_does_not() {
     ] {
         assert!(!log.contains(secret), "{secret} reached the log");
     }
+}
+
+#[tokio::test]
+async fn a_session_is_never_shown_to_another_cloud_controller() {
+    // A second platform the operator allows, which would say yes to any token: it counts
+    // the permission questions (and so the user tokens) it is sent.
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other = listener.local_addr().unwrap();
+    let (counter, oauth_base) = (asked.clone(), Arc::new(Mutex::new(String::new())));
+    let info_base = oauth_base.clone();
+    let app = Router::new()
+        .route(
+            "/v2/info",
+            get(move || {
+                let base = info_base.lock().unwrap().clone();
+                async move { Json(json!({"authorization_endpoint": base, "token_endpoint": base})) }
+            }),
+        )
+        .route(
+            "/{version}/service_instances/{id}/permissions",
+            get(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { Json(json!({"manage": true, "read": true})) }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let world = World::start_allowing(600, &[other.to_string()]).await;
+    *oauth_base.lock().unwrap() = world.oauth.base.clone();
+    let elsewhere = unique("dash-other");
+    let created = world
+        .broker
+        .client()
+        .provision_from(&elsewhere, &format!("{other}/v2/info"))
+        .await;
+    created.expect(201);
+
+    let browser = Browser::new();
+    let page = browser.login(&world.dashboard_url, "manager").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    // The same browser, the same session cookie, an instance of the other platform: the
+    // broker starts a new login instead of using the session there.
+    let visit = browser
+        .get(created.body["dashboard_url"].as_str().unwrap())
+        .await;
+    assert_eq!(visit.status, 302, "{visit:?}");
+    assert!(
+        visit
+            .location
+            .as_deref()
+            .unwrap()
+            .contains("/oauth/authorize?"),
+        "{visit:?}"
+    );
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the other Cloud Controller was sent the session's token"
+    );
+    // Its own platform's dashboard still opens with the session.
+    let again = browser.get(&world.dashboard_url).await;
+    assert_eq!(again.status, 200, "{again:?}");
 }
 
 #[tokio::test]

@@ -33,12 +33,32 @@ pub enum UpstreamError {
         status: u16,
         detail: String,
     },
+    #[error(
+        "upstream {alias} answered more than {cap} bytes; the answer was cut off and not used"
+    )]
+    TooLarge { alias: String, cap: usize },
     #[error("upstream {alias} answered something that is not OSB (status {status}): {detail}")]
     Malformed {
         alias: String,
         status: u16,
         detail: String,
     },
+}
+
+impl UpstreamError {
+    /// A short label: metrics and `/health` show it, never the detail.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::CircuitOpen { .. } => "circuit_open",
+            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::Connect { .. } => "unreachable",
+            UpstreamError::Tls { .. } => "tls",
+            UpstreamError::Auth { .. } => "auth",
+            UpstreamError::Failed { .. } => "failed",
+            UpstreamError::Malformed { .. } => "malformed",
+            UpstreamError::TooLarge { .. } => "too_large",
+        }
+    }
 }
 
 /// One OSB call to forward.
@@ -52,6 +72,8 @@ pub struct OsbRequest {
     pub api_version: String,
     pub originating_identity: Option<String>,
     pub request_identity: Option<String>,
+    /// A catalog fetch: read with the upstream's catalog cap, not its answer cap.
+    pub catalog: bool,
 }
 
 impl OsbRequest {
@@ -64,6 +86,7 @@ impl OsbRequest {
             api_version: api_version.into(),
             originating_identity: None,
             request_identity: None,
+            catalog: false,
         }
     }
 }
@@ -202,7 +225,7 @@ impl Upstream {
             b.failures = 0;
             b.open_until = None;
         } else {
-            b.failures += 1;
+            b.failures = b.failures.saturating_add(1);
             if b.failures >= self.settings.breaker.failures.max(1) || b.open_until.is_some() {
                 let cool_down = Duration::from_secs(self.settings.breaker.cool_down_secs);
                 b.open_until = Some(Instant::now() + cool_down);
@@ -220,13 +243,7 @@ impl Upstream {
             let outcome = match &result {
                 Ok(r) if r.status < 400 => "ok",
                 Ok(_) => "refused",
-                Err(UpstreamError::CircuitOpen { .. }) => "circuit_open",
-                Err(UpstreamError::Timeout { .. }) => "timeout",
-                Err(UpstreamError::Connect { .. }) => "unreachable",
-                Err(UpstreamError::Tls { .. }) => "tls",
-                Err(UpstreamError::Auth { .. }) => "auth",
-                Err(UpstreamError::Failed { .. }) => "failed",
-                Err(UpstreamError::Malformed { .. }) => "malformed",
+                Err(e) => e.kind(),
             };
             observe(&self.settings.alias, outcome, started.elapsed());
         }
@@ -314,10 +331,20 @@ impl Upstream {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let bytes = response
-            .bytes()
+        let cap = if request.catalog {
+            self.settings.max_catalog_bytes
+        } else {
+            self.settings.max_response_bytes
+        };
+        let bytes = crate::bounded::read(response, cap)
             .await
-            .map_err(|e| self.transport_error(e))?;
+            .map_err(|e| match e {
+                crate::bounded::ReadError::TooLarge { cap } => UpstreamError::TooLarge {
+                    alias: alias.clone(),
+                    cap,
+                },
+                crate::bounded::ReadError::Transport(e) => self.transport_error(e),
+            })?;
         let body: Option<Value> = if bytes.iter().all(u8::is_ascii_whitespace) {
             Some(Value::Object(Default::default()))
         } else {
@@ -423,22 +450,25 @@ impl Upstream {
         let response = client
             .exchange_client_credentials()
             .add_scopes(scopes.iter().cloned().map(Scope::new))
-            .request_async(&self.http)
+            .request_async(&crate::bounded::OAuthClient {
+                http: &self.http,
+                cap: self.settings.max_response_bytes,
+            })
             .await
             .map_err(|e| auth_error(format!("token request to {token_url} failed: {e}")))?;
-        let lifetime = response.expires_in().unwrap_or(Duration::from_secs(300));
-        // Renew shortly before expiry: a tenth of the lifetime, at most a minute.
-        let margin = (lifetime / 10).min(Duration::from_secs(60));
         let token = response.access_token().secret().clone();
-        *cached = Some((token.clone(), Instant::now() + lifetime - margin));
+        *cached = Some((
+            token.clone(),
+            renew_at(Instant::now(), response.expires_in()),
+        ));
         Ok(token)
     }
 
     /// `GET /v2/catalog`, parsed leniently: services are checked one by one by the merge.
     pub async fn catalog(&self, api_version: &str) -> Result<Value, UpstreamError> {
-        let response = self
-            .send(&OsbRequest::new(Method::GET, "/v2/catalog", api_version))
-            .await?;
+        let mut request = OsbRequest::new(Method::GET, "/v2/catalog", api_version);
+        request.catalog = true;
+        let response = self.send(&request).await?;
         if response.status != 200 || !response.body.get("services").is_some_and(Value::is_array) {
             return Err(UpstreamError::Malformed {
                 alias: self.settings.alias.clone(),
@@ -450,7 +480,37 @@ impl Upstream {
     }
 }
 
+/// When a token issued at `now` must be renewed: a tenth of its lifetime (at most a minute)
+/// before it ends. Whatever lifetime the token endpoint claims, at most a day is believed,
+/// so no number it sends can overflow the clock.
+fn renew_at(now: Instant, expires_in: Option<Duration>) -> Instant {
+    const LONGEST: Duration = Duration::from_secs(24 * 3600);
+    let lifetime = expires_in.unwrap_or(Duration::from_secs(300)).min(LONGEST);
+    let margin = (lifetime / 10).min(Duration::from_secs(60));
+    now.checked_add(lifetime - margin).unwrap_or(now)
+}
+
 /// The version Brokerage announces upstream when the platform's is not at hand.
 pub fn default_api_version() -> String {
     osb::ApiVersion::CURRENT.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_lifetimes_saturate() {
+        let now = Instant::now();
+        assert_eq!(
+            renew_at(now, Some(Duration::from_secs(u64::MAX))),
+            now + Duration::from_secs(24 * 3600 - 60)
+        );
+        assert_eq!(
+            renew_at(now, Some(Duration::from_secs(100))),
+            now + Duration::from_secs(90)
+        );
+        assert_eq!(renew_at(now, Some(Duration::ZERO)), now);
+        assert_eq!(renew_at(now, None), now + Duration::from_secs(270));
+    }
 }

@@ -6,7 +6,9 @@
 //! - [`client`]: [`Upstream`], the client of one remote broker: it authenticates (basic,
 //!   bearer, OAuth2 client credentials), times out, breaks the circuit, and checks that
 //!   what comes back is OSB.
+//! - [`bounded`]: every peer's answer is read with a cap, streamed and cut there.
 
+pub mod bounded;
 pub mod client;
 pub mod osb;
 pub mod settings;

@@ -63,6 +63,13 @@ pub struct UpstreamSettings {
     /// Whole-request limit; keep it well under Cloud Controller's 60 s.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
+    /// Largest catalog read from this upstream, in bytes; past it the fetch fails and the
+    /// last good copy is kept.
+    #[serde(default = "default_max_catalog_bytes")]
+    pub max_catalog_bytes: usize,
+    /// Largest answer to any other call (and from its token endpoint), in bytes.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
     /// Prefix of the namespaced service names; `<alias>-` when absent.
     #[serde(default)]
     pub name_prefix: Option<String>,
@@ -86,6 +93,13 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_request_timeout() -> u64 {
     30
+}
+/// 8 MiB: several thousand plans with schemas and metadata.
+fn default_max_catalog_bytes() -> usize {
+    8 << 20
+}
+fn default_max_response_bytes() -> usize {
+    1 << 20
 }
 
 impl UpstreamSettings {
