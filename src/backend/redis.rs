@@ -1,6 +1,13 @@
 //! The Redis backend: an instance is a key namespace (`cf_<id>:`) on a shared server, a
 //! binding an ACL user that may touch only that namespace (keys and pub/sub channels) and
-//! none of Redis's dangerous commands (`FLUSHALL`, `KEYS`, `CONFIG`, ...).
+//! may run only the commands of an explicit allow-list ([`READ`], [`SHRINK`], [`GROW`],
+//! [`SESSION`]): nothing that lists or counts the shared key space (`SCAN`, `KEYS`,
+//! `RANDOMKEY`, `DBSIZE`), inspects pub/sub (`PUBSUB`), manages scripts or functions, flushes,
+//! configures, debugs, or touches other clients' connections.
+//!
+//! Storage quota: the quota pass adds up `MEMORY USAGE` of the instance's keys; at or over
+//! the plan's `max_storage_mb` its users lose the [`GROW`] commands (they keep reading and
+//! deleting), below it they get them back.
 //!
 //! ACL users live in the server's memory; the broker runs `ACL SAVE` after each change so a
 //! server with an `aclfile` keeps them across restarts.
@@ -14,7 +21,7 @@ use tracing::instrument;
 
 use super::{
     database_name, object, only_known_parameters, scrub, user_name, Backend, BackendError,
-    Endpoint, Parameters,
+    BindingAccess, Endpoint, Parameters, QuotaChange,
 };
 use crate::catalog::PlanLimits;
 use crate::config::ServerBackendConfig;
@@ -22,6 +29,228 @@ use crate::config::ServerBackendConfig;
 pub struct RedisBackend {
     client: redis::Client,
     at: Endpoint,
+    /// The allow-list less the commands this server does not know (older Redis versions).
+    known: tokio::sync::OnceCell<Vec<&'static str>>,
+}
+
+/// Commands that read keys of the user's own namespace.
+pub const READ: &[&str] = &[
+    "get",
+    "mget",
+    "strlen",
+    "getrange",
+    "substr",
+    "lcs",
+    "exists",
+    "type",
+    "ttl",
+    "pttl",
+    "expiretime",
+    "pexpiretime",
+    "touch",
+    "dump",
+    "sort_ro",
+    "object",
+    "hget",
+    "hmget",
+    "hgetall",
+    "hexists",
+    "hkeys",
+    "hvals",
+    "hlen",
+    "hstrlen",
+    "hscan",
+    "hrandfield",
+    "llen",
+    "lrange",
+    "lindex",
+    "lpos",
+    "smembers",
+    "sismember",
+    "smismember",
+    "scard",
+    "srandmember",
+    "sinter",
+    "sunion",
+    "sdiff",
+    "sscan",
+    "sintercard",
+    "zscore",
+    "zcard",
+    "zcount",
+    "zrange",
+    "zrangebyscore",
+    "zrevrangebyscore",
+    "zrangebylex",
+    "zrevrangebylex",
+    "zrevrange",
+    "zrank",
+    "zrevrank",
+    "zlexcount",
+    "zunion",
+    "zinter",
+    "zdiff",
+    "zmscore",
+    "zrandmember",
+    "zscan",
+    "zintercard",
+    "getbit",
+    "bitcount",
+    "bitpos",
+    "bitfield_ro",
+    "pfcount",
+    "geodist",
+    "geohash",
+    "geopos",
+    "georadius_ro",
+    "georadiusbymember_ro",
+    "geosearch",
+    "xlen",
+    "xrange",
+    "xrevrange",
+    "xread",
+    "xpending",
+    "xinfo",
+    "evalsha_ro",
+    "eval_ro",
+];
+
+/// Commands that only remove data (or its lifetime): kept over quota, as with MySQL's
+/// DELETE.
+pub const SHRINK: &[&str] = &[
+    "del",
+    "unlink",
+    "getdel",
+    "expire",
+    "pexpire",
+    "expireat",
+    "pexpireat",
+    "hdel",
+    "lpop",
+    "rpop",
+    "lrem",
+    "ltrim",
+    "srem",
+    "spop",
+    "zrem",
+    "zpopmin",
+    "zpopmax",
+    "zremrangebyrank",
+    "zremrangebyscore",
+    "zremrangebylex",
+    "xdel",
+    "xtrim",
+    "xack",
+];
+
+/// Commands that can make the namespace grow: lost at or over quota.
+pub const GROW: &[&str] = &[
+    "set",
+    "setnx",
+    "setex",
+    "psetex",
+    "mset",
+    "msetnx",
+    "append",
+    "incr",
+    "incrby",
+    "incrbyfloat",
+    "decr",
+    "decrby",
+    "setrange",
+    "getset",
+    "getex",
+    "persist",
+    "rename",
+    "renamenx",
+    "restore",
+    "copy",
+    "sort",
+    "hset",
+    "hsetnx",
+    "hmset",
+    "hincrby",
+    "hincrbyfloat",
+    "lpush",
+    "rpush",
+    "lpushx",
+    "rpushx",
+    "lset",
+    "linsert",
+    "rpoplpush",
+    "lmove",
+    "blpop",
+    "brpop",
+    "brpoplpush",
+    "blmove",
+    "lmpop",
+    "blmpop",
+    "sadd",
+    "smove",
+    "sinterstore",
+    "sunionstore",
+    "sdiffstore",
+    "zadd",
+    "zincrby",
+    "zrangestore",
+    "zunionstore",
+    "zinterstore",
+    "zdiffstore",
+    "bzpopmin",
+    "bzpopmax",
+    "zmpop",
+    "bzmpop",
+    "setbit",
+    "bitop",
+    "bitfield",
+    "pfadd",
+    "pfmerge",
+    "geoadd",
+    "georadius",
+    "georadiusbymember",
+    "geosearchstore",
+    "xadd",
+    "xgroup",
+    "xreadgroup",
+    "xclaim",
+    "xautoclaim",
+    "xsetid",
+    "eval",
+    "evalsha",
+];
+
+/// The connection's own business: transactions, pub/sub on the namespace's channels, and
+/// `CLIENT` for this connection only.
+pub const SESSION: &[&str] = &[
+    "ping",
+    "echo",
+    "auth",
+    "hello",
+    "quit",
+    "reset",
+    "multi",
+    "exec",
+    "discard",
+    "watch",
+    "unwatch",
+    "publish",
+    "spublish",
+    "subscribe",
+    "unsubscribe",
+    "psubscribe",
+    "punsubscribe",
+    "ssubscribe",
+    "sunsubscribe",
+    "client|setname",
+    "client|getname",
+    "client|id",
+    "client|info",
+    "client|reply",
+    "client|no-evict",
+];
+
+fn quota_bytes(limits: PlanLimits) -> u64 {
+    limits.max_storage_mb.saturating_mul(1024 * 1024)
 }
 
 /// The keys (and channels) an instance owns start with this.
@@ -40,7 +269,91 @@ impl RedisBackend {
             at: Endpoint::from_config("backends.redis.url", config, "redis", 6379)?,
             client: redis::Client::open(config.url.expose())
                 .map_err(|e| anyhow::anyhow!("backends.redis.url: {e}"))?,
+            known: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The allow-list, less what this server does not know (asked once: `COMMAND INFO`
+    /// answers nil for an unknown command).
+    async fn known_commands(
+        &self,
+        con: &mut MultiplexedConnection,
+    ) -> Result<&[&'static str], BackendError> {
+        let known = self
+            .known
+            .get_or_try_init(|| async {
+                let all: Vec<&'static str> = [READ, SHRINK, GROW, SESSION].concat();
+                let bases: Vec<&str> = all
+                    .iter()
+                    .map(|c| c.split('|').next().unwrap_or(c))
+                    .collect();
+                let info: Vec<redis::Value> = self
+                    .run(con, redis::cmd("COMMAND").arg("INFO").arg(&bases))
+                    .await?;
+                Ok::<_, BackendError>(
+                    all.into_iter()
+                        .zip(info)
+                        .filter(|(_, i)| !matches!(i, redis::Value::Nil))
+                        .map(|(c, _)| c)
+                        .collect(),
+                )
+            })
+            .await?;
+        Ok(known)
+    }
+
+    /// The binding users of an instance.
+    async fn users_of(
+        &self,
+        con: &mut MultiplexedConnection,
+        instance_id: &str,
+    ) -> Result<Vec<String>, BackendError> {
+        let users: Vec<String> = self.run(con, redis::cmd("ACL").arg("USERS")).await?;
+        let own = format!("{}.", database_name(instance_id));
+        Ok(users.into_iter().filter(|u| u.starts_with(&own)).collect())
+    }
+
+    /// Bytes the instance's keys use (`MEMORY USAGE`, which samples large collections).
+    async fn usage(
+        &self,
+        con: &mut MultiplexedConnection,
+        instance_id: &str,
+    ) -> Result<u64, BackendError> {
+        let pattern = format!("{}*", key_prefix(instance_id));
+        let (mut cursor, mut used) = (0u64, 0u64);
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .run(
+                    con,
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("MEMORY")
+                        .arg("USAGE")
+                        .arg(key)
+                        .arg("SAMPLES")
+                        .arg(5);
+                }
+                let sizes: Vec<Option<u64>> =
+                    tokio::time::timeout(self.at.timeout, pipe.query_async(con))
+                        .await
+                        .map_err(|_| self.late())?
+                        .map_err(|e| self.error(e))?;
+                used = sizes.into_iter().flatten().fold(used, u64::saturating_add);
+            }
+            if next == 0 {
+                return Ok(used);
+            }
+            cursor = next;
+        }
     }
 
     fn error(&self, e: RedisError) -> BackendError {
@@ -144,10 +457,8 @@ impl Backend for RedisBackend {
         _limits: PlanLimits,
     ) -> Result<(), BackendError> {
         let mut con = self.connection().await?;
-        let users: Vec<String> = self.run(&mut con, redis::cmd("ACL").arg("USERS")).await?;
-        let own = format!("{}.", database_name(instance_id));
-        for user in users.iter().filter(|u| u.starts_with(&own)) {
-            self.delete_user(&mut con, user).await?;
+        for user in self.users_of(&mut con, instance_id).await? {
+            self.delete_user(&mut con, &user).await?;
         }
         self.save_acl(&mut con).await;
         // Then the data: every key in the namespace.
@@ -180,7 +491,7 @@ impl Backend for RedisBackend {
         &self,
         instance_id: &str,
         binding_id: &str,
-        _limits: PlanLimits,
+        limits: PlanLimits,
         parameters: Parameters<'_>,
     ) -> Result<Map<String, Value>, BackendError> {
         only_known_parameters(parameters, &[])?;
@@ -188,21 +499,25 @@ impl Backend for RedisBackend {
         let prefix = key_prefix(instance_id);
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
         let mut con = self.connection().await?;
+        let known = self.known_commands(&mut con).await?;
+        // An instance over its quota gets new users without the growing commands too.
+        let over = self.usage(&mut con, instance_id).await? >= quota_bytes(limits);
         // `reset` first: a user left by an interrupted bind is replaced whole.
+        let mut setuser = redis::cmd("ACL");
+        setuser
+            .arg("SETUSER")
+            .arg(&user)
+            .arg("reset")
+            .arg("on")
+            .arg(format!(">{password}"))
+            .arg(format!("~{prefix}*"))
+            .arg(format!("&{prefix}*"))
+            .arg("-@all");
+        for command in known.iter().filter(|c| !(over && GROW.contains(c))) {
+            setuser.arg(format!("+{command}"));
+        }
         let _: () = self
-            .run(
-                &mut con,
-                redis::cmd("ACL")
-                    .arg("SETUSER")
-                    .arg(&user)
-                    .arg("reset")
-                    .arg("on")
-                    .arg(format!(">{password}"))
-                    .arg(format!("~{prefix}*"))
-                    .arg(format!("&{prefix}*"))
-                    .arg("+@all")
-                    .arg("-@dangerous"),
-            )
+            .run(&mut con, &setuser)
             .await
             .map_err(|e| scrub(e, &password))?;
         self.save_acl(&mut con).await;
@@ -226,11 +541,80 @@ impl Backend for RedisBackend {
         Ok(())
     }
 
+    /// At or over the plan's memory, every user of the instance loses the [`GROW`]
+    /// commands (immediately, also on open connections); below it they get them back.
+    async fn enforce_quota(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+        _bindings: &[BindingAccess],
+    ) -> Result<QuotaChange, BackendError> {
+        let mut con = self.connection().await?;
+        let used = self.usage(&mut con, instance_id).await?;
+        let over = used >= quota_bytes(limits);
+        let known = self.known_commands(&mut con).await?;
+        let mut change = QuotaChange {
+            used_bytes: used,
+            ..Default::default()
+        };
+        for user in self.users_of(&mut con, instance_id).await? {
+            // Whether the user may write now: `ACL DRYRUN` of a growing command.
+            let probe = format!("{}quota-probe", key_prefix(instance_id));
+            let may_write: Result<redis::Value, BackendError> = self
+                .run(
+                    &mut con,
+                    redis::cmd("ACL")
+                        .arg("DRYRUN")
+                        .arg(&user)
+                        .arg("SET")
+                        .arg(&probe)
+                        .arg("x"),
+                )
+                .await;
+            let may_write = match may_write {
+                Ok(redis::Value::Okay) => true,
+                Ok(redis::Value::SimpleString(s)) => s == "OK",
+                _ => false,
+            };
+            if over == !may_write {
+                continue;
+            }
+            let sign = if over { '-' } else { '+' };
+            let mut setuser = redis::cmd("ACL");
+            setuser.arg("SETUSER").arg(&user);
+            for command in GROW.iter().filter(|c| known.contains(c)) {
+                setuser.arg(format!("{sign}{command}"));
+            }
+            let _: () = self.run(&mut con, &setuser).await?;
+            if over {
+                change.revoked += 1;
+            } else {
+                change.restored += 1;
+            }
+        }
+        if change.revoked + change.restored > 0 {
+            self.save_acl(&mut con).await;
+        }
+        Ok(change)
+    }
+
     async fn describe_instance(
         &self,
         instance_id: &str,
-        _limits: PlanLimits,
+        limits: PlanLimits,
     ) -> Result<Vec<(String, String)>, BackendError> {
-        Ok(vec![("Key prefix".into(), key_prefix(instance_id))])
+        let mut con = self.connection().await?;
+        let used = self.usage(&mut con, instance_id).await?;
+        Ok(vec![
+            ("Key prefix".into(), key_prefix(instance_id)),
+            (
+                "Memory used".into(),
+                format!(
+                    "{:.1} MB of {} MB",
+                    used as f64 / (1024.0 * 1024.0),
+                    limits.max_storage_mb
+                ),
+            ),
+        ])
     }
 }

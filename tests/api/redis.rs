@@ -1,6 +1,8 @@
 //! The Redis service against a real Redis (Debian's package) that `scripts/test` starts on
 //! loopback: each binding is an ACL user confined to its instance's key prefix.
 
+use std::time::Duration;
+
 use brokerage::backend::redis::key_prefix;
 use redis::aio::MultiplexedConnection;
 use reqwest::Method;
@@ -147,4 +149,127 @@ async fn a_redis_server_that_is_down_gets_503_and_no_record() {
     app.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
         .await
         .expect_error(404, None);
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_see_or_change_what_other_tenants_share() {
+    let app = spawn_with(with_redis(&redis_url())).await;
+    let (mine, theirs) = (unique("redis-mine"), unique("redis-theirs"));
+    let creds = app
+        .provision_and_bind(&mine, REDIS_SERVICE, REDIS_PLAN)
+        .await;
+    let other = app
+        .provision_and_bind(&theirs, REDIS_SERVICE, REDIS_PLAN)
+        .await;
+    let mut them = connect(&other).await.unwrap();
+    let their_key = format!("{}secret", key_prefix(&theirs));
+    run(&mut them, &["SET", &their_key, "v"]).await.unwrap();
+    let their_channel = format!("{}news", key_prefix(&theirs));
+    let mut con = connect(&creds).await.unwrap();
+    let own = format!("{}k", key_prefix(&mine));
+    // What an app needs works: its keys, a transaction, a script on its keys, its channels.
+    run(&mut con, &["SET", &own, "1"]).await.unwrap();
+    run(&mut con, &["INCR", &own]).await.unwrap();
+    run(&mut con, &["HSET", &format!("{own}h"), "f", "v"])
+        .await
+        .unwrap();
+    run(
+        &mut con,
+        &["EVAL", "return redis.call('GET', KEYS[1])", "1", &own],
+    )
+    .await
+    .unwrap();
+    run(
+        &mut con,
+        &["PUBLISH", &format!("{}c", key_prefix(&mine)), "hi"],
+    )
+    .await
+    .unwrap();
+    run(&mut con, &["CLIENT", "SETNAME", "app"]).await.unwrap();
+    // What would reveal or change what others have is refused.
+    for command in [
+        &["SCAN", "0"][..],
+        &["KEYS", "*"],
+        &["RANDOMKEY"],
+        &["DBSIZE"],
+        &["PUBSUB", "CHANNELS"],
+        &["PUBSUB", "NUMSUB", &their_channel],
+        &["FUNCTION", "FLUSH"],
+        &["FUNCTION", "LIST"],
+        &["SCRIPT", "FLUSH"],
+        &["FLUSHDB"],
+        &["FLUSHALL"],
+        &["CONFIG", "GET", "maxmemory"],
+        &["CLIENT", "LIST"],
+        &["CLIENT", "KILL", "ID", "1"],
+        &["INFO", "keyspace"],
+        &["MONITOR"],
+        &["SELECT", "1"],
+        &["GET", &their_key],
+        &["SUBSCRIBE", &their_channel],
+        &["ACL", "LIST"],
+    ] {
+        assert!(refused(run(&mut con, command).await), "{command:?}");
+    }
+    assert!(run(&mut con, &["DEBUG", "SLEEP", "0"]).await.is_err());
+    let still: redis::Value = run(&mut them, &["GET", &their_key]).await.unwrap();
+    assert_eq!(still, redis::Value::BulkString(b"v".to_vec()));
+    for id in [&mine, &theirs] {
+        app.unbind_from(id, &format!("{id}-b"), REDIS_SERVICE, REDIS_PLAN)
+            .await
+            .expect(200);
+        app.deprovision(id, REDIS_SERVICE, REDIS_PLAN)
+            .await
+            .expect(200);
+    }
+}
+
+#[tokio::test]
+async fn past_its_memory_quota_a_tenant_may_read_and_delete_but_not_grow() {
+    let app = spawn_with(with_redis(&redis_url())).await;
+    let id = unique("redis-quota");
+    let creds = app.provision_and_bind(&id, REDIS_SERVICE, REDIS_PLAN).await;
+    let mut con = connect(&creds).await.unwrap();
+    let prefix = key_prefix(&id);
+    // The plan allows 10 MB: write 11 MB.
+    let blob = "x".repeat(1024 * 1024);
+    for i in 0..11 {
+        run(&mut con, &["SET", &format!("{prefix}blob{i}"), &blob])
+            .await
+            .unwrap();
+    }
+    let over = tokio::time::Instant::now();
+    loop {
+        match run(&mut con, &["SET", &format!("{prefix}more"), "1"]).await {
+            Err(e) if format!("{e:?} {e}").to_uppercase().contains("NOPERM") => break,
+            _ => {
+                assert!(over.elapsed() < Duration::from_secs(20), "never revoked");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    // Still readable, and deletable: delete back under the quota (each 1 MB value takes
+    // about 1.3 MB of the server's memory).
+    run(&mut con, &["GET", &format!("{prefix}blob0")])
+        .await
+        .unwrap();
+    for i in 0..6 {
+        run(&mut con, &["DEL", &format!("{prefix}blob{i}")])
+            .await
+            .unwrap();
+    }
+    let under = tokio::time::Instant::now();
+    while run(&mut con, &["SET", &format!("{prefix}more"), "1"])
+        .await
+        .is_err()
+    {
+        assert!(under.elapsed() < Duration::from_secs(20), "never restored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.unbind_from(&id, &format!("{id}-b"), REDIS_SERVICE, REDIS_PLAN)
+        .await
+        .expect(200);
+    app.deprovision(&id, REDIS_SERVICE, REDIS_PLAN)
+        .await
+        .expect(200);
 }
