@@ -313,26 +313,34 @@ impl RedisBackend {
         Ok(users.into_iter().filter(|u| u.starts_with(&own)).collect())
     }
 
+    /// One page of the instance's keys from `cursor`, and the cursor of the next (0: done).
+    async fn keys_page(
+        &self,
+        con: &mut MultiplexedConnection,
+        instance_id: &str,
+        cursor: u64,
+    ) -> Result<(u64, Vec<String>), BackendError> {
+        self.run(
+            con,
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", key_prefix(instance_id)))
+                .arg("COUNT")
+                .arg(1000),
+        )
+        .await
+    }
+
     /// Bytes the instance's keys use (`MEMORY USAGE`, which samples large collections).
     async fn usage(
         &self,
         con: &mut MultiplexedConnection,
         instance_id: &str,
     ) -> Result<u64, BackendError> {
-        let pattern = format!("{}*", key_prefix(instance_id));
         let (mut cursor, mut used) = (0u64, 0u64);
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .run(
-                    con,
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
+            let (next, keys) = self.keys_page(con, instance_id, cursor).await?;
             if !keys.is_empty() {
                 let mut pipe = redis::pipe();
                 for key in &keys {
@@ -462,20 +470,9 @@ impl Backend for RedisBackend {
         }
         self.save_acl(&mut con).await;
         // Then the data: every key in the namespace.
-        let pattern = format!("{}*", key_prefix(instance_id));
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .run(
-                    &mut con,
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
+            let (next, keys) = self.keys_page(&mut con, instance_id, cursor).await?;
             if !keys.is_empty() {
                 let _: i64 = self.run(&mut con, redis::cmd("UNLINK").arg(&keys)).await?;
             }
@@ -576,7 +573,7 @@ impl Backend for RedisBackend {
                 Ok(redis::Value::SimpleString(s)) => s == "OK",
                 _ => false,
             };
-            if over == !may_write {
+            if over != may_write {
                 continue;
             }
             let sign = if over { '-' } else { '+' };
