@@ -7,9 +7,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BindingAccess;
 use crate::broker::Broker;
-use crate::store::records::{self, Record};
 use crate::store::{Insert, InstanceRecord, Table};
 
 const LEASE: &str = "quota-enforcer";
@@ -117,28 +115,8 @@ impl QuotaEnforcer {
             ) else {
                 continue;
             };
-            let bindings: Vec<BindingAccess> =
-                match records::bindings_of(store, instance.id()).await {
-                    Ok(bs) => bs
-                        .into_iter()
-                        .map(|b| BindingAccess {
-                            read_only: b
-                                .record
-                                .parameters
-                                .as_ref()
-                                .and_then(|p| p.get("read-only"))
-                                .and_then(|v| v.as_bool())
-                                .unwrap_or(false),
-                            binding_id: b.record.id,
-                        })
-                        .collect(),
-                    Err(_) => {
-                        pass.failed += 1;
-                        continue;
-                    }
-                };
             pass.instances += 1;
-            match backend.enforce_quota(&id, plan.limits, &bindings).await {
+            match backend.enforce_quota(&id, plan.limits).await {
                 Ok(change) => {
                     pass.revoked += change.revoked;
                     pass.restored += change.restored;

@@ -42,14 +42,6 @@ pub enum BackendError {
 
 pub type Parameters<'a> = Option<&'a Map<String, Value>>;
 
-/// A binding as quota enforcement sees it.
-#[derive(Debug, Clone)]
-pub struct BindingAccess {
-    pub binding_id: String,
-    /// Read-only bindings never get write access back.
-    pub read_only: bool,
-}
-
 /// What one enforcement pass changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QuotaChange {
@@ -103,7 +95,6 @@ pub trait Backend: Send + Sync {
         &self,
         _instance_id: &str,
         _limits: PlanLimits,
-        _bindings: &[BindingAccess],
     ) -> Result<QuotaChange, BackendError> {
         Ok(QuotaChange::default())
     }

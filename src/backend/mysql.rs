@@ -16,8 +16,7 @@ use tracing::instrument;
 
 pub use super::{database_name, user_name};
 use super::{
-    fits, only_known_parameters, scrub, Backend, BackendError, BindingAccess, Endpoint, Parameters,
-    QuotaChange,
+    fits, only_known_parameters, scrub, Backend, BackendError, Endpoint, Parameters, QuotaChange,
 };
 use crate::catalog::PlanLimits;
 use crate::config::MysqlBackendConfig;
@@ -32,6 +31,11 @@ pub struct MysqlBackend {
 }
 
 const BIND_PARAMETERS: &[&str] = &["read-only"];
+
+/// The privileges that can make a database grow: taken away at or over quota (SELECT,
+/// DELETE, DROP and the rest stay, so data can be read and removed).
+const GROW: &str = "INSERT, UPDATE, CREATE, ALTER, INDEX, CREATE TEMPORARY TABLES, CREATE VIEW, \
+                    CREATE ROUTINE, TRIGGER, EVENT";
 
 impl MysqlBackend {
     pub fn new(config: &MysqlBackendConfig) -> anyhow::Result<Self> {
@@ -100,9 +104,15 @@ impl MysqlBackend {
         Ok(found.is_some())
     }
 
-    /// Bytes the instance's tables use (data and indexes), current without ANALYZE on MariaDB.
+    /// Bytes the instance's tables use (data and indexes): current without ANALYZE on
+    /// MariaDB; on MySQL 8 the session's `information_schema_stats_expiry` is set to 0 so
+    /// the sizes are read fresh, not from a cache up to a day old.
     pub async fn usage_bytes(&self, instance_id: &str) -> Result<u64, BackendError> {
         let mut conn = self.conn().await?;
+        // MariaDB has no such variable (and needs none): its error is expected.
+        let _ = conn
+            .query_drop("SET SESSION information_schema_stats_expiry = 0")
+            .await;
         let used: Option<u64> = conn
             .exec_first(
                 "SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS UNSIGNED)
@@ -326,16 +336,24 @@ impl Backend for MysqlBackend {
         &self,
         instance_id: &str,
         limits: PlanLimits,
-        bindings: &[BindingAccess],
     ) -> Result<QuotaChange, BackendError> {
         let used_bytes = self.usage_bytes(instance_id).await?;
         let over = used_bytes >= limits.max_storage_mb * 1024 * 1024;
         let db = database_name(instance_id);
         let pattern = grant_pattern(&db);
         let mut conn = self.conn().await?;
-        let users: Vec<(String, String)> = conn
+        // What each user may do now, read from the server at this moment: a read-only
+        // binding holds SELECT alone (no DELETE), a revoked one keeps SELECT and DELETE.
+        // So the pass decides from the server, never from a list of bindings read earlier.
+        let users: Vec<(String, String, String)> = conn
             .exec(
-                "SELECT User, Insert_priv FROM mysql.db WHERE Db = ? AND Host = '%'",
+                "SELECT User,
+                        IF(Insert_priv = 'Y' OR Update_priv = 'Y' OR Create_priv = 'Y'
+                           OR Alter_priv = 'Y' OR Index_priv = 'Y' OR Create_tmp_table_priv = 'Y'
+                           OR Create_view_priv = 'Y' OR Create_routine_priv = 'Y'
+                           OR Trigger_priv = 'Y' OR Event_priv = 'Y', 'Y', 'N'),
+                        Delete_priv
+                 FROM mysql.db WHERE Db = ? AND Host = '%'",
                 (&pattern,),
             )
             .await
@@ -344,26 +362,19 @@ impl Backend for MysqlBackend {
             used_bytes,
             ..Default::default()
         };
-        for (user, insert) in users.iter().filter(|(u, _)| is_binding_user(u)) {
-            let writable = insert == "Y";
-            if over && writable {
-                conn.query_drop(format!(
-                    "REVOKE INSERT, UPDATE, CREATE ON `{pattern}`.* FROM '{user}'@'%'"
-                ))
-                .await
-                .map_err(|e| self.error(e))?;
+        for (user, may_grow, may_delete) in users.iter().filter(|(u, _, _)| is_binding_user(u)) {
+            let (may_grow, read_only) = (may_grow == "Y", may_delete != "Y");
+            if over && may_grow {
+                conn.query_drop(format!("REVOKE {GROW} ON `{pattern}`.* FROM '{user}'@'%'"))
+                    .await
+                    .map_err(|e| self.error(e))?;
                 self.kill_sessions(&mut conn, user).await?;
                 change.revoked += 1;
             }
-            let read_only = bindings
-                .iter()
-                .any(|b| b.read_only && user_name(&b.binding_id) == *user);
-            if !over && !writable && !read_only {
-                conn.query_drop(format!(
-                    "GRANT INSERT, UPDATE, CREATE ON `{pattern}`.* TO '{user}'@'%'"
-                ))
-                .await
-                .map_err(|e| self.error(e))?;
+            if !over && !may_grow && !read_only {
+                conn.query_drop(format!("GRANT {GROW} ON `{pattern}`.* TO '{user}'@'%'"))
+                    .await
+                    .map_err(|e| self.error(e))?;
                 change.restored += 1;
             }
         }

@@ -21,7 +21,7 @@ use tracing::instrument;
 
 use super::{
     database_name, object, only_known_parameters, scrub, user_name, Backend, BackendError,
-    BindingAccess, Endpoint, Parameters, QuotaChange,
+    Endpoint, Parameters, QuotaChange,
 };
 use crate::catalog::PlanLimits;
 use crate::config::ServerBackendConfig;
@@ -544,7 +544,6 @@ impl Backend for RedisBackend {
         &self,
         instance_id: &str,
         limits: PlanLimits,
-        _bindings: &[BindingAccess],
     ) -> Result<QuotaChange, BackendError> {
         let mut con = self.connection().await?;
         let used = self.usage(&mut con, instance_id).await?;

@@ -134,3 +134,82 @@ async fn read_only_bindings_never_gain_writes() {
         .expect(200);
     app.deprovision(&id, SERVICE, SMALL).await.expect(200);
 }
+
+/// `statement` as the binding's user fails with "command denied" (1142) or "access
+/// denied" (1044).
+async fn denied(creds: &serde_json::Value, statement: &str) -> bool {
+    let mut conn = connect_as(creds).await.unwrap();
+    match conn.query_drop(statement).await {
+        Err(mysql_async::Error::Server(e)) => [1142, 1044].contains(&e.code),
+        other => panic!("{statement}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn past_its_quota_no_statement_grows_the_database_and_read_only_stays_read_only() {
+    let app = spawn_app().await;
+    let id = unique("quota-grow");
+    app.provision(&id, SMALL).await.expect(201);
+    let creds = app.bind(&id, &format!("{id}-b"), SMALL).await.body["credentials"].clone();
+    let mut writer = connect_as(&creds).await.unwrap();
+    writer
+        .query_drop("CREATE TABLE notes (body VARCHAR(20)) ENGINE=InnoDB")
+        .await
+        .unwrap();
+    writer
+        .query_drop("CREATE TABLE blobs (id INT PRIMARY KEY, data LONGBLOB) ENGINE=InnoDB")
+        .await
+        .unwrap();
+    for i in 0..3 {
+        writer
+            .exec_drop("INSERT INTO blobs VALUES (?, REPEAT('x', 600000))", (i,))
+            .await
+            .unwrap();
+    }
+    drop(writer);
+    wait_for_insert(&creds, true).await;
+    // A read-only binding made while the database is over its quota.
+    let ro = app
+        .bind_with(
+            &id,
+            &format!("{id}-ro"),
+            serde_json::json!({"service_id": SERVICE, "plan_id": SMALL, "parameters": {"read-only": true}}),
+            false,
+        )
+        .await;
+    ro.expect(201);
+    let ro = ro.body["credentials"].clone();
+    // Every way to grow is closed: columns, indexes, tables, temporary tables, views,
+    // routines, triggers.
+    for statement in [
+        "ALTER TABLE blobs ADD COLUMN more LONGBLOB",
+        "CREATE INDEX by_body ON notes (body)",
+        "CREATE TABLE t2 (i INT)",
+        "CREATE TEMPORARY TABLE tmp (data LONGBLOB)",
+        "CREATE VIEW v AS SELECT * FROM notes",
+        "CREATE PROCEDURE p() SELECT 1",
+        "CREATE TRIGGER tr BEFORE DELETE ON notes FOR EACH ROW SET @x = 1",
+        "UPDATE blobs SET data = REPEAT('y', 10) WHERE id = 0",
+    ] {
+        assert!(denied(&creds, statement).await, "{statement} was allowed");
+    }
+    // Reading and deleting go on.
+    let mut conn = connect_as(&creds).await.unwrap();
+    let n: Option<u64> = conn
+        .query_first("SELECT COUNT(*) FROM blobs")
+        .await
+        .unwrap();
+    assert_eq!(n, Some(3));
+    conn.query_drop("DELETE FROM blobs").await.unwrap();
+    drop(conn);
+    // Back under: the writer gets its writes back, the read-only binding does not.
+    wait_for_insert(&creds, false).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(denied(&ro, "INSERT INTO notes VALUES ('ro')").await);
+    assert!(denied(&ro, "DELETE FROM notes").await);
+    app.unbind(&id, &format!("{id}-ro"), SMALL)
+        .await
+        .expect(200);
+    app.unbind(&id, &format!("{id}-b"), SMALL).await.expect(200);
+    app.deprovision(&id, SERVICE, SMALL).await.expect(200);
+}
