@@ -319,8 +319,11 @@ impl Broker {
                 if let Some(reply) = done(e) {
                     return Ok(Err(reply));
                 }
+                // Taking over a failed or abandoned attempt: clean up after it first,
+                // unless it failed because what it would have made was not the broker's.
+                let takeover = !op.nothing_made;
                 match records::replace(self.store_ref(), record, existing.version).await? {
-                    Some(v) => Ok(Ok((v, true))),
+                    Some(v) => Ok(Ok((v, takeover))),
                     None => Err(OsbError::concurrency()),
                 }
             }
@@ -595,7 +598,17 @@ impl Broker {
         let service_id = required(service_id, "service_id")?;
         let plan_id = required(plan_id, "plan_id")?;
         let Some(stored) = records::load::<InstanceRecord>(self.store_ref(), id).await? else {
-            // Never recorded (a provision that timed out): an upstream may still hold it.
+            // Never recorded (a provision that timed out on Cloud Controller's side): what
+            // the derived names point at may exist all the same, locally or upstream.
+            if let Some(reply) = self
+                .local_orphan(&service_id, &plan_id, |backend, limits| {
+                    let id = id.to_string();
+                    async move { backend.deprovision(&id, limits).await }
+                })
+                .await
+            {
+                return reply;
+            }
             return self
                 .proxy_orphan_delete(
                     &format!("/v2/service_instances/{id}"),
@@ -652,13 +665,62 @@ impl Broker {
         tracing::info!(instance_id = id, "deprovisioning");
         let instance_id = id.to_string();
         let limits = plan.limits;
-        let work = async move { backend.deprovision(&instance_id, limits).await };
+        // A provision that failed on something already there made nothing to remove: what
+        // is there is not the broker's.
+        let ours = current.provisioned || !current.operation.nothing_made;
+        let work = async move {
+            match ours {
+                true => backend.deprovision(&instance_id, limits).await,
+                false => Ok(()),
+            }
+        };
         let previous_op = current.operation;
         self.drive(record, version, work, move |record, result| match result {
             Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),
             Err(e) => failed(record, e, Some(previous_op)),
         })
         .await
+    }
+
+    /// Cloud Controller's orphan mitigation for a local service: a DELETE for an instance
+    /// or binding the broker never recorded (its create timed out on the platform's side)
+    /// removes whatever its derived names point at, if anything, then answers 410. `None`
+    /// when the service is not a local one.
+    async fn local_orphan<F, W>(
+        &self,
+        service_id: &str,
+        plan_id: &str,
+        remove: F,
+    ) -> Option<Result<Reply, OsbError>>
+    where
+        F: FnOnce(Arc<dyn crate::backend::Backend>, crate::catalog::PlanLimits) -> W,
+        W: Future<Output = Result<(), BackendError>>,
+    {
+        let service = self.inner.catalog.service(service_id)?;
+        let Some(plan) = service.plan(plan_id) else {
+            return Some(Err(OsbError::Gone));
+        };
+        let backend = match self.backend(service) {
+            Ok(backend) => backend,
+            Err(e) => return Some(Err(e)),
+        };
+        tracing::info!(
+            service_id,
+            "a delete for an unrecorded resource: removing what its names point at"
+        );
+        let removed = tokio::time::timeout(
+            self.inner.timing.operation_timeout,
+            remove(backend, plan.limits),
+        )
+        .await;
+        Some(match removed {
+            Ok(Ok(())) => Err(OsbError::Gone),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(OsbError::Unavailable(format!(
+                "the backend did not finish within {} s",
+                self.inner.timing.operation_timeout.as_secs()
+            ))),
+        })
     }
 
     /// Refuses (507) what would promise the backend more storage than it has: the plans of
@@ -861,6 +923,16 @@ impl Broker {
             Some(s) if s.record.instance_id == instance_id => s,
             Some(_) => return Err(OsbError::Gone),
             None => {
+                if let Some(reply) = self
+                    .local_orphan(&service_id, &plan_id, |backend, _| {
+                        let (instance_id, binding_id) =
+                            (instance_id.to_string(), binding_id.to_string());
+                        async move { backend.unbind(&instance_id, &binding_id).await }
+                    })
+                    .await
+                {
+                    return reply;
+                }
                 let path =
                     format!("/v2/service_instances/{instance_id}/service_bindings/{binding_id}");
                 return self
@@ -1043,9 +1115,9 @@ fn failed<R: Record>(
     previous: Option<OperationRecord>,
 ) -> Settled<R> {
     if record.operation().asynchronous {
-        record
-            .operation_mut()
-            .finish(OpState::Failed, Some(e.to_string()));
+        let op = record.operation_mut();
+        op.finish(OpState::Failed, Some(e.to_string()));
+        op.nothing_made = matches!(e, BackendError::Conflict(_));
         return (Outcome::Keep(record), Err(e.into()));
     }
     match previous {

@@ -58,6 +58,10 @@ pub struct OperationRecord {
     /// Upstream-owned: the upstream's id of the plan an update moves to.
     #[serde(default)]
     pub upstream_plan_id: Option<String>,
+    /// The operation failed because what it would have made already existed (not made by
+    /// Brokerage): nothing of the broker's is there, so nothing may be cleaned up for it.
+    #[serde(default)]
+    pub nothing_made: bool,
 }
 
 impl OperationRecord {
@@ -75,6 +79,7 @@ impl OperationRecord {
             target_plan_id: None,
             upstream_operation: None,
             upstream_plan_id: None,
+            nothing_made: false,
         }
     }
 

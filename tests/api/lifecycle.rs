@@ -433,3 +433,77 @@ async fn capacity_past_the_backend_limit_is_refused_with_507() {
     app.provision(&second, LARGE).await.expect(201);
     app.deprovision(&second, SERVICE, LARGE).await.expect(200);
 }
+
+#[tokio::test]
+async fn a_delete_for_an_unrecorded_instance_or_binding_removes_what_its_names_point_at() {
+    // As if a provision and a bind had run but Cloud Controller gave up before their
+    // answers were recorded: the database and the user exist, the broker has no record.
+    let app = spawn_app().await;
+    let (id, binding) = (unique("orphan"), unique("orphan-b"));
+    let (db, user) = (database_name(&id), user_name(&binding));
+    let mut admin = admin().await;
+    admin
+        .query_drop(format!("CREATE DATABASE `{db}`"))
+        .await
+        .unwrap();
+    admin
+        .query_drop(format!(
+            "CREATE USER '{user}'@'%' IDENTIFIED BY 'orphaned-password'"
+        ))
+        .await
+        .unwrap();
+    app.unbind(&id, &binding, SMALL).await.expect(410);
+    assert!(!user_exists(&user).await, "the orphaned user is dropped");
+    app.deprovision(&id, SERVICE, SMALL).await.expect(410);
+    assert!(
+        !database_exists(&db).await,
+        "the orphaned database is dropped"
+    );
+    // Nothing there at all: still 410.
+    app.deprovision(&id, SERVICE, SMALL).await.expect(410);
+}
+
+#[tokio::test]
+async fn a_failed_provision_never_drops_a_database_it_did_not_create() {
+    let app = spawn_app().await;
+    let id = unique("not-mine");
+    let db = database_name(&id);
+    // Someone else's database under the name the broker would derive.
+    let mut admin = admin().await;
+    admin
+        .query_drop(format!("CREATE DATABASE `{db}`"))
+        .await
+        .unwrap();
+    admin
+        .query_drop(format!("CREATE TABLE `{db}`.precious (i INT)"))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let started = app
+            .provision_with(&id, provision_body(SERVICE, ASYNC), true)
+            .await;
+        started.expect(202);
+        let polled = app.poll(&id, &started.operation()).await;
+        assert_eq!(polled.body["state"], "failed", "{}", polled.body);
+        assert!(database_exists(&db).await, "the retry left it alone");
+    }
+    app.call(
+        Method::DELETE,
+        &format!("/v2/service_instances/{id}?service_id={SERVICE}&plan_id={ASYNC}&accepts_incomplete=true"),
+        None,
+    )
+    .await;
+    let left: Option<String> = admin
+        .query_first(format!("SHOW TABLES FROM `{db}`"))
+        .await
+        .unwrap();
+    assert_eq!(
+        left.as_deref(),
+        Some("precious"),
+        "deprovision left it alone"
+    );
+    admin
+        .query_drop(format!("DROP DATABASE `{db}`"))
+        .await
+        .unwrap();
+}
