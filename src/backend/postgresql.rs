@@ -5,6 +5,11 @@
 //! its `public` schema; objects a binding creates are shared with the group through default
 //! privileges, and on unbind they pass to the group rather than vanish. `REVOKE ... FROM
 //! PUBLIC` keeps every other role out of the database.
+//!
+//! Binding roles may connect to their own database only: before each bind the broker takes
+//! `CONNECT` away from `PUBLIC` on every other database of the server (`postgres`,
+//! `template1`, ...), so the server should be the broker's own. Unbind removes what a
+//! binding role owns in any other database as well, so its `DROP ROLE` always succeeds.
 
 use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
@@ -127,6 +132,63 @@ impl PostgresqlBackend {
             .map_err(|e| self.error(e))
     }
 
+    /// Takes `CONNECT` from `PUBLIC` on every database that is not an instance's, so binding
+    /// roles reach their own database only. Without the right to (an admin that is not a
+    /// superuser and does not own them) it warns and goes on.
+    async fn close_other_databases(&self, client: &Client) -> Result<(), BackendError> {
+        let open = client
+            .query(
+                "SELECT datname FROM pg_database
+                 WHERE datallowconn AND datname NOT LIKE 'cf\\_%'
+                   AND has_database_privilege('public', oid, 'CONNECT')",
+                &[],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        for row in open {
+            let name: String = row.get(0);
+            let quoted = name.replace('"', "\"\"");
+            if let Err(e) = client
+                .batch_execute(&format!(
+                    "REVOKE CONNECT ON DATABASE \"{quoted}\" FROM PUBLIC"
+                ))
+                .await
+            {
+                tracing::warn!(database = %name, error = %e, "cannot keep binding roles out of this database");
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops what `role` owns in databases other than `own` (objects a tenant made where it
+    /// could), which would otherwise keep `DROP ROLE` from succeeding.
+    async fn drop_owned_elsewhere(
+        &self,
+        client: &Client,
+        role: &str,
+        own: &str,
+    ) -> Result<(), BackendError> {
+        let elsewhere = client
+            .query(
+                "SELECT DISTINCT d.datname FROM pg_shdepend s
+                 JOIN pg_database d ON d.oid = s.dbid
+                 JOIN pg_roles r ON r.oid = s.refobjid
+                 WHERE r.rolname = $1 AND d.datname <> $2",
+                &[&role, &own],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        for row in elsewhere {
+            let db: String = row.get(0);
+            self.connect(Some(&db))
+                .await?
+                .batch_execute(&format!("DROP OWNED BY \"{role}\""))
+                .await
+                .map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
     async fn size_bytes(&self, db: &str) -> Result<u64, BackendError> {
         let client = self.connect(None).await?;
         let row = client
@@ -236,8 +298,10 @@ impl Backend for PostgresqlBackend {
             .await
             .map_err(|e| self.error(e))?;
         for member in self.members(&client, &owner).await? {
+            self.drop_owned_elsewhere(&client, &member, &db).await?;
             self.drop_role(&client, &member).await?;
         }
+        self.drop_owned_elsewhere(&client, &owner, &db).await?;
         self.drop_role(&client, &owner).await
     }
 
@@ -259,6 +323,7 @@ impl Backend for PostgresqlBackend {
                 "database {db} is missing on the PostgreSQL server"
             )));
         }
+        self.close_other_databases(&client).await?;
         // A role left by an interrupted bind of this same binding is replaced.
         self.unbind(instance_id, binding_id).await?;
         client
@@ -322,6 +387,7 @@ impl Backend for PostgresqlBackend {
                 .await
                 .map_err(|e| self.error(e))?;
         }
+        self.drop_owned_elsewhere(&client, &user, &db).await?;
         self.drop_role(&client, &user).await
     }
 

@@ -176,3 +176,55 @@ async fn a_postgresql_server_that_is_down_gets_503_and_no_record() {
         .await
         .expect_error(404, None);
 }
+
+#[tokio::test]
+async fn a_binding_connects_only_to_its_own_database_and_unbind_survives_what_it_owns_elsewhere() {
+    let app = spawn_with(with_postgresql(&postgresql_url())).await;
+    let (mine, theirs) = (unique("pg-mine"), unique("pg-theirs"));
+    let creds = app.provision_and_bind(&mine, PG_SERVICE, PG_PLAN).await;
+    app.provision_with(&theirs, provision_body(PG_SERVICE, PG_PLAN), false)
+        .await
+        .expect(201);
+    connect(&creds, None).await.expect("its own database");
+    for other in ["postgres", "template1", &database_name(&theirs)] {
+        let refused = connect(&creds, Some(other))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("connected to {other}"));
+        assert!(
+            message(&refused).contains("permission denied"),
+            "{other}: {}",
+            message(&refused)
+        );
+    }
+    // Something the binding's role owns in another database (as a tenant could make on
+    // PostgreSQL 14 and older, where everyone may create in `public`): unbind still works.
+    let (admin, connection) = tokio_postgres::connect(&postgresql_url(), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let role = creds["username"].as_str().unwrap();
+    let table = format!("left_by_{}", role);
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE \"{table}\" (i INT); ALTER TABLE \"{table}\" OWNER TO \"{role}\""
+        ))
+        .await
+        .unwrap();
+    app.unbind_from(&mine, &format!("{mine}-b"), PG_SERVICE, PG_PLAN)
+        .await
+        .expect(200);
+    let left = admin
+        .query("SELECT 1 FROM pg_tables WHERE tablename = $1", &[&table])
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "what it owned elsewhere went with it");
+    let role_left = admin
+        .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await
+        .unwrap();
+    assert!(role_left.is_empty(), "the role is gone");
+    for id in [&mine, &theirs] {
+        app.deprovision(id, PG_SERVICE, PG_PLAN).await.expect(200);
+    }
+}
