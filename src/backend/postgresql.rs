@@ -326,13 +326,16 @@ impl Backend for PostgresqlBackend {
         self.close_other_databases(&client).await?;
         // A role left by an interrupted bind of this same binding is replaced.
         self.unbind(instance_id, binding_id).await?;
+        // The server is sent the password's SCRAM verifier, never the password: statements
+        // reach logs (the driver's own, the server's).
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
         client
             .batch_execute(&format!(
-                "CREATE ROLE \"{user}\" LOGIN PASSWORD '{password}' CONNECTION LIMIT {} IN ROLE \"{owner}\"",
+                "CREATE ROLE \"{user}\" LOGIN PASSWORD '{verifier}' CONNECTION LIMIT {} IN ROLE \"{owner}\"",
                 connection_limit(limits)
             ))
             .await
-            .map_err(|e| scrub(self.error(e), &password))?;
+            .map_err(|e| scrub(self.error(e), &verifier))?;
         // What this binding creates, every binding of the instance may use.
         let shared = async {
             let instance = self.connect(Some(&db)).await?;

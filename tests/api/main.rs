@@ -10,6 +10,7 @@ mod faults;
 mod federation;
 mod fuzz_regressions;
 mod helpers;
+mod isolation;
 mod lifecycle;
 mod limits;
 mod mongodb;
