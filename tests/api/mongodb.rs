@@ -186,3 +186,59 @@ async fn a_mongodb_server_that_is_down_gets_503_and_no_record() {
     let ready = app.call(Method::GET, "/ready", None).await;
     assert_eq!(ready.status, 503, "{}", ready.body);
 }
+
+#[tokio::test]
+async fn wire_compatible_a_tenant_learns_nothing_of_other_tenants() {
+    let app = spawn_with(with_mongodb(&mongodb_url())).await;
+    let (mine, theirs) = (unique("mongo-mine"), unique("mongo-theirs"));
+    let creds = app
+        .provision_and_bind(&mine, MONGO_SERVICE, MONGO_PLAN)
+        .await;
+    app.provision_and_bind(&theirs, MONGO_SERVICE, MONGO_PLAN)
+        .await;
+    let client = app_client(&creds).await;
+    // listDatabases: only its own database, or refused.
+    match client.list_database_names().await {
+        Ok(names) => assert!(
+            !names.contains(&database_name(&theirs)),
+            "another tenant's database is listed: {names:?}"
+        ),
+        Err(e) => assert!(is_unauthorized(&e), "{e}"),
+    }
+    // usersInfo about another tenant's database, or about every database: refused or empty.
+    let theirs_db = client.database(&database_name(&theirs));
+    match theirs_db.run_command(doc! {"usersInfo": 1}).await {
+        Ok(answer) => assert!(
+            answer
+                .get_array("users")
+                .map(|u| u.is_empty())
+                .unwrap_or(true),
+            "another tenant's users are listed: {answer}"
+        ),
+        Err(e) => assert!(is_unauthorized(&e), "{e}"),
+    }
+    let own_db = client.database(&database_name(&mine));
+    match own_db
+        .run_command(doc! {"usersInfo": {"forAllDBs": true}})
+        .await
+    {
+        Ok(answer) => {
+            let users = answer.get_array("users").cloned().unwrap_or_default();
+            assert!(
+                users
+                    .iter()
+                    .all(|u| !u.to_string().contains(&database_name(&theirs))),
+                "another tenant's users are listed: {answer}"
+            );
+        }
+        Err(e) => assert!(is_unauthorized(&e), "{e}"),
+    }
+    for id in [&mine, &theirs] {
+        app.unbind_from(id, &format!("{id}-b"), MONGO_SERVICE, MONGO_PLAN)
+            .await
+            .expect(200);
+        app.deprovision(id, MONGO_SERVICE, MONGO_PLAN)
+            .await
+            .expect(200);
+    }
+}
