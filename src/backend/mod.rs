@@ -42,6 +42,11 @@ pub enum BackendError {
 
 pub type Parameters<'a> = Option<&'a Map<String, Value>>;
 
+/// The ids of an instance's live bindings, read when called.
+pub type LiveBindings<'a> = &'a (dyn Fn() -> futures::future::BoxFuture<'static, Result<Vec<String>, BackendError>>
+         + Send
+         + Sync);
+
 /// What one enforcement pass changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QuotaChange {
@@ -88,6 +93,14 @@ pub trait Backend: Send + Sync {
     ) -> Result<Map<String, Value>, BackendError>;
     /// Revokes a binding's access, cutting its open connections; done if already gone.
     async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError>;
+    /// Removes access to the instance that no live binding accounts for: what a binding
+    /// made with its own rights (a swauth account admin's extra users). `live` gives the
+    /// instance's other bindings; call it only after listing what exists, so a binding made
+    /// meanwhile is always counted. Backends whose bindings cannot make access change
+    /// nothing.
+    async fn prune(&self, _instance_id: &str, _live: LiveBindings<'_>) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Holds the instance to its plan's storage: at or over the limit its users lose write
     /// access (and their open connections), below it they get it back. Backends without
     /// quotas change nothing.

@@ -18,7 +18,7 @@ use tracing::instrument;
 
 use super::{
     database_name, fits, object, only_known_parameters, user_name, Backend, BackendError,
-    Parameters,
+    LiveBindings, Parameters,
 };
 use crate::catalog::PlanLimits;
 use crate::config::Secret;
@@ -428,6 +428,24 @@ impl Backend for SwiftBackend {
             self.delete_user(&account, &user.name).await?;
         }
         self.delete_account(&account).await
+    }
+
+    /// Every user of the account that is not a live binding's goes: an account admin (each
+    /// binding user is one) may have made more, and none may outlive the binding that made
+    /// it.
+    async fn prune(&self, instance_id: &str, live: LiveBindings<'_>) -> Result<(), BackendError> {
+        let account = database_name(instance_id);
+        let Some(info) = self.account(&account).await? else {
+            return Ok(());
+        };
+        // Listed before the live bindings are read: a user made by a bind running now
+        // belongs to a binding already recorded, so it is kept.
+        let keep: Vec<String> = live().await?.iter().map(|b| user_name(b)).collect();
+        for user in info.users.iter().filter(|u| !keep.contains(&u.name)) {
+            tracing::info!(account = %account, user = %user.name, "removing a user no live binding accounts for");
+            self.delete_user(&account, &user.name).await?;
+        }
+        Ok(())
     }
 
     #[instrument(skip(self, parameters), fields(backend = "swift"))]

@@ -967,7 +967,27 @@ impl Broker {
         };
         tracing::info!(instance_id, binding_id, "unbinding");
         let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
-        let work = async move { backend.unbind(&iid, &bid).await };
+        let store = self.inner.store.clone();
+        let work = async move {
+            backend.unbind(&iid, &bid).await?;
+            // Then whatever this binding made for itself that no other binding accounts for.
+            let instance = iid.clone();
+            let live = move || {
+                let (store, iid, bid) = (store.clone(), iid.clone(), bid.clone());
+                let read = async move {
+                    let bindings = records::bindings_of(&*store, &iid)
+                        .await
+                        .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+                    Ok(bindings
+                        .into_iter()
+                        .map(|b| b.record.id)
+                        .filter(|id| *id != bid)
+                        .collect())
+                };
+                Box::pin(read) as futures::future::BoxFuture<'static, _>
+            };
+            backend.prune(&instance, &live).await
+        };
         let previous_op = current.operation;
         self.drive(record, version, work, move |record, result| match result {
             Ok(()) => (Outcome::Remove, Ok(Reply::new(200, json!({})))),

@@ -300,3 +300,55 @@ async fn a_wrong_admin_key_fails_clearly_and_leaves_nothing() {
         .expect_error(404, None);
     assert!(!swauth_account_exists(&database_name(&id)).await);
 }
+
+#[tokio::test]
+async fn users_a_binding_makes_do_not_outlive_its_unbind() {
+    let app = spawn_with(with_swift(&swift_url())).await;
+    let id = unique("swift-sneaky");
+    let a = app.provision_and_bind(&id, SWIFT_SERVICE, PURGE).await;
+    let b = app
+        .bind_with(
+            &id,
+            &format!("{id}-second"),
+            json!({"service_id": SWIFT_SERVICE, "plan_id": PURGE, "app_guid": "app-2"}),
+            false,
+        )
+        .await;
+    b.expect(201);
+    let b = b.body["credentials"].clone();
+    // The first binding's user is an account admin: it makes a user of its own.
+    let (account, _) = a["username"].as_str().unwrap().split_once(':').unwrap();
+    let made = reqwest::Client::new()
+        .put(format!("{}/auth/v2/{account}/sneaky", swift_url()))
+        .header("X-Auth-Admin-User", a["username"].as_str().unwrap())
+        .header("X-Auth-Admin-Key", a["password"].as_str().unwrap())
+        .header("X-Auth-User-Key", "sneaky-key")
+        .header("X-Auth-User-Admin", "true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        made.status().as_u16(),
+        201,
+        "swauth let the admin make a user"
+    );
+    let sneaky = json!({
+        "auth_url": a["auth_url"],
+        "username": format!("{account}:sneaky"),
+        "password": "sneaky-key",
+    });
+    assert!(login(&sneaky).await.is_ok(), "the made user logs in");
+    app.unbind_from(&id, &format!("{id}-b"), SWIFT_SERVICE, PURGE)
+        .await
+        .expect(200);
+    assert!(
+        login(&sneaky).await.is_err(),
+        "the made user went with its maker"
+    );
+    assert!(login(&a).await.is_err(), "the binding's own user is gone");
+    assert!(login(&b).await.is_ok(), "the other binding keeps working");
+    app.unbind_from(&id, &format!("{id}-second"), SWIFT_SERVICE, PURGE)
+        .await
+        .expect(200);
+    app.deprovision(&id, SWIFT_SERVICE, PURGE).await.expect(200);
+}
