@@ -233,6 +233,12 @@ pub struct ServerBackendConfig {
     /// Seconds to wait for the server before answering 503.
     #[serde(default = "five")]
     pub connect_timeout_secs: u64,
+    /// TLS to the server (PostgreSQL, Redis): a PEM file with the CA of the server's
+    /// certificate. Set, the admin connection uses TLS and checks the certificate, and
+    /// binding credentials ask apps to do the same (and carry the CA as `ca_certificate`).
+    /// MongoDB takes TLS from its URL's options instead.
+    #[serde(default)]
+    pub ca_certificate: Option<PathBuf>,
 }
 
 fn five() -> u64 {

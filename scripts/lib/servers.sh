@@ -95,19 +95,25 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# `make_test_certificate DIR`: a CA of the run's own (DIR/ca.pem) and a certificate for
+# 127.0.0.1 signed by it (DIR/server.pem, DIR/server.key).
+make_test_certificate() {
+  local dir=$1
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=brokerage-test-ca \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+    -CAcreateserial -days 30 -out "$dir/server.pem" \
+    -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n') 2>/dev/null
+}
+
 start_throwaway_mariadb() {
   local data=$1 mariadbd port pid sock link
   mariadbd=$(command -v mariadbd || echo /usr/sbin/mariadbd)
   rm -rf "$data"
   mkdir -p "$data"
-  # A CA of the run's own and a certificate for 127.0.0.1 signed by it.
-  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=brokerage-test-ca \
-    -keyout "$data/ca.key" -out "$data/ca.pem" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 \
-    -keyout "$data/server.key" -out "$data/server.csr" 2>/dev/null
-  openssl x509 -req -in "$data/server.csr" -CA "$data/ca.pem" -CAkey "$data/ca.key" \
-    -CAcreateserial -days 30 -out "$data/server.pem" \
-    -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n') 2>/dev/null
+  make_test_certificate "$data"
   # mariadb-install-db splits its paths at spaces: hand it a link without any.
   link=$(mktemp -d)
   SERVER_DIRS+=("$link")
@@ -325,7 +331,9 @@ CONF
 # directory): its data directory is then one of its own under the system's temporary
 # directory (`mktemp -d`, owned by postgres, removed on exit), and $1 keeps only a link to
 # it and the logs. Run as any other user, the data lives under $1.
-# After `start_throwaway_postgresql DIR`, POSTGRESQL_URL names its superuser.
+# After `start_throwaway_postgresql DIR`, POSTGRESQL_URL names its superuser,
+# POSTGRESQL_TLS_URL a superuser that may log in over TLS only, and POSTGRESQL_CA the CA of
+# the server's certificate.
 start_throwaway_postgresql() {
   local data=$1 bin port pid run=() db
   bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
@@ -345,28 +353,52 @@ start_throwaway_postgresql() {
   "${run[@]}" "$bin/initdb" -D "$db/db" -U postgres --pwfile="$db/pwfile" \
     --auth-local=trust --auth-host=scram-sha-256 >"$data/initdb.log" 2>&1 \
     || server_failed PostgreSQL "initdb failed (data directory $db/db)" "$data/initdb.log"
+  # TLS with a certificate from a CA of the run's own; tls_admin may log in over TLS only.
+  make_test_certificate "$data"
+  if [ "$db" != "$data" ]; then
+    cp "$data/server.pem" "$data/server.key" "$db/"
+    chown postgres "$db/server.pem" "$db/server.key"
+  fi
+  chmod 600 "$db/server.key"
+  POSTGRESQL_CA=$data/ca.pem
+  "${run[@]}" sh -c 'printf "hostnossl all tls_admin all reject\n" | cat - "$1" >"$1.new" && mv "$1.new" "$1"' \
+    sh "$db/db/pg_hba.conf"
   port=$(free_port)
   "${run[@]}" "$bin/postgres" -D "$db/db" -h 127.0.0.1 -p "$port" -k "$db" \
-    -c max_connections=300 >"$data/server.log" 2>&1 &
+    -c max_connections=300 -c ssl=on -c ssl_cert_file="$db/server.pem" \
+    -c ssl_key_file="$db/server.key" >"$data/server.log" 2>&1 &
   pid=$!
   stop_on_exit $pid
   expect_port PostgreSQL "$port" 60 "$pid" "$data/server.log"
+  "${run[@]}" "$bin/psql" -h "$db" -p "$port" -U postgres -d postgres -q \
+    -c "CREATE ROLE tls_admin LOGIN SUPERUSER PASSWORD 'test-tls-admin-password'" \
+    >>"$data/server.log" 2>&1 \
+    || server_failed PostgreSQL "creating its TLS-only admin failed" "$data/server.log"
   POSTGRESQL_URL="postgres://postgres:test-postgres-password@127.0.0.1:$port/postgres"
-  echo "== throwaway PostgreSQL on 127.0.0.1:$port (data in $db/db, logs in $data)"
+  POSTGRESQL_TLS_URL="postgres://tls_admin:test-tls-admin-password@127.0.0.1:$port/postgres"
+  echo "== throwaway PostgreSQL on 127.0.0.1:$port, TLS too (data in $db/db, logs in $data)"
 }
 
 # Redis (Debian's package) with a password on its default user and nothing kept on disk.
-# After `start_throwaway_redis DIR`, REDIS_URL names its admin.
+# After `start_throwaway_redis DIR`, REDIS_URL names its admin, REDIS_TLS_URL the same over
+# TLS, and REDIS_CA the CA of the server's certificate.
 start_throwaway_redis() {
-  local data=$1 port pid
+  local data=$1 port pid tls_port
   rm -rf "$data"
   mkdir -p "$data"
   port=$(free_port)
+  tls_port=$(free_port)
+  make_test_certificate "$data"
   redis-server --bind 127.0.0.1 --port "$port" --dir "$data" --save "" --appendonly no \
-    --requirepass test-redis-password --logfile "$data/server.log" &
+    --requirepass test-redis-password --logfile "$data/server.log" \
+    --tls-port "$tls_port" --tls-cert-file "$data/server.pem" --tls-key-file "$data/server.key" \
+    --tls-ca-cert-file "$data/ca.pem" --tls-auth-clients no &
   pid=$!
   stop_on_exit $pid
   expect_port Redis "$port" 30 "$pid" "$data/server.log"
+  expect_port "Redis (TLS)" "$tls_port" 30 "$pid" "$data/server.log"
   REDIS_URL="redis://default:test-redis-password@127.0.0.1:$port"
-  echo "== throwaway Redis on 127.0.0.1:$port (data in $data)"
+  REDIS_TLS_URL="rediss://default:test-redis-password@127.0.0.1:$tls_port"
+  REDIS_CA=$data/ca.pem
+  echo "== throwaway Redis on 127.0.0.1:$port, TLS on $tls_port (data in $data)"
 }

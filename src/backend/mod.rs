@@ -208,6 +208,35 @@ pub(crate) struct Endpoint {
     pub public_host: String,
     pub public_port: u16,
     pub timeout: Duration,
+    /// The CA (PEM) of the server's certificate, when the server is reached over TLS.
+    pub ca_certificate: Option<String>,
+}
+
+/// A TLS client configuration that trusts only the CA in `pem` (and checks the host name).
+pub(crate) fn tls_client_config(pem: &str) -> anyhow::Result<tokio_rustls::rustls::ClientConfig> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::{crypto, ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    Ok(
+        ClientConfig::builder_with_provider(Arc::new(crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// The PEM certificate at `path`, checked to be one; errors name `key` and the file.
+pub(crate) fn read_ca(key: &str, path: &std::path::Path) -> anyhow::Result<String> {
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{key}: cannot read {}: {e}", path.display()))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!("{key}: {} is not a PEM certificate", path.display());
+    }
+    Ok(pem)
 }
 
 impl Endpoint {
@@ -231,6 +260,7 @@ impl Endpoint {
             public_host: public_host.cloned().unwrap_or_else(|| host.to_string()),
             public_port: public_port.unwrap_or(port),
             timeout: Duration::from_secs(timeout_secs.max(1)),
+            ca_certificate: None,
         })
     }
 
@@ -240,7 +270,7 @@ impl Endpoint {
         scheme: &str,
         default_port: u16,
     ) -> anyhow::Result<Endpoint> {
-        Endpoint::of(
+        let mut endpoint = Endpoint::of(
             key,
             config.url.expose(),
             scheme,
@@ -248,7 +278,12 @@ impl Endpoint {
             config.public_host.as_ref(),
             config.public_port,
             config.connect_timeout_secs,
-        )
+        )?;
+        if let Some(path) = &config.ca_certificate {
+            let parent = key.rsplit_once('.').map_or(key, |(p, _)| p);
+            endpoint.ca_certificate = Some(read_ca(&format!("{parent}.ca_certificate"), path)?);
+        }
+        Ok(endpoint)
     }
 }
 

@@ -36,6 +36,12 @@ pub struct MongodbBackend {
 
 impl MongodbBackend {
     pub fn new(config: &ServerBackendConfig) -> anyhow::Result<Self> {
+        if config.ca_certificate.is_some() {
+            anyhow::bail!(
+                "backends.mongodb.ca_certificate: MongoDB takes TLS from its url \
+                 (?tls=true&tlsCAFile=/path/to/ca.pem)"
+            );
+        }
         Ok(MongodbBackend {
             at: Endpoint::from_config("backends.mongodb.url", config, "mongodb", 27017)?,
             url: config.url.expose().to_string(),

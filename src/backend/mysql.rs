@@ -6,7 +6,6 @@
 //! allows 32 characters). Grants escape `_` so one instance's grant never matches another
 //! instance's database.
 
-use anyhow::Context;
 use async_trait::async_trait;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Pool};
@@ -48,20 +47,11 @@ impl MysqlBackend {
             config.public_port,
             config.connect_timeout_secs,
         )?;
-        let ca_certificate = match &config.ca_certificate {
-            Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
-                format!(
-                    "backends.mysql.ca_certificate: cannot read {}",
-                    path.display()
-                )
-            })?),
-            None => None,
-        };
-        if let Some(pem) = &ca_certificate {
-            if !pem.contains("-----BEGIN CERTIFICATE-----") {
-                anyhow::bail!("backends.mysql.ca_certificate: not a PEM certificate");
-            }
-        }
+        let ca_certificate = config
+            .ca_certificate
+            .as_deref()
+            .map(|path| super::read_ca("backends.mysql.ca_certificate", path))
+            .transpose()?;
         Ok(MysqlBackend {
             pool: mysql::pool(
                 config.url.expose(),

@@ -28,6 +28,8 @@ use crate::config::ServerBackendConfig;
 pub struct PostgresqlBackend {
     config: tokio_postgres::Config,
     at: Endpoint,
+    /// TLS to the server, checked against the configured CA.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 /// The group role that owns an instance's database.
@@ -51,9 +53,18 @@ impl PostgresqlBackend {
             .expose()
             .parse()
             .map_err(|e| anyhow::anyhow!("backends.postgresql.url: {e}"))?;
+        let at = Endpoint::from_config("backends.postgresql.url", config, "postgres", 5432)?;
+        let tls = at
+            .ca_certificate
+            .as_deref()
+            .map(super::tls_client_config)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("backends.postgresql.ca_certificate: {e}"))?
+            .map(tokio_postgres_rustls::MakeRustlsConnect::new);
         Ok(PostgresqlBackend {
-            at: Endpoint::from_config("backends.postgresql.url", config, "postgres", 5432)?,
+            at,
             config: parsed,
+            tls,
         })
     }
 
@@ -78,19 +89,33 @@ impl PostgresqlBackend {
         if let Some(db) = database {
             config.dbname(db);
         }
-        let connecting = tokio::time::timeout(self.at.timeout, config.connect(NoTls));
-        let (client, connection) = connecting
-            .await
-            .map_err(|_| {
-                BackendError::Unavailable(format!(
-                    "the PostgreSQL server at {} did not answer within {:?}",
-                    self.at.admin_address, self.at.timeout
-                ))
-            })?
-            .map_err(|e| self.error(e))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let late = || {
+            BackendError::Unavailable(format!(
+                "the PostgreSQL server at {} did not answer within {:?}",
+                self.at.admin_address, self.at.timeout
+            ))
+        };
+        let client = match &self.tls {
+            None => {
+                let (client, connection) =
+                    tokio::time::timeout(self.at.timeout, config.connect(NoTls))
+                        .await
+                        .map_err(|_| late())?
+                        .map_err(|e| self.error(e))?;
+                tokio::spawn(connection);
+                client
+            }
+            Some(tls) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let (client, connection) =
+                    tokio::time::timeout(self.at.timeout, config.connect(tls.clone()))
+                        .await
+                        .map_err(|_| late())?
+                        .map_err(|e| self.error(e))?;
+                tokio::spawn(connection);
+                client
+            }
+        };
         Ok(client)
     }
 
@@ -354,17 +379,26 @@ impl Backend for PostgresqlBackend {
             return Err(e);
         }
         let (host, port) = (&self.at.public_host, self.at.public_port);
-        Ok(object(json!({
+        // Over TLS, apps are asked to use TLS and check the server against the same CA.
+        let (uri_tls, jdbc_tls) = match self.at.ca_certificate {
+            Some(_) => ("?sslmode=verify-full", "&ssl=true&sslmode=verify-full"),
+            None => ("", ""),
+        };
+        let mut credentials = object(json!({
             "hostname": host,
             "port": port,
             "name": db,
             "username": user,
             "password": password,
-            "uri": format!("postgres://{user}:{password}@{host}:{port}/{db}"),
+            "uri": format!("postgres://{user}:{password}@{host}:{port}/{db}{uri_tls}"),
             "jdbcUrl": format!(
-                "jdbc:postgresql://{host}:{port}/{db}?user={user}&password={password}"
+                "jdbc:postgresql://{host}:{port}/{db}?user={user}&password={password}{jdbc_tls}"
             ),
-        })))
+        }));
+        if let Some(ca) = &self.at.ca_certificate {
+            credentials.insert("ca_certificate".into(), json!(ca));
+        }
+        Ok(credentials)
     }
 
     #[instrument(skip(self), fields(backend = "postgresql"))]

@@ -31,6 +31,8 @@ pub struct RedisBackend {
     at: Endpoint,
     /// The allow-list less the commands this server does not know (older Redis versions).
     known: tokio::sync::OnceCell<Vec<&'static str>>,
+    /// Apps reach the server over TLS as well.
+    tls: bool,
 }
 
 /// Commands that read keys of the user's own namespace.
@@ -264,12 +266,37 @@ pub fn acl_user(instance_id: &str, binding_id: &str) -> String {
 }
 
 impl RedisBackend {
+    /// With `ca_certificate`, the server is reached over TLS (`rediss://`, whichever scheme
+    /// the url names) and its certificate checked against that CA.
     pub fn new(config: &ServerBackendConfig) -> anyhow::Result<Self> {
+        let key = "backends.redis.url";
+        let mut url =
+            url::Url::parse(config.url.expose()).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let tls = config.ca_certificate.is_some() || url.scheme() == "rediss";
+        if tls && url.scheme() == "redis" {
+            url = url::Url::parse(&config.url.expose().replacen("redis://", "rediss://", 1))
+                .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        }
+        let mut settings = config.clone();
+        settings.url =
+            crate::config::Secret::new(url.as_str().replacen("rediss://", "redis://", 1));
+        let at = Endpoint::from_config(key, &settings, "redis", 6379)?;
+        let client = match &at.ca_certificate {
+            Some(ca) => redis::Client::build_with_tls(
+                url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.as_bytes().to_vec()),
+                },
+            ),
+            None => redis::Client::open(url.as_str()),
+        }
+        .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
         Ok(RedisBackend {
-            at: Endpoint::from_config("backends.redis.url", config, "redis", 6379)?,
-            client: redis::Client::open(config.url.expose())
-                .map_err(|e| anyhow::anyhow!("backends.redis.url: {e}"))?,
+            at,
+            client,
             known: tokio::sync::OnceCell::new(),
+            tls,
         })
     }
 
@@ -519,14 +546,20 @@ impl Backend for RedisBackend {
             .map_err(|e| scrub(e, &password))?;
         self.save_acl(&mut con).await;
         let (host, port) = (&self.at.public_host, self.at.public_port);
-        Ok(object(json!({
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let mut credentials = object(json!({
             "host": host,
             "port": port,
             "username": user,
             "password": password,
             "key_prefix": prefix,
-            "uri": format!("redis://{user}:{password}@{host}:{port}"),
-        })))
+            "tls": self.tls,
+            "uri": format!("{scheme}://{user}:{password}@{host}:{port}"),
+        }));
+        if let Some(ca) = &self.at.ca_certificate {
+            credentials.insert("ca_certificate".into(), json!(ca));
+        }
+        Ok(credentials)
     }
 
     #[instrument(skip(self), fields(backend = "redis"))]

@@ -228,3 +228,80 @@ async fn a_binding_connects_only_to_its_own_database_and_unbind_survives_what_it
         app.deprovision(id, PG_SERVICE, PG_PLAN).await.expect(200);
     }
 }
+
+#[tokio::test]
+async fn the_admin_connection_and_bindings_can_use_tls_checked_against_a_ca() {
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k}: run ./scripts/test"));
+    let (url, ca) = (
+        env("BKG_TEST_POSTGRESQL_TLS_URL"),
+        env("BKG_TEST_POSTGRESQL_CA"),
+    );
+    let tls = |ca: &str| {
+        TestConfig::new().with_backend(
+            format!("postgresql: {{url: \"{url}\", connect_timeout_secs: 3, ca_certificate: \"{ca}\"}}"),
+            vec![format!(
+                "{{id: {PG_SERVICE}, name: postgresql-test, backend: postgresql, description: TLS, \
+                 bindable: true, plans: [{{id: {PG_PLAN}, name: small, description: d, max_storage_mb: 50, max_user_connections: 2}}]}}"
+            )],
+        )
+    };
+    // The admin may log in over TLS only: with the CA the broker works...
+    let app = spawn_with(tls(&ca)).await;
+    let id = unique("pg-tls");
+    let creds = app.provision_and_bind(&id, PG_SERVICE, PG_PLAN).await;
+    assert!(creds["uri"]
+        .as_str()
+        .unwrap()
+        .ends_with("?sslmode=verify-full"));
+    let pem = creds["ca_certificate"].as_str().unwrap();
+    assert!(pem.contains("BEGIN CERTIFICATE"));
+    // ...and an app connects over TLS, checking the server with the CA it was handed.
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(pem) {
+        roots.add(cert).unwrap();
+    }
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    // tokio-postgres does not read libpq's sslmode=verify-full; its TLS connector checks the
+    // certificate and host name itself.
+    let uri = creds["uri"].as_str().unwrap();
+    let mut app_config: tokio_postgres::Config =
+        uri.trim_end_matches("?sslmode=verify-full").parse().unwrap();
+    app_config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, connection) = app_config
+        .connect(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+        .await
+        .expect("the app connects over TLS");
+    tokio::spawn(connection);
+    client
+        .batch_execute("CREATE TABLE t (i INT)")
+        .await
+        .unwrap();
+    drop(client);
+    app.unbind_from(&id, &format!("{id}-b"), PG_SERVICE, PG_PLAN)
+        .await
+        .expect(200);
+    app.deprovision(&id, PG_SERVICE, PG_PLAN).await.expect(200);
+    // A certificate from another CA is refused: nothing is provisioned.
+    let wrong = spawn_with(tls(&env("BKG_TEST_MYSQL_CA"))).await;
+    let other = unique("pg-tls-wrong");
+    wrong
+        .provision_with(&other, provision_body(PG_SERVICE, PG_PLAN), false)
+        .await
+        .expect_error(503, None);
+    assert!(!admin_has_database(&database_name(&other)).await);
+}
+
+fn rustls_pemfile_certs(
+    pem: &str,
+) -> Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap()
+}

@@ -273,3 +273,59 @@ async fn past_its_memory_quota_a_tenant_may_read_and_delete_but_not_grow() {
         .await
         .expect(200);
 }
+
+#[tokio::test]
+async fn the_admin_connection_and_bindings_can_use_tls_checked_against_a_ca() {
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k}: run ./scripts/test"));
+    let url = env("BKG_TEST_REDIS_TLS_URL");
+    let tls = |ca: &str| {
+        TestConfig::new().with_backend(
+            format!("redis: {{url: \"{url}\", connect_timeout_secs: 3, ca_certificate: \"{ca}\"}}"),
+            vec![format!(
+                "{{id: {REDIS_SERVICE}, name: redis-test, backend: redis, description: TLS, \
+                 bindable: true, plans: [{{id: {REDIS_PLAN}, name: shared, description: d, max_storage_mb: 10}}]}}"
+            )],
+        )
+    };
+    let app = spawn_with(tls(&env("BKG_TEST_REDIS_CA"))).await;
+    let id = unique("redis-tls");
+    let creds = app.provision_and_bind(&id, REDIS_SERVICE, REDIS_PLAN).await;
+    assert!(
+        creds["uri"].as_str().unwrap().starts_with("rediss://"),
+        "{creds}"
+    );
+    assert_eq!(creds["tls"], true);
+    let client = redis::Client::build_with_tls(
+        creds["uri"].as_str().unwrap(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(
+                creds["ca_certificate"]
+                    .as_str()
+                    .unwrap()
+                    .as_bytes()
+                    .to_vec(),
+            ),
+        },
+    )
+    .unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}k", key_prefix(&id));
+    run(&mut con, &["SET", &key, "over tls"]).await.unwrap();
+    app.unbind_from(&id, &format!("{id}-b"), REDIS_SERVICE, REDIS_PLAN)
+        .await
+        .expect(200);
+    app.deprovision(&id, REDIS_SERVICE, REDIS_PLAN)
+        .await
+        .expect(200);
+    // A certificate from another CA is refused.
+    let wrong = spawn_with(tls(&env("BKG_TEST_MYSQL_CA"))).await;
+    wrong
+        .provision_with(
+            &unique("redis-tls-wrong"),
+            provision_body(REDIS_SERVICE, REDIS_PLAN),
+            false,
+        )
+        .await
+        .expect_error(503, None);
+}
