@@ -176,6 +176,15 @@ async fn a_host_named_by_the_caller_is_never_contacted() {
         log.contains("X-Api-Info-Location names a host the operator did not allow"),
         "the broker says why it ignored the header"
     );
+    // The test configuration keeps the shipped metrics password: start-up said so.
+    assert!(
+        log.contains("metrics.credentials[0].password"),
+        "a shipped secret is warned about"
+    );
+    assert!(
+        !log.contains("auth.credentials[0].password"),
+        "the broker password is the test's own"
+    );
 }
 
 /// Opens `n` connections that each send half a request head and then wait.
@@ -534,4 +543,58 @@ async fn sigterm_lets_a_request_in_flight_finish_and_be_recorded() {
         .provision_with(&instance, provision_body(&service, &plan), false)
         .await
         .expect(200);
+}
+
+#[tokio::test]
+async fn tls_handshakes_that_never_start_are_closed_while_https_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (crt, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let port = free_port();
+    let config = TestConfig::new()
+        .with_port(port)
+        .with_tls(&crt, &key_file)
+        .with_listen("header_timeout_secs: 2");
+    let file = config.write();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_brokerage"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env_remove("PORT")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let base = format!("https://127.0.0.1:{port}");
+    wait_healthy(&https, &base).await;
+    // Connections that never send a ClientHello (or send half of one).
+    let since = Instant::now();
+    let mut open = Vec::new();
+    for i in 0..200 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        if i % 2 == 0 {
+            s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await.unwrap();
+        }
+        open.push(s);
+    }
+    let served = https
+        .get(format!("{base}/v2/catalog"))
+        .basic_auth(USER, Some(PASSWORD))
+        .header("X-Broker-API-Version", "2.17")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    let last = all_closed(open, since, Duration::from_secs(8)).await;
+    println!("200 stalled TLS handshakes: all closed {last:.2} s after the first (header_timeout_secs: 2)");
+    let _ = child.kill();
+    let _ = child.wait();
 }

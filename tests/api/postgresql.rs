@@ -270,8 +270,10 @@ async fn the_admin_connection_and_bindings_can_use_tls_checked_against_a_ca() {
     // tokio-postgres does not read libpq's sslmode=verify-full; its TLS connector checks the
     // certificate and host name itself.
     let uri = creds["uri"].as_str().unwrap();
-    let mut app_config: tokio_postgres::Config =
-        uri.trim_end_matches("?sslmode=verify-full").parse().unwrap();
+    let mut app_config: tokio_postgres::Config = uri
+        .trim_end_matches("?sslmode=verify-full")
+        .parse()
+        .unwrap();
     app_config.ssl_mode(tokio_postgres::config::SslMode::Require);
     let (client, connection) = app_config
         .connect(tokio_postgres_rustls::MakeRustlsConnect::new(config))
