@@ -355,7 +355,9 @@ impl Dashboard {
             Some(backend) => backend
                 .describe_instance(&record.id, plan.limits)
                 .await
-                .unwrap_or_else(|e| vec![("Backend".into(), format!("unavailable: {e}"))]),
+                .unwrap_or_else(|e| {
+                    vec![("Backend".into(), format!("unavailable: {}", e.public()))]
+                }),
             None => Vec::new(),
         };
         Ok(View {

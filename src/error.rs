@@ -156,7 +156,10 @@ impl From<StoreError> for OsbError {
 impl From<BackendError> for OsbError {
     fn from(e: BackendError) -> Self {
         match e {
-            BackendError::Unavailable(m) => OsbError::Unavailable(m),
+            BackendError::Unavailable { public, detail } => {
+                tracing::warn!(%detail, "{public}");
+                OsbError::Unavailable(public)
+            }
             BackendError::Conflict(m) => OsbError::Conflict(m),
             BackendError::Rejected(m) => OsbError::Unprocessable(m),
             BackendError::BadRequest(m) => OsbError::BadRequest(m),

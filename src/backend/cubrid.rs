@@ -89,18 +89,18 @@ impl CubridBackend {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
-                BackendError::Unavailable(format!(
-                    "cannot run CUBRID's {} ({e})",
-                    program.display()
-                ))
+                BackendError::unavailable(
+                    "CUBRID's tools cannot be run",
+                    format!("{}: {e}", program.display()),
+                )
             })?;
         let output = tokio::time::timeout(self.timeout, child.wait_with_output())
             .await
             .map_err(|_| {
-                BackendError::Unavailable(format!(
-                    "CUBRID's {what} did not finish within {:?}",
-                    self.timeout
-                ))
+                BackendError::unavailable(
+                    format!("CUBRID's {what} did not finish within {:?}", self.timeout),
+                    "timeout",
+                )
             })?
             .map_err(|e| BackendError::Failed(format!("CUBRID's {what}: {e}")))?;
         if output.status.success() {
@@ -206,17 +206,17 @@ impl Backend for CubridBackend {
     async fn check(&self) -> Result<(), BackendError> {
         for program in [&self.cubrid, &self.csql] {
             if !program.is_file() {
-                return Err(BackendError::Unavailable(format!(
-                    "CUBRID's {} is not installed",
-                    program.display()
-                )));
+                return Err(BackendError::unavailable(
+                    "CUBRID's tools are not installed",
+                    program.display(),
+                ));
             }
         }
         if !self.databases_dir.is_dir() {
-            return Err(BackendError::Unavailable(format!(
-                "CUBRID's databases directory {} is missing",
-                self.databases_dir.display()
-            )));
+            return Err(BackendError::unavailable(
+                "CUBRID's databases directory is missing",
+                self.databases_dir.display(),
+            ));
         }
         Ok(())
     }

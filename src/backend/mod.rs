@@ -23,9 +23,11 @@ use crate::config::{Config, ServerBackendConfig};
 /// How a backend failed; the broker maps each to an OSB status.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
-    /// The backend's server cannot be reached (503).
-    #[error("{0}")]
-    Unavailable(String),
+    /// The backend's server cannot be reached (503). `public` is what the client is told
+    /// (which system, never where it is); `detail` (host, port, the driver's words) is for
+    /// the log.
+    #[error("{public}: {detail}")]
+    Unavailable { public: String, detail: String },
     /// The resource exists already without the broker having recorded it (409).
     #[error("{0}")]
     Conflict(String),
@@ -38,6 +40,26 @@ pub enum BackendError {
     /// Anything else (500).
     #[error("{0}")]
     Failed(String),
+}
+
+impl BackendError {
+    pub fn unavailable(public: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        BackendError::Unavailable {
+            public: public.into(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// What a client may be told: never the broker's hosts, ports or user names.
+    pub fn public(&self) -> String {
+        match self {
+            BackendError::Unavailable { public, .. } => public.clone(),
+            BackendError::Failed(_) => {
+                "the backend failed; the operator can find the cause in the broker's log".into()
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 pub type Parameters<'a> = Option<&'a Map<String, Value>>;
@@ -311,7 +333,10 @@ pub(crate) fn fits(used_bytes: u64, to: PlanLimits, what: &str) -> Result<(), Ba
 pub(crate) fn scrub(error: BackendError, secret: &str) -> BackendError {
     let clean = |m: String| m.replace(secret, "***");
     match error {
-        BackendError::Unavailable(m) => BackendError::Unavailable(clean(m)),
+        BackendError::Unavailable { public, detail } => BackendError::Unavailable {
+            public: clean(public),
+            detail: clean(detail),
+        },
         BackendError::Conflict(m) => BackendError::Conflict(clean(m)),
         BackendError::Rejected(m) => BackendError::Rejected(clean(m)),
         BackendError::BadRequest(m) => BackendError::BadRequest(clean(m)),

@@ -68,10 +68,10 @@ impl MongodbBackend {
         match *e.kind {
             ErrorKind::ServerSelection { .. }
             | ErrorKind::Io(_)
-            | ErrorKind::ConnectionPoolCleared { .. } => BackendError::Unavailable(format!(
-                "the MongoDB server at {} is unreachable: {e}",
-                self.at.admin_address
-            )),
+            | ErrorKind::ConnectionPoolCleared { .. } => BackendError::unavailable(
+                "the MongoDB server is unreachable",
+                format!("{}: {e}", self.at.admin_address),
+            ),
             _ => BackendError::Failed(format!("MongoDB server at {}: {e}", self.at.admin_address)),
         }
     }

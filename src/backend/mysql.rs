@@ -74,10 +74,10 @@ impl MysqlBackend {
     fn error(&self, e: impl Into<SqlError>) -> BackendError {
         let e = e.into();
         if e.is_unreachable() {
-            BackendError::Unavailable(format!(
-                "the MySQL server at {} is unreachable: {e}",
-                self.at.admin_address
-            ))
+            BackendError::unavailable(
+                "the MySQL server is unreachable",
+                format!("{}: {e}", self.at.admin_address),
+            )
         } else {
             BackendError::Failed(format!("MySQL server at {}: {e}", self.at.admin_address))
         }

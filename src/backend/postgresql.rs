@@ -70,10 +70,10 @@ impl PostgresqlBackend {
 
     fn error(&self, e: tokio_postgres::Error) -> BackendError {
         if e.as_db_error().is_none() {
-            BackendError::Unavailable(format!(
-                "the PostgreSQL server at {} is unreachable: {e}",
-                self.at.admin_address
-            ))
+            BackendError::unavailable(
+                "the PostgreSQL server is unreachable",
+                format!("{}: {e}", self.at.admin_address),
+            )
         } else {
             BackendError::Failed(format!(
                 "PostgreSQL server at {}: {e}",
@@ -90,10 +90,13 @@ impl PostgresqlBackend {
             config.dbname(db);
         }
         let late = || {
-            BackendError::Unavailable(format!(
-                "the PostgreSQL server at {} did not answer within {:?}",
-                self.at.admin_address, self.at.timeout
-            ))
+            BackendError::unavailable(
+                format!(
+                    "the PostgreSQL server did not answer within {:?}",
+                    self.at.timeout
+                ),
+                &self.at.admin_address,
+            )
         };
         let client = match &self.tls {
             None => {

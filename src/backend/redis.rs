@@ -393,20 +393,23 @@ impl RedisBackend {
 
     fn error(&self, e: RedisError) -> BackendError {
         if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() {
-            BackendError::Unavailable(format!(
-                "the Redis server at {} is unreachable: {e}",
-                self.at.admin_address
-            ))
+            BackendError::unavailable(
+                "the Redis server is unreachable",
+                format!("{}: {e}", self.at.admin_address),
+            )
         } else {
             BackendError::Failed(format!("Redis server at {}: {e}", self.at.admin_address))
         }
     }
 
     fn late(&self) -> BackendError {
-        BackendError::Unavailable(format!(
-            "the Redis server at {} did not answer within {:?}",
-            self.at.admin_address, self.at.timeout
-        ))
+        BackendError::unavailable(
+            format!(
+                "the Redis server did not answer within {:?}",
+                self.at.timeout
+            ),
+            &self.at.admin_address,
+        )
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, BackendError> {

@@ -112,11 +112,10 @@ impl SwiftBackend {
     async fn send(&self, request: RequestBuilder, what: &str) -> Result<Response, BackendError> {
         request.send().await.map_err(|e| {
             if e.is_connect() || e.is_timeout() {
-                BackendError::Unavailable(format!(
-                    "the Swift proxy at {} is unreachable ({what}): {}",
-                    self.base,
-                    without_url(&e)
-                ))
+                BackendError::unavailable(
+                    format!("the Swift proxy is unreachable ({what})"),
+                    format!("{}: {}", self.base, without_url(&e)),
+                )
             } else {
                 BackendError::Failed(format!(
                     "Swift proxy at {} ({what}): {}",
@@ -135,14 +134,14 @@ impl SwiftBackend {
         }
         Err(match status {
             // A misconfigured broker: the service is unavailable until the operator acts.
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => BackendError::Unavailable(format!(
-                "swauth at {} refused the broker's admin key ({what})",
-                self.base
-            )),
-            s if s.is_server_error() => BackendError::Unavailable(format!(
-                "the Swift proxy at {} failed ({what}): {s}",
-                self.base
-            )),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => BackendError::unavailable(
+                format!("swauth refused the broker's admin key ({what})"),
+                &self.base,
+            ),
+            s if s.is_server_error() => BackendError::unavailable(
+                format!("the Swift proxy failed ({what}): {s}"),
+                &self.base,
+            ),
             s => BackendError::Failed(format!("Swift proxy at {} ({what}): {s}", self.base)),
         })
     }

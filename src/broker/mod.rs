@@ -351,10 +351,10 @@ impl Broker {
             let _in_flight = in_flight;
             match tokio::time::timeout(timeout, work).await {
                 Ok(result) => result,
-                Err(_) => Err(BackendError::Unavailable(format!(
-                    "the backend did not finish within {} s",
-                    timeout.as_secs()
-                ))),
+                Err(_) => Err(BackendError::unavailable(
+                    format!("the backend did not finish within {} s", timeout.as_secs()),
+                    "operation timeout",
+                )),
             }
         };
         if !record.operation().asynchronous {
@@ -975,9 +975,9 @@ impl Broker {
             let live = move || {
                 let (store, iid, bid) = (store.clone(), iid.clone(), bid.clone());
                 let read = async move {
-                    let bindings = records::bindings_of(&*store, &iid)
-                        .await
-                        .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+                    let bindings = records::bindings_of(&*store, &iid).await.map_err(|e| {
+                        BackendError::unavailable("the broker's state store is unavailable", e)
+                    })?;
                     Ok(bindings
                         .into_iter()
                         .map(|b| b.record.id)
@@ -1136,7 +1136,7 @@ fn failed<R: Record>(
 ) -> Settled<R> {
     if record.operation().asynchronous {
         let op = record.operation_mut();
-        op.finish(OpState::Failed, Some(e.to_string()));
+        op.finish(OpState::Failed, Some(e.public()));
         op.nothing_made = matches!(e, BackendError::Conflict(_));
         return (Outcome::Keep(record), Err(e.into()));
     }
