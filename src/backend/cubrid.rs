@@ -321,6 +321,7 @@ impl Backend for CubridBackend {
             "name": db,
             "username": user,
             "password": password,
+            "uri": format!("cubrid://{user}:{password}@{host}:{port}/{db}"),
             "jdbcUrl": format!("jdbc:cubrid:{host}:{port}:{db}:::"),
         })))
     }

@@ -160,6 +160,13 @@ async fn stand_in_commands_run_without_a_shell_and_credentials_work_only_for_the
     );
     assert_eq!(creds_a["name"], db_a);
     assert_eq!(creds_a["username"], user_a);
+    assert_eq!(
+        creds_a["uri"],
+        format!(
+            "cubrid://{user_a}:{}@cubrid.example.test:33000/{db_a}",
+            creds_a["password"].as_str().unwrap()
+        )
+    );
 
     // The credentials log in to their own database only.
     assert!(cubrid.login(&creds_a, &db_a));
