@@ -105,14 +105,11 @@ impl Platforms {
             .iter()
             .filter_map(|h| api_host(h))
             .collect();
-        if let Some(host) = configured.as_ref().and_then(|cc| {
-            let name = cc.host_str()?;
-            Some(match cc.port() {
-                Some(port) => format!("{name}:{port}"),
-                None => name.to_string(),
-            })
-        }) {
-            allowed.push(host.to_ascii_lowercase());
+        if let Some(host) = configured
+            .as_ref()
+            .and_then(|cc| api_host(&cc[url::Position::BeforeHost..url::Position::AfterPort]))
+        {
+            allowed.push(host);
         }
         Ok(Platforms {
             configured,

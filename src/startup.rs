@@ -156,11 +156,10 @@ pub async fn serve(
     shutdown.await;
     // One deadline for everything still running: requests in flight, then background
     // operations (which record their own end).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(l.shutdown_deadline_secs);
+    let grace = Duration::from_secs(l.shutdown_deadline_secs);
+    let deadline = tokio::time::Instant::now() + grace;
     tracing::info!("shutting down: accepting nothing new, finishing requests in flight");
-    let open = server
-        .shutdown(deadline.saturating_duration_since(tokio::time::Instant::now()))
-        .await;
+    let open = server.shutdown(grace).await;
     if open > 0 {
         tracing::warn!(
             open,

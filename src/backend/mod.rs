@@ -262,7 +262,7 @@ pub(crate) fn read_ca(key: &str, path: &std::path::Path) -> anyhow::Result<Strin
 }
 
 impl Endpoint {
-    /// Reads host and port from an admin URL of the given scheme.
+    /// Reads host and port from an admin URL of the given scheme (`a|b`: either).
     pub(crate) fn of(
         key: &str,
         url: &str,
@@ -273,8 +273,14 @@ impl Endpoint {
         timeout_secs: u64,
     ) -> anyhow::Result<Endpoint> {
         let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-        let Some(host) = parsed.host_str().filter(|_| parsed.scheme() == scheme) else {
-            anyhow::bail!("{key}: must look like {scheme}://user:password@host:port");
+        let Some(host) = parsed
+            .host_str()
+            .filter(|_| scheme.split('|').any(|s| s == parsed.scheme()))
+        else {
+            anyhow::bail!(
+                "{key}: must look like {}://user:password@host:port",
+                scheme.split('|').next().unwrap_or(scheme)
+            );
         };
         let port = parsed.port().unwrap_or(default_port);
         Ok(Endpoint {

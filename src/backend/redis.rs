@@ -270,17 +270,14 @@ impl RedisBackend {
     /// the url names) and its certificate checked against that CA.
     pub fn new(config: &ServerBackendConfig) -> anyhow::Result<Self> {
         let key = "backends.redis.url";
-        let mut url =
-            url::Url::parse(config.url.expose()).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-        let tls = config.ca_certificate.is_some() || url.scheme() == "rediss";
-        if tls && url.scheme() == "redis" {
-            url = url::Url::parse(&config.url.expose().replacen("redis://", "rediss://", 1))
-                .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-        }
-        let mut settings = config.clone();
-        settings.url =
-            crate::config::Secret::new(url.as_str().replacen("rediss://", "redis://", 1));
-        let at = Endpoint::from_config(key, &settings, "redis", 6379)?;
+        let at = Endpoint::from_config(key, config, "redis|rediss", 6379)?;
+        let url = config.url.expose();
+        let tls = at.ca_certificate.is_some() || url.starts_with("rediss://");
+        let url = if tls {
+            url.replacen("redis://", "rediss://", 1)
+        } else {
+            url.to_string()
+        };
         let client = match &at.ca_certificate {
             Some(ca) => redis::Client::build_with_tls(
                 url.as_str(),
@@ -518,7 +515,7 @@ impl Backend for RedisBackend {
         &self,
         instance_id: &str,
         binding_id: &str,
-        limits: PlanLimits,
+        _limits: PlanLimits,
         parameters: Parameters<'_>,
     ) -> Result<Map<String, Value>, BackendError> {
         only_known_parameters(parameters, &[])?;
@@ -527,8 +524,6 @@ impl Backend for RedisBackend {
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
         let mut con = self.connection().await?;
         let known = self.known_commands(&mut con).await?;
-        // An instance over its quota gets new users without the growing commands too.
-        let over = self.usage(&mut con, instance_id).await? >= quota_bytes(limits);
         // `reset` first: a user left by an interrupted bind is replaced whole.
         let mut setuser = redis::cmd("ACL");
         setuser
@@ -540,7 +535,8 @@ impl Backend for RedisBackend {
             .arg(format!("~{prefix}*"))
             .arg(format!("&{prefix}*"))
             .arg("-@all");
-        for command in known.iter().filter(|c| !(over && GROW.contains(c))) {
+        // Over quota, the next pass takes the growing commands away, as from every user.
+        for command in known {
             setuser.arg(format!("+{command}"));
         }
         let _: () = self

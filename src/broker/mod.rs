@@ -349,13 +349,7 @@ impl Broker {
         let in_flight = self.inner.metrics.in_flight();
         let timed = async move {
             let _in_flight = in_flight;
-            match tokio::time::timeout(timeout, work).await {
-                Ok(result) => result,
-                Err(_) => Err(BackendError::unavailable(
-                    format!("the backend did not finish within {} s", timeout.as_secs()),
-                    "operation timeout",
-                )),
-            }
+            within(timeout, work).await
         };
         if !record.operation().asynchronous {
             let (outcome, reply) = settle(record.clone(), timed.await);
@@ -708,18 +702,14 @@ impl Broker {
             service_id,
             "a delete for an unrecorded resource: removing what its names point at"
         );
-        let removed = tokio::time::timeout(
+        let removed = within(
             self.inner.timing.operation_timeout,
             remove(backend, plan.limits),
         )
         .await;
         Some(match removed {
-            Ok(Ok(())) => Err(OsbError::Gone),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(OsbError::Unavailable(format!(
-                "the backend did not finish within {} s",
-                self.inner.timing.operation_timeout.as_secs()
-            ))),
+            Ok(()) => Err(OsbError::Gone),
+            Err(e) => Err(e.into()),
         })
     }
 
@@ -1129,6 +1119,21 @@ impl Broker {
 /// A failed backend operation: an asynchronous one is recorded as failed (the platform
 /// polls it); a synchronous one is undone: a new resource's record removed, a changed one's
 /// previous operation restored.
+/// Backend work bounded by the operation timeout: past it, the backend is unavailable.
+async fn within<T>(
+    timeout: std::time::Duration,
+    work: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(BackendError::unavailable(
+                format!("the backend did not finish within {} s", timeout.as_secs()),
+                "operation timeout",
+            ))
+        })
+}
+
 fn failed<R: Record>(
     mut record: R,
     e: BackendError,

@@ -329,9 +329,14 @@ struct Readiness {
 
 /// One probe of the store and every backend: whether each answered, and why not.
 struct Probed {
-    ready: bool,
     store: Result<(), String>,
     backends: Vec<(String, Result<(), String>)>,
+}
+
+impl Probed {
+    fn ready(&self) -> bool {
+        self.store.is_ok() && self.backends.iter().all(|(_, s)| s.is_ok())
+    }
 }
 
 impl Readiness {
@@ -363,12 +368,7 @@ impl Readiness {
             backends.push((name.clone(), status));
         }
         backends.sort_by(|a, b| a.0.cmp(&b.0));
-        let ready = store.is_ok() && backends.iter().all(|(_, s)| s.is_ok());
-        let probed = Arc::new(Probed {
-            ready,
-            store,
-            backends,
-        });
+        let probed = Arc::new(Probed { store, backends });
         *last = Some((Instant::now(), probed.clone()));
         probed
     }
@@ -398,12 +398,12 @@ async fn ready(State(state): State<AppState>, headers: axum::http::HeaderMap) ->
         .map(|(name, status)| (name.clone(), show(status)))
         .collect();
     let body = json!({
-        "ready": probed.ready,
+        "ready": probed.ready(),
         "store": show(&probed.store),
         "backends": backends,
         "upstreams": state.broker.federation().health().await,
     });
-    let status = if probed.ready {
+    let status = if probed.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
