@@ -82,6 +82,15 @@ fn retry_after_secs(value: &str) -> Option<u64> {
     Some(value.parse::<u64>().unwrap_or(u64::MAX).min(86_400))
 }
 
+#[cfg(test)]
+#[test]
+fn retry_after_saturates_at_a_day_and_ignores_what_is_not_seconds() {
+    assert_eq!(retry_after_secs(" 30 "), Some(30));
+    assert_eq!(retry_after_secs("99999999999999999999999"), Some(86_400));
+    assert_eq!(retry_after_secs("-1"), None);
+    assert_eq!(retry_after_secs("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+}
+
 /// The answer as the upstream gave it.
 fn passthrough(r: OsbResponse) -> Reply {
     Reply {
