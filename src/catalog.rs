@@ -9,43 +9,7 @@ use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use upstreams::osb;
 
-use crate::config::Config;
-
-/// One local service as configured: the published fields plus what only the broker reads.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ServiceConfig {
-    /// The local backend doing the work (`mysql`).
-    pub backend: String,
-    /// Refuse deprovision while bindings exist (the seed's rule) instead of dropping them.
-    #[serde(default = "yes")]
-    pub refuse_deprovision_with_bindings: bool,
-    /// Bindings need an app (`app_guid` or `bind_resource.app_guid`), else 422 RequiresApp.
-    #[serde(default)]
-    pub bindings_require_app: bool,
-    pub plans: Vec<PlanConfig>,
-    #[serde(flatten)]
-    pub service: osb::Service,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct PlanConfig {
-    #[serde(default)]
-    pub max_storage_mb: Option<u64>,
-    #[serde(default)]
-    pub max_user_connections: Option<u32>,
-    /// Swift: deprovision deletes the objects an account still holds, instead of refusing.
-    #[serde(default)]
-    pub purge_on_deprovision: bool,
-    /// Backend work runs in the background; requires `accepts_incomplete=true`.
-    #[serde(default)]
-    pub asynchronous: bool,
-    #[serde(flatten)]
-    pub plan: osb::Plan,
-}
-
-fn yes() -> bool {
-    true
-}
+use crate::config::{is_cli_name, ServiceConfig};
 
 /// What a backend may use of a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,7 +151,11 @@ const BACKENDS: &[&str] = &["mysql", "mongodb", "swift", "cubrid", "postgresql",
 impl LocalCatalog {
     /// Validates the configured services: unique ids and names, CLI-friendly names, every
     /// plan's limits present, a known backend that is configured.
-    pub fn build(services: &[ServiceConfig], config: &Config) -> anyhow::Result<LocalCatalog> {
+    pub fn build(
+        services: &[ServiceConfig],
+        configured_backends: &[&str],
+        links: &sso::DashboardLinks,
+    ) -> anyhow::Result<LocalCatalog> {
         let mut ids = HashSet::new();
         let mut names = HashSet::new();
         let mut dashboard_ids = HashSet::new();
@@ -213,7 +181,7 @@ impl LocalCatalog {
                     BACKENDS.join(", ")
                 );
             }
-            if !config.backends.configured().contains(&s.backend.as_str()) {
+            if !configured_backends.contains(&s.backend.as_str()) {
                 bail!(
                     "{key}.backend: {0} is used but backends.{0} is not configured",
                     s.backend
@@ -292,8 +260,6 @@ impl LocalCatalog {
                 .as_mut()
                 .filter(|dc| dc.redirect_uri.is_none())
             {
-                let links = sso::DashboardLinks::new(&config.broker.external_url)
-                    .map_err(|e| anyhow::anyhow!("broker.external_url: {e}"))?;
                 dc.redirect_uri = Some(links.callback_url().to_string());
             }
             built.push(LocalService {
@@ -338,16 +304,6 @@ fn check_id(key: &str, id: &str) -> anyhow::Result<()> {
         bail!("{key}: must be 1 to 255 printable characters");
     }
     Ok(())
-}
-
-/// Names Cloud Foundry's CLI handles everywhere: `[a-z0-9-]`, not starting with `-`.
-pub fn is_cli_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn check_name(key: &str, name: &str) -> anyhow::Result<()> {

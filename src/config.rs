@@ -11,9 +11,76 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use crate::catalog::ServiceConfig;
+use upstreams::osb;
 
 pub const DEFAULTS: &str = include_str!("../config/brokerage.yml");
+
+/// One local service as configured: the published fields plus what only the broker reads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ServiceConfig {
+    /// The local backend doing the work (`mysql`).
+    pub backend: String,
+    /// Refuse deprovision while bindings exist (the seed's rule) instead of dropping them.
+    #[serde(default = "yes")]
+    pub refuse_deprovision_with_bindings: bool,
+    /// Bindings need an app (`app_guid` or `bind_resource.app_guid`), else 422 RequiresApp.
+    #[serde(default)]
+    pub bindings_require_app: bool,
+    pub plans: Vec<PlanConfig>,
+    #[serde(flatten)]
+    pub service: osb::Service,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PlanConfig {
+    #[serde(default)]
+    pub max_storage_mb: Option<u64>,
+    #[serde(default)]
+    pub max_user_connections: Option<u32>,
+    /// Swift: deprovision deletes the objects an account still holds, instead of refusing.
+    #[serde(default)]
+    pub purge_on_deprovision: bool,
+    /// Backend work runs in the background; requires `accepts_incomplete=true`.
+    #[serde(default)]
+    pub asynchronous: bool,
+    #[serde(flatten)]
+    pub plan: osb::Plan,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Names Cloud Foundry's CLI handles everywhere: `[a-z0-9-]`, not starting with `-`.
+pub fn is_cli_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// `X-Api-Info-Location` (`host[:port]`, optionally followed by `/v2/info`) as a lowercase
+/// `host[:port]`, or `None` when it is anything else (a scheme, credentials, another path).
+pub fn api_host(location: &str) -> Option<String> {
+    let host = location
+        .trim()
+        .trim_end_matches('/')
+        .trim_end_matches("/v2/info");
+    if host.is_empty()
+        || host.contains(['/', '@', '\\', '?', '#'])
+        || host.contains(char::is_whitespace)
+    {
+        return None;
+    }
+    let url = Url::parse(&format!("http://{host}")).ok()?;
+    let name = url.host_str()?;
+    Some(match url.port() {
+        Some(port) => format!("{name}:{port}"),
+        None => name.to_string(),
+    })
+}
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -329,9 +396,6 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if let Some(tls) = &self.listen.tls {
-            crate::tls::server_config(tls)?;
-        }
         if self.auth.credentials.is_empty() {
             bail!("auth.credentials: at least one username/password pair is required");
         }
@@ -343,8 +407,6 @@ impl Config {
                 bail!("auth.credentials[{i}].password: must be at least 8 characters");
             }
         }
-        sso::DashboardLinks::new(&self.broker.external_url)
-            .map_err(|e| anyhow::anyhow!("broker.external_url: {e}"))?;
         if self.broker.operation_timeout_secs == 0 || self.broker.operation_timeout_secs > 55 {
             bail!("broker.operation_timeout_secs: must be between 1 and 55 (Cloud Controller gives up after 60)");
         }
@@ -365,7 +427,7 @@ impl Config {
             bail!("listen.max_connections: must be at least 1");
         }
         for (i, host) in self.sso.allowed_cloud_controllers.iter().enumerate() {
-            if crate::dashboard::api_host(host).is_none() {
+            if api_host(host).is_none() {
                 bail!("sso.allowed_cloud_controllers[{i}]: {host:?} must be a host or host:port");
             }
         }
@@ -390,15 +452,8 @@ impl Config {
         {
             bail!("log.level: {:?} is not a tracing filter", self.log.level);
         }
-        crate::catalog::LocalCatalog::build(&self.catalog.services, self)?;
-        match (&self.sso.authorization_endpoint, &self.sso.token_endpoint) {
-            (Some(a), Some(t)) => {
-                sso::Uaa::new(a, t).map_err(|e| {
-                    anyhow::anyhow!("sso.authorization_endpoint/token_endpoint: {e}")
-                })?;
-            }
-            (None, None) => {}
-            _ => bail!("sso.authorization_endpoint and sso.token_endpoint: set both or neither"),
+        if self.sso.authorization_endpoint.is_some() != self.sso.token_endpoint.is_some() {
+            bail!("sso.authorization_endpoint and sso.token_endpoint: set both or neither");
         }
         if let Some(cc) = &self.sso.cloud_controller_url {
             Url::parse(cc).map_err(|e| anyhow::anyhow!("sso.cloud_controller_url: {e}"))?;
@@ -417,7 +472,7 @@ impl Config {
         }
         let mut aliases = std::collections::HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {
-            if !crate::catalog::is_cli_name(&u.alias) || u.alias == "local" || u.alias.len() > 40 {
+            if !is_cli_name(&u.alias) || u.alias == "local" || u.alias.len() > 40 {
                 bail!("upstreams[{i}].alias: {:?} must be 1 to 40 of a-z, 0-9 and '-' (and not \"local\")", u.alias);
             }
             if !aliases.insert(u.alias.clone()) {
@@ -426,8 +481,6 @@ impl Config {
             if u.request_timeout_secs == 0 || u.request_timeout_secs > 55 {
                 bail!("upstreams[{i}].request_timeout_secs: must be between 1 and 55 (Cloud Controller gives up after 60)");
             }
-            upstreams::Upstream::new(u.clone())
-                .map_err(|e| anyhow::anyhow!("upstreams[{i}]: {e}"))?;
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use url::Url;
 
 use crate::broker::Broker;
+use crate::config::api_host;
 use crate::store::records::{self};
 use crate::store::{InstanceRecord, OpState};
 
@@ -61,27 +62,6 @@ pub struct Dashboard {
     sso: Arc<sso::Sso>,
     links: sso::DashboardLinks,
     platforms: Arc<Platforms>,
-}
-
-/// `X-Api-Info-Location` (`host[:port]`, optionally followed by `/v2/info`) as a lowercase
-/// `host[:port]`, or `None` when it is anything else (a scheme, credentials, another path).
-pub fn api_host(location: &str) -> Option<String> {
-    let host = location
-        .trim()
-        .trim_end_matches('/')
-        .trim_end_matches("/v2/info");
-    if host.is_empty()
-        || host.contains(['/', '@', '\\', '?', '#'])
-        || host.contains(char::is_whitespace)
-    {
-        return None;
-    }
-    let url = Url::parse(&format!("http://{host}")).ok()?;
-    let name = url.host_str()?;
-    Some(match url.port() {
-        Some(port) => format!("{name}:{port}"),
-        None => name.to_string(),
-    })
 }
 
 /// The Cloud Controllers the operator allows: `sso.cloud_controller_url` and

@@ -1,6 +1,6 @@
 //! The one error type OSB calls fail with. Each variant carries its HTTP status and OSB
 //! error code; the HTTP layer turns it into the response body `{"error", "description"}`
-//! and logs what is internal, once.
+//! and logs what is internal, once, with its cause.
 
 use crate::backend::BackendError;
 use crate::store::StoreError;
@@ -55,12 +55,14 @@ pub enum OsbError {
     /// 500: a failure the client cannot fix; the detail is logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
-    /// 502: an upstream answered something that is not OSB.
-    #[error("{0}")]
-    BadGateway(String),
-    /// 503: a backend or the state store cannot be reached.
-    #[error("{0}")]
-    Unavailable(String),
+    /// 502: an upstream failed or answered something that is not OSB; the cause (which
+    /// names its address) is logged, not sent.
+    #[error("{public}")]
+    BadGateway { public: String, cause: String },
+    /// 503: a backend, the state store or an upstream cannot be reached; the cause is
+    /// logged, not sent.
+    #[error("{public}")]
+    Unavailable { public: String, cause: String },
     /// 507: the backend has no room left for what the plan promises.
     #[error("{0}")]
     InsufficientStorage(String),
@@ -89,8 +91,8 @@ impl OsbError {
             | MaintenanceInfoConflict(_)
             | Unprocessable(_) => 422,
             Internal(_) => 500,
-            BadGateway(_) => 502,
-            Unavailable(_) => 503,
+            BadGateway { .. } => 502,
+            Unavailable { .. } => 503,
             GatewayTimeout(_) => 504,
             InsufficientStorage(_) => 507,
         }
@@ -116,8 +118,8 @@ impl OsbError {
             MaintenanceInfoConflict(_) => "MaintenanceInfoConflict",
             Unprocessable(_) => "UnprocessableEntity",
             Internal(_) => "InternalError",
-            BadGateway(_) => "BadGateway",
-            Unavailable(_) => "ServiceUnavailable",
+            BadGateway { .. } => "BadGateway",
+            Unavailable { .. } => "ServiceUnavailable",
             GatewayTimeout(_) => "GatewayTimeout",
             InsufficientStorage(_) => "InsufficientStorage",
         }
@@ -133,6 +135,15 @@ impl OsbError {
         }
     }
 
+    /// What the log says about a failure: the description and, where it differs, the
+    /// cause the client is not told.
+    pub fn cause(&self) -> Option<&str> {
+        match self {
+            OsbError::BadGateway { cause, .. } | OsbError::Unavailable { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+
     pub fn concurrency() -> Self {
         OsbError::Concurrency(
             "another operation on this resource is in progress; try again when it has finished"
@@ -141,13 +152,24 @@ impl OsbError {
     }
 }
 
+impl From<upstreams::UpstreamError> for OsbError {
+    fn from(e: upstreams::UpstreamError) -> Self {
+        let (public, cause) = (e.public(), e.to_string());
+        match e {
+            upstreams::UpstreamError::CircuitOpen { .. } => OsbError::Unavailable { public, cause },
+            upstreams::UpstreamError::Timeout { .. } => OsbError::GatewayTimeout(public),
+            _ => OsbError::BadGateway { public, cause },
+        }
+    }
+}
+
 impl From<StoreError> for OsbError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(detail) => {
-                tracing::error!(%detail, "state store unavailable");
-                OsbError::Unavailable("the broker's state store is unavailable".into())
-            }
+            StoreError::Unavailable(cause) => OsbError::Unavailable {
+                public: "the broker's state store is unavailable".into(),
+                cause,
+            },
             corrupt @ StoreError::Corrupt { .. } => OsbError::Internal(corrupt.to_string()),
         }
     }
@@ -156,10 +178,10 @@ impl From<StoreError> for OsbError {
 impl From<BackendError> for OsbError {
     fn from(e: BackendError) -> Self {
         match e {
-            BackendError::Unavailable { public, detail } => {
-                tracing::warn!(%detail, "{public}");
-                OsbError::Unavailable(public)
-            }
+            BackendError::Unavailable { public, detail } => OsbError::Unavailable {
+                public,
+                cause: detail,
+            },
             BackendError::Conflict(m) => OsbError::Conflict(m),
             BackendError::Rejected(m) => OsbError::Unprocessable(m),
             BackendError::BadRequest(m) => OsbError::BadRequest(m),

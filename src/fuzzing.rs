@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::Request;
-use tower::ServiceExt;
+use ::http::Request;
 
 use crate::broker::{Broker, Timing};
 use crate::catalog::LocalCatalog;
@@ -19,7 +17,7 @@ use crate::store::EmbeddedStore;
 /// A broker with nothing behind it, answering requests in this thread.
 pub struct RequestHarness {
     runtime: tokio::runtime::Runtime,
-    router: axum::Router,
+    app: crate::http::App,
 }
 
 impl RequestHarness {
@@ -28,26 +26,22 @@ impl RequestHarness {
             .enable_all()
             .build()
             .expect("runtime");
-        let router = runtime.block_on(async {
+        let app = runtime.block_on(async {
             let mut config = Config::load(None).expect("built-in defaults");
             config.catalog.services.clear();
-            let catalog =
-                LocalCatalog::build(&config.catalog.services, &config).expect("empty catalog");
+            let links = sso::DashboardLinks::new(&config.broker.external_url).expect("default URL");
+            let catalog = LocalCatalog::build(&[], &[], &links).expect("empty catalog");
             let store: Arc<dyn crate::store::StateStore> =
                 Arc::new(EmbeddedStore::in_memory().expect("memory store"));
             let metrics = crate::metrics::Metrics::new();
-            let federation = Arc::new(
-                Federation::new(
-                    &[],
-                    catalog.published().clone(),
-                    store.clone(),
-                    Duration::from_secs(60),
-                    Duration::from_secs(60),
-                    metrics.clone(),
-                )
-                .expect("no upstreams"),
-            );
-            let links = sso::DashboardLinks::new(&config.broker.external_url).expect("default URL");
+            let federation = Arc::new(Federation::new(
+                Vec::new(),
+                catalog.published().clone(),
+                store.clone(),
+                Duration::from_secs(60),
+                Duration::from_secs(60),
+                metrics.clone(),
+            ));
             let timing = Timing {
                 operation_timeout: Duration::from_secs(5),
                 retry_after_secs: 1,
@@ -76,7 +70,7 @@ impl RequestHarness {
                 ),
             ))
         });
-        RequestHarness { runtime, router }
+        RequestHarness { runtime, app }
     }
 
     /// Interprets the bytes as a request (first byte: method; up to the first newline:
@@ -100,17 +94,14 @@ impl RequestHarness {
             )
             .header("x-broker-api-version", "2.17")
             .header("content-type", "application/json")
-            .body(Body::from(body.get(1..).unwrap_or_default().to_vec()))
+            .body(bytes::Bytes::copy_from_slice(
+                body.get(1..).unwrap_or_default(),
+            ))
         else {
             return;
         };
-        let router = self.router.clone();
         self.runtime.block_on(async move {
-            let response = router.oneshot(request).await.expect("infallible");
-            let status = response.status();
-            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-                .await
-                .expect("body");
+            let (status, bytes) = self.app.answer(request).await;
             assert!(
                 !status.is_server_error(),
                 "{method} {uri} answered {status}"

@@ -57,18 +57,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { config } => {
             let config = Config::load(config.as_deref())?;
+            let prepared = startup::prepare(&config)?;
             startup::init_tracing(&config);
             let address = format!("{}:{}", config.listen.host, config.listen.port);
             let listener = tokio::net::TcpListener::bind(&address)
                 .await
                 .with_context(|| format!("listen: cannot bind {address}"))?;
-            startup::serve(&config, listener, startup::shutdown_signal()).await?;
+            startup::serve(&config, prepared, listener, startup::shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Catalog { config } => {
             let config = Config::load(config.as_deref())?;
-            let catalog =
-                brokerage::catalog::LocalCatalog::build(&config.catalog.services, &config)?;
+            let prepared = startup::prepare(&config)?;
             // The live broker may hold the store; last good copies matter only when an
             // upstream is down, so fall back to a store of our own.
             let store: std::sync::Arc<dyn brokerage::store::StateStore> =
@@ -77,7 +77,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Err(_) => std::sync::Arc::new(brokerage::store::EmbeddedStore::in_memory()?),
                 };
             let metrics = brokerage::metrics::Metrics::new();
-            let federation = startup::federation(&config, &catalog, store, metrics).await?;
+            let federation = startup::federation(
+                &config,
+                prepared.upstreams,
+                &prepared.catalog,
+                store,
+                metrics,
+            )
+            .await;
             federation.refresh().await;
             let snapshot = federation.snapshot();
             for problem in &snapshot.merged.problems {
@@ -94,12 +101,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             show_config,
         } => {
             let config = Config::load(config.as_deref())?;
+            let prepared = startup::prepare(&config)?;
             println!("ok    configuration");
             if show_config {
                 print!("{}", config.to_masked_yaml());
             }
             let mut failed = false;
-            for probe in startup::check(&config).await {
+            for probe in startup::check(&config, &prepared).await {
                 match probe.result {
                     Ok(detail) => println!("ok    {}: {detail}", probe.what),
                     Err(detail) => {

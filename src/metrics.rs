@@ -168,8 +168,8 @@ impl Metrics {
         leaked
     }
 
-    pub fn method_label(method: &axum::http::Method) -> &'static str {
-        use axum::http::Method;
+    pub fn method_label(method: &http::Method) -> &'static str {
+        use http::Method;
         match *method {
             Method::GET => "GET",
             Method::PUT => "PUT",

@@ -3,15 +3,17 @@
 use std::future::Future;
 use std::time::Duration;
 
-use anyhow::Context;
-use axum::Router;
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
+use tokio_rustls::rustls::ServerConfig;
 
 use crate::broker::{Broker, Timing};
 use crate::catalog::LocalCatalog;
 use crate::config::{Config, LogFormat};
+use crate::dashboard::{Dashboard, Platforms};
 use crate::federation::Federation;
-use crate::http::{self, AppState};
+use crate::http::{self, App, AppState};
 use crate::{backend, store};
 
 /// Logs to stderr, text or JSON; `RUST_LOG` overrides the configured level.
@@ -27,14 +29,73 @@ pub fn init_tracing(config: &Config) {
     };
 }
 
+/// What the configuration describes, built once each and handed to whoever needs it.
+/// Building it is where a configuration that parses but cannot work (a catalog naming an
+/// unconfigured backend, an unreadable certificate) is refused, before a port is bound.
+pub struct Prepared {
+    pub catalog: LocalCatalog,
+    pub links: sso::DashboardLinks,
+    pub upstreams: Vec<upstreams::Upstream>,
+    pub uaa: Option<sso::Uaa>,
+    pub platforms: Arc<Platforms>,
+    pub tls: Option<ServerConfig>,
+}
+
+pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
+    let links = sso::DashboardLinks::new(&config.broker.external_url)
+        .map_err(|e| anyhow::anyhow!("broker.external_url: {e}"))?;
+    let catalog = LocalCatalog::build(
+        &config.catalog.services,
+        &config.backends.configured(),
+        &links,
+    )?;
+    let upstreams = config
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            upstreams::Upstream::new(u.clone()).map_err(|e| anyhow::anyhow!("upstreams[{i}]: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let s = &config.sso;
+    let uaa = match (&s.authorization_endpoint, &s.token_endpoint) {
+        (Some(a), Some(t)) => Some(
+            sso::Uaa::new(a, t)
+                .map_err(|e| anyhow::anyhow!("sso.authorization_endpoint/token_endpoint: {e}"))?,
+        ),
+        _ => None,
+    };
+    let platforms = Arc::new(Platforms::new(s)?);
+    let tls = config
+        .listen
+        .tls
+        .as_ref()
+        .map(crate::http::tls::server_config)
+        .transpose()?;
+    Ok(Prepared {
+        catalog,
+        links,
+        upstreams,
+        uaa,
+        platforms,
+        tls,
+    })
+}
+
 /// The broker and its routes. Opens the store; reaches no backend.
-pub async fn build(config: &Config) -> anyhow::Result<(Broker, Router)> {
-    let catalog = LocalCatalog::build(&config.catalog.services, config)?;
+pub async fn build(config: &Config, prepared: Prepared) -> anyhow::Result<(Broker, App)> {
+    let Prepared {
+        catalog,
+        links,
+        upstreams,
+        uaa,
+        platforms,
+        tls: _,
+    } = prepared;
     let store = store::open(&config.store).await?;
     let backends = backend::from_config(config)?;
     let metrics = crate::metrics::Metrics::new();
-    let federation = federation(config, &catalog, store.clone(), metrics.clone()).await?;
-    let links = sso::DashboardLinks::new(&config.broker.external_url)?;
+    let federation = federation(config, upstreams, &catalog, store.clone(), metrics.clone()).await;
     let timing = Timing {
         operation_timeout: Duration::from_secs(config.broker.operation_timeout_secs),
         retry_after_secs: config.broker.retry_after_secs,
@@ -48,8 +109,20 @@ pub async fn build(config: &Config) -> anyhow::Result<(Broker, Router)> {
         federation,
         metrics,
     );
-    let platforms = std::sync::Arc::new(crate::dashboard::Platforms::new(&config.sso)?);
-    let dashboard = dashboard(config, &broker, links, platforms.clone())?;
+    let s = &config.sso;
+    let settings = sso::SsoSettings {
+        uaa,
+        session_secret: s.session_secret.expose().to_string(),
+        session_lifetime: Duration::from_secs(s.session_lifetime_secs),
+        secure_cookies: links.is_https(),
+        timeout: Duration::from_secs(s.timeout_secs),
+    };
+    let dashboard = Arc::new(Dashboard::new(
+        broker.clone(),
+        Arc::new(sso::Sso::new(settings)?),
+        links,
+        platforms.clone(),
+    ));
     let state = AppState::new(
         broker.clone(),
         &config.auth.credentials,
@@ -65,59 +138,35 @@ pub async fn build(config: &Config) -> anyhow::Result<(Broker, Router)> {
     Ok((broker, http::router(state)))
 }
 
-/// Dashboard SSO as configured.
-fn dashboard(
-    config: &Config,
-    broker: &Broker,
-    links: sso::DashboardLinks,
-    platforms: std::sync::Arc<crate::dashboard::Platforms>,
-) -> anyhow::Result<std::sync::Arc<crate::dashboard::Dashboard>> {
-    let s = &config.sso;
-    let uaa = match (&s.authorization_endpoint, &s.token_endpoint) {
-        (Some(a), Some(t)) => Some(sso::Uaa::new(a, t)?),
-        _ => None,
-    };
-    let settings = sso::SsoSettings {
-        uaa,
-        session_secret: s.session_secret.expose().to_string(),
-        session_lifetime: Duration::from_secs(s.session_lifetime_secs),
-        secure_cookies: links.is_https(),
-        timeout: Duration::from_secs(s.timeout_secs),
-    };
-    Ok(std::sync::Arc::new(crate::dashboard::Dashboard::new(
-        broker.clone(),
-        std::sync::Arc::new(sso::Sso::new(settings)?),
-        links,
-        platforms,
-    )))
-}
-
 /// The upstreams, with the catalog snapshot built from their stored last good copies.
 pub async fn federation(
     config: &Config,
+    upstreams: Vec<upstreams::Upstream>,
     catalog: &LocalCatalog,
-    store: std::sync::Arc<dyn store::StateStore>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
-) -> anyhow::Result<std::sync::Arc<Federation>> {
+    store: Arc<dyn store::StateStore>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Arc<Federation> {
     let federation = Federation::new(
-        &config.upstreams,
+        upstreams,
         catalog.published().clone(),
         store,
         Duration::from_secs(config.federation.refresh_secs),
         Duration::from_secs(config.federation.catalog_ttl_secs),
         metrics,
-    )?;
+    );
     federation.rebuild().await;
-    Ok(std::sync::Arc::new(federation))
+    Arc::new(federation)
 }
 
 /// Serves until `shutdown` resolves, then lets background operations record their end.
 pub async fn serve(
     config: &Config,
+    prepared: Prepared,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (broker, router) = build(config).await?;
+    let tls = prepared.tls.clone();
+    let (broker, app) = build(config, prepared).await?;
     for key in config.default_secrets() {
         tracing::warn!(%key, "this secret is the one shipped with Brokerage, which anybody can read: set your own before registering this broker");
     }
@@ -135,17 +184,10 @@ pub async fn serve(
         )
         .run_forever(),
     );
-    let tls = config
-        .listen
-        .tls
-        .as_ref()
-        .map(crate::tls::server_config)
-        .transpose()
-        .context("serving HTTPS")?;
     let l = &config.listen;
     let server = http::serve::start(
         listener,
-        router,
+        app,
         tls,
         http::serve::Limits {
             header_timeout: Duration::from_secs(l.header_timeout_secs),
@@ -207,7 +249,7 @@ pub struct Probe {
 }
 
 /// Reaches the store and every backend the configuration names.
-pub async fn check(config: &Config) -> Vec<Probe> {
+pub async fn check(config: &Config, prepared: &Prepared) -> Vec<Probe> {
     let mut probes = Vec::new();
     match store::open(&config.store).await {
         Ok(store) => probes.push(Probe {
@@ -244,27 +286,25 @@ pub async fn check(config: &Config) -> Vec<Probe> {
             result: Err(format!("{e:#}")),
         }),
     }
-    for settings in &config.upstreams {
+    for u in &prepared.upstreams {
+        let settings = u.settings();
         let what = format!("upstreams.{}", settings.alias);
-        let result = match upstreams::Upstream::new(settings.clone()) {
-            Err(e) => Err(e),
-            Ok(u) => match u.catalog(&upstreams::client::default_api_version()).await {
-                Err(e) => Err(e.to_string()),
-                Ok(catalog) => {
-                    let names: Vec<String> = catalog["services"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|s| s.get("name").and_then(|n| n.as_str()).map(str::to_string))
-                        .collect();
-                    Ok(format!(
-                        "{} offers {} service(s): {}",
-                        settings.url,
-                        names.len(),
-                        names.join(", ")
-                    ))
-                }
-            },
+        let result = match u.catalog(&upstreams::client::default_api_version()).await {
+            Err(e) => Err(e.to_string()),
+            Ok(catalog) => {
+                let names: Vec<String> = catalog["services"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.get("name").and_then(|n| n.as_str()).map(str::to_string))
+                    .collect();
+                Ok(format!(
+                    "{} offers {} service(s): {}",
+                    settings.url,
+                    names.len(),
+                    names.join(", ")
+                ))
+            }
         };
         probes.push(Probe { what, result });
     }

@@ -12,11 +12,11 @@ pub mod merge;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::body::Bytes;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use upstreams::{Upstream, UpstreamSettings};
+use upstreams::Upstream;
 
 pub use merge::Route;
 
@@ -48,27 +48,23 @@ pub struct Federation {
 
 impl Federation {
     pub fn new(
-        settings: &[UpstreamSettings],
+        clients: Vec<Upstream>,
         local: upstreams::osb::Catalog,
         store: Arc<dyn StateStore>,
         refresh_every: Duration,
         ttl: Duration,
         metrics: Arc<crate::metrics::Metrics>,
-    ) -> anyhow::Result<Self> {
+    ) -> Self {
         let observer: upstreams::Observer =
             Arc::new(move |alias: &str, outcome: &str, took: Duration| {
                 metrics.observe_upstream(alias, outcome, took)
             });
-        let upstreams = settings
-            .iter()
-            .map(|s| {
-                Upstream::new(s.clone())
-                    .map(|u| Arc::new(u.with_observer(observer.clone())))
-                    .map_err(|e| anyhow::anyhow!("upstreams[{}]: {e}", s.alias))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let upstreams = clients
+            .into_iter()
+            .map(|u| Arc::new(u.with_observer(observer.clone())))
+            .collect();
         let empty = merge::merge(&local, &[]);
-        Ok(Federation {
+        Federation {
             upstreams,
             local,
             store,
@@ -76,7 +72,7 @@ impl Federation {
             snapshot: RwLock::new(Arc::new(snapshot(empty))),
             refresh_every,
             last_refresh: RwLock::default(),
-        })
+        }
     }
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {

@@ -6,7 +6,6 @@ use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::AppState;
 use crate::error::OsbError;
@@ -68,7 +67,8 @@ impl<S: Send + Sync> FromRequestParts<S> for OsbQuery {
     }
 }
 
-/// A JSON object body of at most `broker.max_body_bytes`. An empty body reads as `{}`.
+/// A JSON object body of at most `broker.max_body_bytes`, read as the request type `T`.
+/// An empty body reads as `{}`.
 pub struct OsbJson<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for OsbJson<T> {
@@ -104,19 +104,22 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OsbJson<T> {
         .await
         .map_err(|_| OsbError::RequestTimeout)?
         .map_err(|_| OsbError::PayloadTooLarge(limit))?;
-        let value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Value::Object(Default::default())
-        } else {
-            serde_json::from_slice(&bytes)
-                .map_err(|e| OsbError::BadRequest(format!("the body is not valid JSON: {e}")))?
+        // Parsed once, straight into the request's type.
+        let text: &[u8] = match bytes.iter().position(|b| !b.is_ascii_whitespace()) {
+            None => b"{}",
+            Some(start) if bytes[start] == b'{' => &bytes,
+            Some(_) => {
+                return Err(OsbError::BadRequest(
+                    "the body must be a JSON object".into(),
+                ))
+            }
         };
-        if !value.is_object() {
-            return Err(OsbError::BadRequest(
-                "the body must be a JSON object".into(),
-            ));
-        }
-        serde_json::from_value(value)
-            .map(OsbJson)
-            .map_err(|e| OsbError::BadRequest(format!("the body is not a valid request: {e}")))
+        serde_json::from_slice(text).map(OsbJson).map_err(|e| {
+            let what = match e.classify() {
+                serde_json::error::Category::Data => "a valid request",
+                _ => "valid JSON",
+            };
+            OsbError::BadRequest(format!("the body is not {what}: {e}"))
+        })
     }
 }

@@ -5,6 +5,7 @@
 mod dashboard;
 mod extract;
 pub mod serve;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -144,7 +145,26 @@ fn digest(text: &str) -> [u8; 32] {
     Sha256::digest(text.as_bytes()).into()
 }
 
-pub fn router(state: AppState) -> Router {
+/// The broker's routes and middleware, ready to serve ([`serve::start`]) or to answer one
+/// request in process ([`App::answer`]).
+#[derive(Clone)]
+pub struct App(Router);
+
+impl App {
+    /// Answers one request in process: its status and body (the fuzz harness).
+    pub async fn answer(&self, request: ::http::Request<Bytes>) -> (StatusCode, Bytes) {
+        use tower::ServiceExt;
+        let request = request.map(axum::body::Body::from);
+        let response = self.0.clone().oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+pub fn router(state: AppState) -> App {
     use axum::routing::get as g;
     let osb = Router::new()
         .route("/v2/catalog", g(catalog))
@@ -169,7 +189,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route_layer(middleware::from_fn(check_api_version))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    Router::new()
+    let router = Router::new()
         .merge(osb)
         .merge(dashboard::routes())
         .route("/health", get(health))
@@ -181,7 +201,8 @@ pub fn router(state: AppState) -> Router {
             OsbError::Internal("a request handler panicked".into()).into_response()
         }))
         .layer(middleware::from_fn_with_state(state.clone(), trace_request))
-        .with_state(state)
+        .with_state(state);
+    App(router)
 }
 
 /// One span per request carrying its identity; the identity is echoed back.
@@ -275,7 +296,10 @@ impl IntoResponse for OsbError {
         let status =
             StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
+            match self.cause() {
+                Some(cause) => tracing::error!(error = %self, %cause, "request failed"),
+                None => tracing::error!(error = %self, "request failed"),
+            }
         } else {
             tracing::debug!(error = %self, "request refused");
         }
@@ -459,7 +483,7 @@ async fn provision(
     OsbPath(instance_id): OsbPath<String>,
     query: OsbQuery,
     ctx: CallContext,
-    OsbJson(body): OsbJson<serde_json::Value>,
+    OsbJson(body): OsbJson<upstreams::osb::ProvisionRequest>,
 ) -> Answer {
     let incomplete = query.accepts_incomplete();
     state
@@ -473,7 +497,7 @@ async fn update(
     OsbPath(instance_id): OsbPath<String>,
     query: OsbQuery,
     ctx: CallContext,
-    OsbJson(body): OsbJson<serde_json::Value>,
+    OsbJson(body): OsbJson<upstreams::osb::UpdateRequest>,
 ) -> Answer {
     let incomplete = query.accepts_incomplete();
     state
@@ -522,7 +546,7 @@ async fn bind(
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
     query: OsbQuery,
     ctx: CallContext,
-    OsbJson(body): OsbJson<serde_json::Value>,
+    OsbJson(body): OsbJson<upstreams::osb::BindRequest>,
 ) -> Answer {
     let incomplete = query.accepts_incomplete();
     state

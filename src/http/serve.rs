@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
+use super::App;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -39,17 +39,12 @@ pub struct Server {
 }
 
 /// Starts accepting on `listener` and returns at once.
-pub fn start(
-    listener: TcpListener,
-    router: Router,
-    tls: Option<ServerConfig>,
-    limits: Limits,
-) -> Server {
+pub fn start(listener: TcpListener, app: App, tls: Option<ServerConfig>, limits: Limits) -> Server {
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let acceptor = tokio::spawn(accept_loop(
         listener,
-        router,
+        app,
         tls.map(|c| TlsAcceptor::from(Arc::new(c))),
         limits,
         stop.clone(),
@@ -82,7 +77,7 @@ impl Server {
 
 async fn accept_loop(
     listener: TcpListener,
-    router: Router,
+    app: App,
     tls: Option<TlsAcceptor>,
     limits: Limits,
     stop: CancellationToken,
@@ -115,16 +110,15 @@ async fn accept_loop(
         };
         // Answers are small and latency matters: no Nagle delay.
         let _ = stream.set_nodelay(true);
-        let (router, builder, tls, stop) =
-            (router.clone(), builder.clone(), tls.clone(), stop.clone());
+        let (app, builder, tls, stop) = (app.clone(), builder.clone(), tls.clone(), stop.clone());
         connections.spawn(async move {
             let _permit = permit;
             match tls {
-                None => connection(stream, router, &builder, limits, stop).await,
+                None => connection(stream, app, &builder, limits, stop).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
                     {
-                        Ok(Ok(tls)) => connection(tls, router, &builder, limits, stop).await,
+                        Ok(Ok(tls)) => connection(tls, app, &builder, limits, stop).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -164,7 +158,7 @@ impl Drop for InFlight {
 
 async fn connection<I>(
     io: I,
-    router: Router,
+    app: App,
     builder: &auto::Builder<TokioExecutor>,
     limits: Limits,
     stop: CancellationToken,
@@ -180,7 +174,7 @@ async fn connection<I>(
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
             counted.in_flight.fetch_add(1, Ordering::AcqRel);
             let guard = InFlight(counted.clone());
-            let router = router.clone();
+            let router = app.0.clone();
             async move {
                 let response = router.oneshot(request.map(axum::body::Body::new)).await;
                 drop(guard);

@@ -193,10 +193,6 @@ pub trait Record: Serialize + DeserializeOwned + Send + Sync {
     fn operation(&self) -> &OperationRecord;
     fn operation_mut(&mut self) -> &mut OperationRecord;
     fn upstream(&self) -> Option<&UpstreamRef>;
-    /// Fields every 200/202 about this resource carries (a dashboard URL).
-    fn reply_fields(&self) -> Map<String, Value> {
-        Map::new()
-    }
 }
 
 impl Record for InstanceRecord {
@@ -206,13 +202,6 @@ impl Record for InstanceRecord {
     }
     fn upstream(&self) -> Option<&UpstreamRef> {
         self.upstream.as_ref()
-    }
-    fn reply_fields(&self) -> Map<String, Value> {
-        let mut fields = Map::new();
-        if let Some(url) = &self.dashboard_url {
-            fields.insert("dashboard_url".into(), Value::String(url.clone()));
-        }
-        fields
     }
     fn operation(&self) -> &OperationRecord {
         &self.operation

@@ -317,13 +317,14 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_with(config: TestConfig) -> TestApp {
     let loaded = config.load();
+    let prepared = brokerage::startup::prepare(&loaded).expect("the configuration builds");
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", config.port))
         .await
         .unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        brokerage::startup::serve(&loaded, listener, async {
+        brokerage::startup::serve(&loaded, prepared, listener, async {
             let _ = rx.await;
         })
         .await

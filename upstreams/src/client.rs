@@ -46,6 +46,25 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// What the platform may be told: the upstream's alias and what went wrong, never a
+    /// transport detail (which names its address). An upstream's own error description is
+    /// passed on.
+    pub fn public(&self) -> String {
+        match self {
+            UpstreamError::Connect { alias, .. } => format!("upstream {alias} cannot be reached"),
+            UpstreamError::Tls { alias, .. } => {
+                format!("upstream {alias} failed TLS verification")
+            }
+            UpstreamError::Auth { alias, .. } => {
+                format!("upstream {alias} could not be authenticated")
+            }
+            UpstreamError::Malformed { alias, status, .. } => {
+                format!("upstream {alias} answered something that is not OSB (status {status})")
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// A short label: metrics and `/health` show it, never the detail.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -94,56 +94,207 @@ pub struct MaintenanceInfo {
 /// `PUT /v2/service_instances/{id}` body.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProvisionRequest {
-    #[serde(default, deserialize_with = "non_empty_string")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_string"
+    )]
     pub service_id: Option<String>,
-    #[serde(default, deserialize_with = "non_empty_string")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_string"
+    )]
     pub plan_id: Option<String>,
-    #[serde(default, deserialize_with = "non_empty_string")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_string"
+    )]
     pub organization_guid: Option<String>,
-    #[serde(default, deserialize_with = "non_empty_string")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_string"
+    )]
     pub space_guid: Option<String>,
-    #[serde(default, deserialize_with = "non_empty_object")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_object"
+    )]
     pub context: Option<Map<String, Value>>,
-    #[serde(default, deserialize_with = "non_empty_object")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_object"
+    )]
     pub parameters: Option<Map<String, Value>>,
-    #[serde(default, deserialize_with = "maintenance_info")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "maintenance_info"
+    )]
     pub maintenance_info: Option<MaintenanceInfo>,
+    /// Fields this version does not know, passed on to upstreams unchanged.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// `PATCH /v2/service_instances/{id}` body.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UpdateRequest {
-    #[serde(default, deserialize_with = "non_empty_string")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_string"
+    )]
     pub service_id: Option<String>,
-    #[serde(default, deserialize_with = "non_empty_string")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_string"
+    )]
     pub plan_id: Option<String>,
-    #[serde(default, deserialize_with = "non_empty_object")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_object"
+    )]
     pub context: Option<Map<String, Value>>,
-    #[serde(default, deserialize_with = "non_empty_object")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_object"
+    )]
     pub parameters: Option<Map<String, Value>>,
-    #[serde(default, deserialize_with = "non_empty_object")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_object"
+    )]
     pub previous_values: Option<Map<String, Value>>,
-    #[serde(default, deserialize_with = "maintenance_info")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "maintenance_info"
+    )]
     pub maintenance_info: Option<MaintenanceInfo>,
+    /// Fields this version does not know, passed on to upstreams unchanged.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// `PUT /v2/service_instances/{id}/service_bindings/{binding_id}` body.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BindRequest {
-    #[serde(default, deserialize_with = "non_empty_string")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_string"
+    )]
     pub service_id: Option<String>,
-    #[serde(default, deserialize_with = "non_empty_string")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_string"
+    )]
     pub plan_id: Option<String>,
-    #[serde(default, deserialize_with = "non_empty_string")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_string"
+    )]
     pub app_guid: Option<String>,
-    #[serde(default, deserialize_with = "non_empty_object")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_object"
+    )]
     pub bind_resource: Option<Map<String, Value>>,
-    #[serde(default, deserialize_with = "non_empty_object")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_object"
+    )]
     pub context: Option<Map<String, Value>>,
-    #[serde(default, deserialize_with = "non_empty_object")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_object"
+    )]
     pub parameters: Option<Map<String, Value>>,
-    #[serde(default, deserialize_with = "non_empty_string")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty_string"
+    )]
     pub predecessor_binding_id: Option<String>,
+    /// Fields this version does not know, passed on to upstreams unchanged.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The answer to a provision or an update: 200, 201 or 202.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InstanceResponse {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+}
+
+/// `GET /v2/service_instances/{id}` answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InstanceDetails {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_info: Option<MaintenanceInfo>,
+}
+
+/// The answer to a bind (200, 201, 202) and to fetching a binding.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BindingResponse {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syslog_drain_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_service_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mounts: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+}
+
+/// Credentials never reach a log through `{:?}`.
+impl std::fmt::Debug for BindingResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BindingResponse")
+            .field("credentials", &self.credentials.as_ref().map(|_| "***"))
+            .field(
+                "syslog_drain_url",
+                &self.syslog_drain_url.as_ref().map(|_| "***"),
+            )
+            .field("operation", &self.operation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The answer to a deprovision or an unbind: `{}` when done, the operation when accepted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeleteResponse {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
 }
 
 /// The `state` of a `last_operation` answer.

@@ -1,0 +1,267 @@
+//! Service bindings: bind, unbind and fetch, through the same claim → act → record →
+//! answer path as instances ([`super::operation`]). A binding is inserted only while its
+//! instance is still at the version the binder read, so it cannot race a deprovision.
+
+use upstreams::osb::{BindRequest, BindingResponse};
+use upstreams::Method;
+
+use super::forward::Undo;
+use super::operation::{failed, in_flight, Outcome, Reply};
+use super::{check_id, required, BackendRef, Broker, CallContext};
+use crate::backend::BackendError;
+use crate::catalog::ParametersOf;
+use crate::error::OsbError;
+use crate::store::records::{self, Stored};
+use crate::store::{BindingRecord, OpKind, OpState, StateStore};
+
+fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
+    e.instance_id == r.instance_id
+        && e.service_id == r.service_id
+        && e.plan_id == r.plan_id
+        && e.app_guid == r.app_guid
+        && e.bind_resource == r.bind_resource
+        && e.parameters == r.parameters
+}
+
+/// The answer to a local bind: the credentials the backend handed out.
+fn bound(record: &BindingRecord, status: u16) -> Option<Reply> {
+    let credentials = record.credentials.clone()?;
+    let answer = BindingResponse {
+        credentials: Some(credentials),
+        ..Default::default()
+    };
+    Some(Reply::of(status, &answer))
+}
+
+impl Broker {
+    pub async fn bind(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        req: BindRequest,
+        accepts_incomplete: bool,
+        ctx: &CallContext,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", instance_id)?;
+        check_id("binding_id", binding_id)?;
+        let service_id = required(req.service_id.clone(), "service_id")?;
+        let plan_id = required(req.plan_id.clone(), "plan_id")?;
+        let instance = self.existing_instance(instance_id).await?;
+        if service_id != instance.record.service_id {
+            return Err(OsbError::BadRequest(format!(
+                "service_id {service_id:?} is not the instance's service"
+            )));
+        }
+        if instance.record.operation.in_flight() {
+            return Err(OsbError::concurrency());
+        }
+        let mut record = BindingRecord {
+            id: binding_id.to_string(),
+            instance_id: instance_id.to_string(),
+            service_id,
+            plan_id,
+            app_guid: req.app_guid.clone(),
+            bind_resource: req.bind_resource.clone(),
+            parameters: req.parameters.clone(),
+            context: req.context.clone(),
+            credentials: None,
+            created_at: chrono::Utc::now(),
+            operation: self.start(OpKind::Bind, false),
+            upstream: instance.record.upstream.clone(),
+        };
+        let parent = Some((instance_id, instance.version));
+        if let Some(up) = instance.record.upstream.clone() {
+            if record.plan_id != instance.record.plan_id {
+                return Err(OsbError::BadRequest(format!(
+                    "plan_id {:?} is not the instance's plan",
+                    record.plan_id
+                )));
+            }
+            record.operation = self.start_forward(OpKind::Bind);
+            let same = |e: &BindingRecord| same_binding(e, &record);
+            let version = match self
+                .claim_new(&record, parent, accepts_incomplete, same, |_| None)
+                .await?
+            {
+                Ok(claim) => claim.version,
+                Err(answer) => return Ok(answer),
+            };
+            let mut req = req;
+            req.service_id = Some(up.service_id);
+            req.plan_id = Some(up.plan_id);
+            let path = format!("/v2/service_instances/{instance_id}/service_bindings/{binding_id}");
+            let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
+            request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
+            return self.forward(record, version, request, Undo::Remove).await;
+        }
+        let (service, plan) = self.offering(&instance.record)?;
+        self.plan(service, &record.plan_id)?;
+        if !service.bindable(plan) {
+            return Err(OsbError::BadRequest(format!(
+                "plan {} of {} is not bindable",
+                plan.wire.name, service.wire.name
+            )));
+        }
+        let has_app = req.app_guid.is_some()
+            || req.bind_resource.as_ref().is_some_and(|r| {
+                r.get("app_guid")
+                    .is_some_and(|a| a.as_str().is_some_and(|s| !s.is_empty()))
+            });
+        if service.bindings_require_app && !has_app {
+            return Err(OsbError::RequiresApp);
+        }
+        plan.check_parameters(ParametersOf::Bind, req.parameters.as_ref())
+            .map_err(OsbError::BadRequest)?;
+        if plan.asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        let backend = self.backend(service)?;
+        record.operation = self.start(OpKind::Bind, plan.asynchronous);
+        let same = |e: &BindingRecord| same_binding(e, &record);
+        let done = |e: &BindingRecord| bound(e, 200);
+        let version = match self
+            .claim_new(&record, parent, accepts_incomplete, same, done)
+            .await?
+        {
+            Ok(claim) => claim.version,
+            Err(answer) => return Ok(answer),
+        };
+        tracing::info!(instance_id, binding_id, "binding");
+        let limits = plan.limits;
+        let parameters = record.parameters.clone();
+        let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
+        let work =
+            self.within(async move { backend.bind(&iid, &bid, limits, parameters.as_ref()).await });
+        self.drive(record, version, work, |mut record, result| match result {
+            Ok(credentials) => {
+                record.credentials = Some(credentials);
+                record.operation.finish(OpState::Succeeded, None);
+                let reply = bound(&record, 201).expect("credentials were just set");
+                (Outcome::Keep(record), Ok(reply))
+            }
+            Err(e) => failed(record, e, None),
+        })
+        .await
+    }
+
+    pub async fn unbind(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        service_id: Option<String>,
+        plan_id: Option<String>,
+        accepts_incomplete: bool,
+        ctx: &CallContext,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", instance_id)?;
+        check_id("binding_id", binding_id)?;
+        let service_id = required(service_id, "service_id")?;
+        let plan_id = required(plan_id, "plan_id")?;
+        let path = format!("/v2/service_instances/{instance_id}/service_bindings/{binding_id}");
+        let stored = match records::load::<BindingRecord>(self.store_ref(), binding_id).await? {
+            Some(s) if s.record.instance_id == instance_id => s,
+            Some(_) => return Err(OsbError::Gone),
+            None => {
+                let remove = |backend: BackendRef, _| {
+                    let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
+                    async move { backend.unbind(&iid, &bid).await }
+                };
+                let unrecorded = (OpKind::Unbind, service_id.as_str(), plan_id.as_str());
+                return self
+                    .delete_unrecorded(&path, unrecorded, remove, accepts_incomplete, ctx)
+                    .await;
+            }
+        };
+        if let Some(reply) = in_flight(&stored.record, OpKind::Unbind, accepts_incomplete)? {
+            return Ok(reply);
+        }
+        if stored.record.upstream.is_some() {
+            return self
+                .forward_delete(stored, OpKind::Unbind, &path, accepts_incomplete, ctx)
+                .await;
+        }
+        let service = self.service(&stored.record.service_id)?;
+        let asynchronous = service
+            .plan(&stored.record.plan_id)
+            .is_some_and(|p| p.asynchronous);
+        if asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        let backend = self.backend(service)?;
+        let operation = self.start(OpKind::Unbind, asynchronous);
+        let (record, version, previous_op) = self.claim(stored, operation).await?;
+        tracing::info!(instance_id, binding_id, "unbinding");
+        let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
+        let store = self.inner.store.clone();
+        let work = self.within(async move {
+            backend.unbind(&iid, &bid).await?;
+            // Then whatever this binding made for itself that no other binding accounts for.
+            let instance = iid.clone();
+            let live = move || {
+                let (store, iid, bid) = (store.clone(), iid.clone(), bid.clone());
+                let read = async move { live_bindings(&*store, &iid, &bid).await };
+                Box::pin(read) as futures::future::BoxFuture<'static, _>
+            };
+            backend.prune(&instance, &live).await
+        });
+        self.drive(record, version, work, move |record, result| match result {
+            Ok(()) => (Outcome::Remove, Ok(Reply::deleted())),
+            Err(e) => failed(record, e, Some(previous_op)),
+        })
+        .await
+    }
+
+    pub async fn fetch_binding(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        ctx: &CallContext,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", instance_id)?;
+        check_id("binding_id", binding_id)?;
+        let not_found = || OsbError::NotFound(format!("binding {binding_id} does not exist"));
+        let Some(Stored { record: r, .. }) =
+            records::load::<BindingRecord>(self.store_ref(), binding_id).await?
+        else {
+            return Err(not_found());
+        };
+        if r.instance_id != instance_id {
+            return Err(not_found());
+        }
+        if let Some(up) = &r.upstream {
+            if r.operation.kind == OpKind::Bind
+                && r.operation.effective_state() != OpState::Succeeded
+            {
+                return Err(not_found());
+            }
+            let path = format!("/v2/service_instances/{instance_id}/service_bindings/{binding_id}");
+            let request = self.upstream_request(Method::GET, &path, false, ctx);
+            return self.ask_upstream(&up.alias, request).await;
+        }
+        let Some(credentials) = r.credentials else {
+            return Err(not_found());
+        };
+        let answer = BindingResponse {
+            credentials: Some(credentials),
+            parameters: r.parameters,
+            ..Default::default()
+        };
+        Ok(Reply::of(200, &answer))
+    }
+}
+
+/// The ids of the instance's bindings other than `except`, for a backend's prune.
+async fn live_bindings(
+    store: &dyn StateStore,
+    instance_id: &str,
+    except: &str,
+) -> Result<Vec<String>, BackendError> {
+    let bindings = records::bindings_of(store, instance_id)
+        .await
+        .map_err(|e| BackendError::unavailable("the broker's state store is unavailable", e))?;
+    Ok(bindings
+        .into_iter()
+        .map(|b| b.record.id)
+        .filter(|id| id != except)
+        .collect())
+}

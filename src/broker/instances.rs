@@ -1,0 +1,469 @@
+//! Service instances: provision, update, deprovision and fetch. Each call validates, then
+//! claims, acts and records through [`super::operation`]; the act is the local backend's
+//! work or, for an upstream-owned service, [`Broker::forward`].
+
+use upstreams::osb::{InstanceDetails, InstanceResponse, MaintenanceInfo};
+use upstreams::osb::{ProvisionRequest, UpdateRequest};
+use upstreams::Method;
+
+use super::forward::Undo;
+use super::operation::{failed, in_flight, Claim, Outcome, Reply};
+use super::{check_id, check_maintenance, required, Broker, CallContext};
+use crate::catalog::{LocalService, ParametersOf};
+use crate::error::OsbError;
+use crate::federation::Route;
+use crate::store::records::{self, Stored};
+use crate::store::{InstanceRecord, OpKind, OpState, UpstreamRef};
+
+fn same_instance(e: &InstanceRecord, r: &InstanceRecord) -> bool {
+    e.service_id == r.service_id
+        && e.plan_id == r.plan_id
+        && e.organization_guid == r.organization_guid
+        && e.space_guid == r.space_guid
+        && e.parameters == r.parameters
+}
+
+/// The answer about a provisioned instance: its dashboard.
+fn provisioned(record: &InstanceRecord, status: u16) -> Reply {
+    Reply::of(
+        status,
+        &InstanceResponse {
+            dashboard_url: record.dashboard_url.clone(),
+            operation: None,
+        },
+    )
+}
+
+fn done_instance(e: &InstanceRecord) -> Option<Reply> {
+    e.provisioned.then(|| provisioned(e, 200))
+}
+
+impl Broker {
+    pub async fn provision(
+        &self,
+        id: &str,
+        req: ProvisionRequest,
+        accepts_incomplete: bool,
+        ctx: &CallContext,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", id)?;
+        let service_id = required(req.service_id.clone(), "service_id")?;
+        let plan_id = required(req.plan_id.clone(), "plan_id")?;
+        let mut record = InstanceRecord {
+            id: id.to_string(),
+            service_id: service_id.clone(),
+            plan_id: plan_id.clone(),
+            organization_guid: required(req.organization_guid.clone(), "organization_guid")?,
+            space_guid: required(req.space_guid.clone(), "space_guid")?,
+            context: req.context.clone(),
+            parameters: req.parameters.clone(),
+            maintenance_version: req.maintenance_info.as_ref().map(|m| m.version.clone()),
+            dashboard_url: None,
+            provisioned: false,
+            created_at: chrono::Utc::now(),
+            operation: self.start(OpKind::Provision, false),
+            upstream: None,
+            api_info_location: ctx.api_info_location.clone(),
+        };
+        if self.inner.catalog.service(&service_id).is_none() {
+            if let Some(route) = self.inner.federation.route(&service_id) {
+                return self
+                    .provision_upstream(record, route, req, accepts_incomplete, ctx)
+                    .await;
+            }
+        }
+        let service = self.service(&service_id)?;
+        let plan = self.plan(service, &plan_id)?;
+        plan.check_parameters(ParametersOf::Provision, req.parameters.as_ref())
+            .map_err(OsbError::BadRequest)?;
+        check_maintenance(plan, req.maintenance_info.as_ref())?;
+        if plan.asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        let backend = self.backend(service)?;
+        self.check_capacity(service, plan.limits.max_storage_mb, Some(id))
+            .await?;
+        record.maintenance_version = plan
+            .wire
+            .maintenance_info
+            .as_ref()
+            .map(|m| m.version.clone());
+        record.dashboard_url = service
+            .wire
+            .dashboard_client
+            .as_ref()
+            .map(|_| self.inner.links.dashboard_url(id).to_string());
+        record.operation = self.start(OpKind::Provision, plan.asynchronous);
+        let same = |e: &InstanceRecord| same_instance(e, &record);
+        let Claim { version, takeover } = match self
+            .claim_new(&record, None, accepts_incomplete, same, done_instance)
+            .await?
+        {
+            Ok(claim) => claim,
+            Err(answer) => return Ok(answer),
+        };
+        tracing::info!(instance_id = id, service = %service.wire.name, plan = %plan.wire.name, "provisioning");
+        let limits = plan.limits;
+        let parameters = record.parameters.clone();
+        let instance_id = id.to_string();
+        let work = self.within(async move {
+            if takeover {
+                backend.deprovision(&instance_id, limits).await?;
+            }
+            backend
+                .provision(&instance_id, limits, parameters.as_ref())
+                .await
+        });
+        self.drive(record, version, work, |mut record, result| match result {
+            Ok(()) => {
+                record.provisioned = true;
+                record.operation.finish(OpState::Succeeded, None);
+                let reply = provisioned(&record, 201);
+                (Outcome::Keep(record), Ok(reply))
+            }
+            Err(e) => failed(record, e, None),
+        })
+        .await
+    }
+
+    async fn provision_upstream(
+        &self,
+        mut record: InstanceRecord,
+        route: Route,
+        mut req: ProvisionRequest,
+        accepts_incomplete: bool,
+        ctx: &CallContext,
+    ) -> Result<Reply, OsbError> {
+        let Some(upstream_plan) = route.plans.get(&record.plan_id).cloned() else {
+            return Err(OsbError::BadRequest(format!(
+                "plan_id {:?} is not a plan of service {:?}",
+                record.plan_id, record.service_id
+            )));
+        };
+        record.upstream = Some(UpstreamRef {
+            alias: route.alias.clone(),
+            service_id: route.service_id.clone(),
+            plan_id: upstream_plan.clone(),
+        });
+        record.operation = self.start_forward(OpKind::Provision);
+        let same = |e: &InstanceRecord| same_instance(e, &record);
+        let version = match self
+            .claim_new(&record, None, accepts_incomplete, same, done_instance)
+            .await?
+        {
+            Ok(claim) => claim.version,
+            Err(answer) => return Ok(answer),
+        };
+        tracing::info!(instance_id = %record.id, upstream = %route.alias, "provisioning upstream");
+        req.service_id = Some(route.service_id);
+        req.plan_id = Some(upstream_plan);
+        let path = format!("/v2/service_instances/{}", record.id);
+        let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
+        request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
+        self.forward(record, version, request, Undo::Remove).await
+    }
+
+    pub async fn update(
+        &self,
+        id: &str,
+        req: UpdateRequest,
+        accepts_incomplete: bool,
+        ctx: &CallContext,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", id)?;
+        let service_id = required(req.service_id.clone(), "service_id")?;
+        let stored = self.existing_instance(id).await?;
+        let current = stored.record.clone();
+        if current.operation.in_flight() {
+            return Err(OsbError::concurrency());
+        }
+        if service_id != current.service_id {
+            return Err(OsbError::BadRequest(format!(
+                "service_id {service_id:?} is not the instance's service"
+            )));
+        }
+        if current.upstream.is_some() {
+            return self
+                .update_upstream(stored, req, accepts_incomplete, ctx)
+                .await;
+        }
+        let (service, from) = self.offering(&current)?;
+        let to = match &req.plan_id {
+            Some(plan_id) => self.plan(service, plan_id)?,
+            None => from,
+        };
+        if to.wire.id != from.wire.id && !service.plan_updateable(from) {
+            return Err(OsbError::Unprocessable(format!(
+                "plan changes are not supported for {} instances on plan {}",
+                service.wire.name, from.wire.name
+            )));
+        }
+        to.check_parameters(ParametersOf::Update, req.parameters.as_ref())
+            .map_err(OsbError::BadRequest)?;
+        check_maintenance(to, req.maintenance_info.as_ref())?;
+        if to.asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        let backend = self.backend(service)?;
+        if to.limits.max_storage_mb > from.limits.max_storage_mb {
+            self.check_capacity(service, to.limits.max_storage_mb, Some(id))
+                .await?;
+        }
+        let mut operation = self.start(OpKind::Update, to.asynchronous);
+        operation.target_plan_id = Some(to.wire.id.clone());
+        let (record, version, previous_op) = self.claim(stored, operation).await?;
+        tracing::info!(instance_id = id, from = %from.wire.name, to = %to.wire.name, "updating");
+        let (from_limits, to_limits) = (from.limits, to.limits);
+        let parameters = req.parameters.clone();
+        let instance_id = id.to_string();
+        let work = self.within(async move {
+            backend
+                .update(&instance_id, from_limits, to_limits, parameters.as_ref())
+                .await
+        });
+        let target_maintenance = to.wire.maintenance_info.as_ref().map(|m| m.version.clone());
+        let (new_parameters, new_context) = (req.parameters, req.context);
+        self.drive(
+            record,
+            version,
+            work,
+            move |mut record, result| match result {
+                Ok(()) => {
+                    if let Some(plan) = record.operation.target_plan_id.clone() {
+                        record.plan_id = plan;
+                    }
+                    if new_parameters.is_some() {
+                        record.parameters = new_parameters;
+                    }
+                    if new_context.is_some() {
+                        record.context = new_context;
+                    }
+                    record.maintenance_version = target_maintenance;
+                    record.operation.finish(OpState::Succeeded, None);
+                    let reply = provisioned(&record, 200);
+                    (Outcome::Keep(record), Ok(reply))
+                }
+                Err(e) => failed(record, e, Some(previous_op)),
+            },
+        )
+        .await
+    }
+
+    async fn update_upstream(
+        &self,
+        stored: Stored<InstanceRecord>,
+        mut req: UpdateRequest,
+        accepts_incomplete: bool,
+        ctx: &CallContext,
+    ) -> Result<Reply, OsbError> {
+        let current = stored.record.clone();
+        let up = current.upstream.clone().expect("upstream-owned");
+        let target_plan = req
+            .plan_id
+            .clone()
+            .unwrap_or_else(|| current.plan_id.clone());
+        let upstream_plan = if target_plan == current.plan_id {
+            up.plan_id.clone()
+        } else {
+            self.upstream_plan(&up, &current.service_id, &target_plan)?
+        };
+        let mut operation = self.start_forward(OpKind::Update);
+        operation.target_plan_id = Some(target_plan);
+        operation.upstream_plan_id = Some(upstream_plan.clone());
+        let (record, version, previous) = self.claim(stored, operation).await?;
+        req.service_id = Some(up.service_id.clone());
+        if req.plan_id.is_some() {
+            req.plan_id = Some(upstream_plan);
+        }
+        if let Some(previous) = req.previous_values.as_mut() {
+            for (key, value) in [("service_id", &up.service_id), ("plan_id", &up.plan_id)] {
+                if previous.contains_key(key) {
+                    previous.insert(key.into(), value.clone().into());
+                }
+            }
+        }
+        let path = format!("/v2/service_instances/{}", record.id);
+        let mut request = self.upstream_request(Method::PATCH, &path, accepts_incomplete, ctx);
+        request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
+        self.forward(record, version, request, Undo::Restore(previous))
+            .await
+    }
+
+    pub async fn deprovision(
+        &self,
+        id: &str,
+        service_id: Option<String>,
+        plan_id: Option<String>,
+        accepts_incomplete: bool,
+        ctx: &CallContext,
+    ) -> Result<Reply, OsbError> {
+        check_id("instance_id", id)?;
+        let service_id = required(service_id, "service_id")?;
+        let plan_id = required(plan_id, "plan_id")?;
+        let path = format!("/v2/service_instances/{id}");
+        let Some(stored) = records::load::<InstanceRecord>(self.store_ref(), id).await? else {
+            // Never recorded (a provision that timed out on Cloud Controller's side): what
+            // the derived names point at may exist all the same, locally or upstream.
+            let remove = |backend: super::BackendRef, limits| {
+                let id = id.to_string();
+                async move { backend.deprovision(&id, limits).await }
+            };
+            let unrecorded = (OpKind::Deprovision, service_id.as_str(), plan_id.as_str());
+            return self
+                .delete_unrecorded(&path, unrecorded, remove, accepts_incomplete, ctx)
+                .await;
+        };
+        let current = stored.record.clone();
+        if service_id != current.service_id {
+            return Err(OsbError::BadRequest(format!(
+                "service_id {service_id:?} is not the instance's service"
+            )));
+        }
+        if let Some(reply) = in_flight(&current, OpKind::Deprovision, accepts_incomplete)? {
+            return Ok(reply);
+        }
+        if current.upstream.is_some() {
+            return self
+                .forward_delete(stored, OpKind::Deprovision, &path, accepts_incomplete, ctx)
+                .await;
+        }
+        let (service, plan) = self.offering(&current)?;
+        if plan.asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        let backend = self.backend(service)?;
+        let operation = self.start(OpKind::Deprovision, plan.asynchronous);
+        let (record, version, previous_op) = self.claim(stored, operation).await?;
+        // Listed only after the claim: a bind that raced it either shows here or failed.
+        let bindings = records::bindings_of(self.store_ref(), id).await?;
+        if !bindings.is_empty() && service.refuse_deprovision_with_bindings {
+            let mut restored = record.clone();
+            restored.operation = previous_op;
+            self.record_outcome(id, version, Outcome::Keep(restored))
+                .await?;
+            let n = bindings.len();
+            let (s, them) = if n == 1 { ("", "it") } else { ("s", "them") };
+            return Err(OsbError::Unprocessable(format!(
+                "instance {id} still has {n} binding{s}: unbind {them} first"
+            )));
+        }
+        tracing::info!(instance_id = id, "deprovisioning");
+        let instance_id = id.to_string();
+        let limits = plan.limits;
+        // A provision that failed on something already there made nothing to remove: what
+        // is there is not the broker's.
+        let ours = record.provisioned || !previous_op.nothing_made;
+        let work = self.within(async move {
+            match ours {
+                true => backend.deprovision(&instance_id, limits).await,
+                false => Ok(()),
+            }
+        });
+        self.drive(record, version, work, move |record, result| match result {
+            Ok(()) => (Outcome::Remove, Ok(Reply::deleted())),
+            Err(e) => failed(record, e, Some(previous_op)),
+        })
+        .await
+    }
+
+    pub async fn fetch_instance(&self, id: &str, ctx: &CallContext) -> Result<Reply, OsbError> {
+        check_id("instance_id", id)?;
+        let Some(stored) = records::load::<InstanceRecord>(self.store_ref(), id).await? else {
+            return Err(OsbError::NotFound(format!("instance {id} does not exist")));
+        };
+        let r = stored.record;
+        if !r.provisioned {
+            return Err(OsbError::NotFound(format!(
+                "instance {id} is not provisioned"
+            )));
+        }
+        if r.operation.kind == OpKind::Update && r.operation.in_flight() {
+            return Err(OsbError::concurrency());
+        }
+        let Some(up) = &r.upstream else {
+            let details = InstanceDetails {
+                service_id: Some(r.service_id),
+                plan_id: Some(r.plan_id),
+                dashboard_url: r.dashboard_url,
+                parameters: r.parameters,
+                maintenance_info: r.maintenance_version.map(|version| MaintenanceInfo {
+                    version,
+                    description: None,
+                }),
+            };
+            return Ok(Reply::of(200, &details));
+        };
+        let path = format!("/v2/service_instances/{id}");
+        let request = self.upstream_request(Method::GET, &path, false, ctx);
+        let mut reply = self.ask_upstream(&up.alias, request).await?;
+        // Write the namespaced ids back.
+        if reply.body.get("service_id").and_then(|v| v.as_str()) == Some(&up.service_id) {
+            reply.body["service_id"] = r.service_id.clone().into();
+        }
+        if let Some(plan) = reply.body.get("plan_id").and_then(|v| v.as_str()) {
+            let namespaced = if plan == up.plan_id {
+                r.plan_id.clone()
+            } else {
+                crate::federation::merge::plan_id(&up.alias, plan)
+            };
+            reply.body["plan_id"] = namespaced.into();
+        }
+        Ok(reply)
+    }
+
+    /// Refuses (507) what would promise the backend more storage than it has: the plans of
+    /// every other instance on it, plus `wanted`. Instances are counted from the store, so
+    /// every broker process sharing it counts the same.
+    async fn check_capacity(
+        &self,
+        service: &LocalService,
+        wanted: u64,
+        except: Option<&str>,
+    ) -> Result<(), OsbError> {
+        let Some(capacity) = self.backend(service)?.capacity_mb() else {
+            return Ok(());
+        };
+        let mut promised = 0u64;
+        for (id, doc) in self
+            .store_ref()
+            .list(crate::store::Table::Instances)
+            .await?
+        {
+            if Some(id.as_str()) == except {
+                continue;
+            }
+            let Ok(instance) = serde_json::from_slice::<InstanceRecord>(&doc.doc) else {
+                continue;
+            };
+            let Some(other) = self.inner.catalog.service(&instance.service_id) else {
+                continue;
+            };
+            if other.backend != service.backend || instance.upstream.is_some() {
+                continue;
+            }
+            if let Some(plan) = other.plan(&instance.plan_id) {
+                promised += plan.limits.max_storage_mb;
+            }
+        }
+        if promised + wanted > capacity {
+            return Err(OsbError::InsufficientStorage(format!(
+                "the {} backend has {} MB of its {capacity} MB left; this plan needs {wanted} MB",
+                service.backend,
+                capacity.saturating_sub(promised)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The instance a call that needs one is about; 404 when it was never provisioned.
+    pub(super) async fn existing_instance(
+        &self,
+        id: &str,
+    ) -> Result<Stored<InstanceRecord>, OsbError> {
+        match records::load::<InstanceRecord>(self.store_ref(), id).await? {
+            Some(stored) if stored.record.provisioned => Ok(stored),
+            Some(stored) if stored.record.operation.in_flight() => Err(OsbError::concurrency()),
+            _ => Err(OsbError::NotFound(format!("instance {id} does not exist"))),
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The one mechanism every changing call runs through, local and forwarded alike:
+//! **claim** the record (insert a new one, or swap the stored one at the version read) with
+//! an operation "in progress"; **act** (a backend's work, or a call to an upstream);
+//! **record** the outcome; **answer**. Nothing here knows which call it serves.
+
+use std::future::Future;
+
+use serde::Serialize;
+use serde_json::Value;
+use upstreams::osb::{BindingResponse, DeleteResponse, InstanceResponse};
+
+use super::{Broker, OperationToken};
+use crate::backend::BackendError;
+use crate::error::OsbError;
+use crate::store::records::{self, Inserted, Record, Stored};
+use crate::store::{BindingRecord, InstanceRecord, OpKind, OpState, OperationRecord, Table};
+
+/// A successful answer: the status, the JSON body and, for polls, `Retry-After`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after: Option<u64>,
+}
+
+impl Reply {
+    /// An answer of one of the OSB answer types.
+    pub(super) fn of(status: u16, answer: &impl Serialize) -> Self {
+        Reply {
+            status,
+            body: serde_json::to_value(answer).expect("OSB answers serialize"),
+            retry_after: None,
+        }
+    }
+
+    /// `{}`: a delete that is done.
+    pub(super) fn deleted() -> Self {
+        Self::of(200, &DeleteResponse::default())
+    }
+}
+
+/// What becomes of a record once its operation ends.
+pub(super) enum Outcome<R> {
+    Keep(R),
+    Remove,
+}
+
+/// The outcome to record and the answer to give once it is recorded.
+pub(super) type Settled<R> = (Outcome<R>, Result<Reply, OsbError>);
+
+/// A record the broker answers about: what its `202` carries.
+pub(super) trait Resource: Record + Clone + 'static {
+    fn accepted_body(&self, operation: String) -> Value;
+}
+
+impl Resource for InstanceRecord {
+    fn accepted_body(&self, operation: String) -> Value {
+        let operation = Some(operation);
+        match self.operation.kind {
+            OpKind::Deprovision => to_value(&DeleteResponse { operation }),
+            _ => to_value(&InstanceResponse {
+                dashboard_url: self.dashboard_url.clone(),
+                operation,
+            }),
+        }
+    }
+}
+
+impl Resource for BindingRecord {
+    fn accepted_body(&self, operation: String) -> Value {
+        let operation = Some(operation);
+        match self.operation.kind {
+            OpKind::Unbind => to_value(&DeleteResponse { operation }),
+            _ => to_value(&BindingResponse {
+                operation,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+fn to_value(answer: &impl Serialize) -> Value {
+    serde_json::to_value(answer).expect("OSB answers serialize")
+}
+
+/// The token a `202` hands out for a record's operation.
+pub(super) fn token<R: Record>(record: &R) -> String {
+    let op = record.operation();
+    OperationToken {
+        target: record
+            .upstream()
+            .map(|u| u.alias.clone())
+            .unwrap_or_else(|| OperationToken::LOCAL.to_string()),
+        kind: op.kind,
+        id: op.id.clone(),
+        upstream: op.upstream_operation.clone(),
+    }
+    .encode()
+}
+
+/// The 202 for a record's operation in flight.
+pub(super) fn accepted<R: Resource>(record: &R) -> Reply {
+    Reply {
+        status: 202,
+        body: record.accepted_body(token(record)),
+        retry_after: None,
+    }
+}
+
+/// A repeated request while the resource's operation runs: the same kind, asynchronous and
+/// accepted asynchronously, is answered 202 again; anything else must wait.
+pub(super) fn in_flight<R: Resource>(
+    current: &R,
+    kind: OpKind,
+    accepts_incomplete: bool,
+) -> Result<Option<Reply>, OsbError> {
+    let op = current.operation();
+    if !op.in_flight() {
+        return Ok(None);
+    }
+    if op.kind == kind && op.asynchronous && accepts_incomplete {
+        return Ok(Some(accepted(current)));
+    }
+    Err(OsbError::concurrency())
+}
+
+/// A claimed record: the version it was claimed at and whether a failed or abandoned
+/// earlier attempt was taken over (and may have left something to clean up).
+pub(super) struct Claim {
+    pub version: u64,
+    pub takeover: bool,
+}
+
+/// What an earlier request with the same id left, when it answers this one instead.
+pub(super) type Claimed = Result<Claim, Reply>;
+
+impl Broker {
+    /// Claims a new resource id by inserting its record. When the id is taken, the
+    /// request is answered from what is stored: 409 for other attributes, 202 or 422
+    /// while an operation runs, `done`'s answer once complete; a failed or abandoned
+    /// attempt is taken over.
+    pub(super) async fn claim_new<R: Resource>(
+        &self,
+        record: &R,
+        parent: Option<(&str, u64)>,
+        accepts_incomplete: bool,
+        same: impl Fn(&R) -> bool,
+        done: impl Fn(&R) -> Option<Reply>,
+    ) -> Result<Claimed, OsbError> {
+        let existing = match records::insert(self.store_ref(), record, parent).await? {
+            Inserted::Inserted => {
+                return Ok(Ok(Claim {
+                    version: 1,
+                    takeover: false,
+                }))
+            }
+            Inserted::ParentChanged => return Err(OsbError::concurrency()),
+            Inserted::Exists(existing) => existing,
+        };
+        let e = &existing.record;
+        if !same(e) {
+            let what = match R::TABLE {
+                Table::Instances => "instance",
+                _ => "binding",
+            };
+            return Err(OsbError::Conflict(format!(
+                "{what} {} already exists with other attributes",
+                record.id()
+            )));
+        }
+        if let Some(reply) = in_flight(e, record.operation().kind, accepts_incomplete)? {
+            return Ok(Err(reply));
+        }
+        if let Some(reply) = done(e) {
+            return Ok(Err(reply));
+        }
+        // Taking over a failed or abandoned attempt: clean up after it first, unless it
+        // failed because what it would have made was not the broker's.
+        let takeover = !e.operation().nothing_made;
+        match records::replace(self.store_ref(), record, existing.version).await? {
+            Some(version) => Ok(Ok(Claim { version, takeover })),
+            None => Err(OsbError::concurrency()),
+        }
+    }
+
+    /// Claims a stored record for a new operation: a compare-and-swap at the version read.
+    /// Returns the claimed record, its version, and the operation it replaced (which a
+    /// refusal or a synchronous failure puts back).
+    pub(super) async fn claim<R: Resource>(
+        &self,
+        stored: Stored<R>,
+        operation: OperationRecord,
+    ) -> Result<(R, u64, OperationRecord), OsbError> {
+        let mut record = stored.record;
+        let previous = std::mem::replace(record.operation_mut(), operation);
+        let version = records::replace(self.store_ref(), &record, stored.version)
+            .await?
+            .ok_or_else(OsbError::concurrency)?;
+        Ok((record, version, previous))
+    }
+
+    /// Acts on a claimed record and records the outcome, then answers: inline, or for an
+    /// asynchronous operation in the background with an immediate 202.
+    pub(super) async fn drive<R, T, W, S>(
+        &self,
+        record: R,
+        version: u64,
+        work: W,
+        settle: S,
+    ) -> Result<Reply, OsbError>
+    where
+        R: Resource,
+        T: Send + 'static,
+        W: Future<Output = T> + Send + 'static,
+        S: FnOnce(R, T) -> Settled<R> + Send + 'static,
+    {
+        let in_flight = self.inner.metrics.in_flight();
+        let work = async move {
+            let _in_flight = in_flight;
+            work.await
+        };
+        if !record.operation().asynchronous {
+            let (outcome, reply) = settle(record.clone(), work.await);
+            self.record_outcome::<R>(record.id(), version, outcome)
+                .await?;
+            return reply;
+        }
+        let this = self.clone();
+        let id = record.id().to_string();
+        let reply = accepted(&record);
+        self.inner.background.spawn(async move {
+            let (outcome, _) = settle(record, work.await);
+            if let Err(e) = this.record_outcome::<R>(&id, version, outcome).await {
+                tracing::error!(table = R::TABLE.name(), %id, error = %e, "could not record the end of a background operation");
+            }
+        });
+        Ok(reply)
+    }
+
+    /// Records an operation's end: the claimed version must still be the stored one.
+    pub(super) async fn record_outcome<R: Record>(
+        &self,
+        id: &str,
+        version: u64,
+        outcome: Outcome<R>,
+    ) -> Result<(), OsbError> {
+        let done = match outcome {
+            Outcome::Keep(record) => records::replace(self.store_ref(), &record, version)
+                .await?
+                .is_some(),
+            Outcome::Remove => records::remove::<R>(self.store_ref(), id, version).await?,
+        };
+        if done {
+            Ok(())
+        } else {
+            Err(OsbError::Internal(format!(
+                "{}/{id} changed while its operation ran",
+                R::TABLE.name()
+            )))
+        }
+    }
+
+    /// Backend work bounded by the operation timeout: past it, the backend is unavailable.
+    pub(super) fn within<T>(
+        &self,
+        work: impl Future<Output = Result<T, BackendError>>,
+    ) -> impl Future<Output = Result<T, BackendError>> {
+        let timeout = self.inner.timing.operation_timeout;
+        async move {
+            tokio::time::timeout(timeout, work)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BackendError::unavailable(
+                        format!("the backend did not finish within {} s", timeout.as_secs()),
+                        "operation timeout",
+                    ))
+                })
+        }
+    }
+}
+
+/// A failed backend operation: an asynchronous one is recorded as failed (the platform
+/// polls it); a synchronous one is undone: a new resource's record removed, a changed
+/// one's previous operation restored.
+pub(super) fn failed<R: Record>(
+    mut record: R,
+    e: BackendError,
+    previous: Option<OperationRecord>,
+) -> Settled<R> {
+    if record.operation().asynchronous {
+        let op = record.operation_mut();
+        op.finish(OpState::Failed, Some(e.public()));
+        op.nothing_made = matches!(e, BackendError::Conflict(_));
+        return (Outcome::Keep(record), Err(e.into()));
+    }
+    match previous {
+        None => (Outcome::Remove, Err(e.into())),
+        Some(op) => {
+            *record.operation_mut() = op;
+            (Outcome::Keep(record), Err(e.into()))
+        }
+    }
+}
