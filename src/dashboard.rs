@@ -329,12 +329,19 @@ impl Dashboard {
             OpState::Succeeded => "ready".into(),
         };
         let details = match self.broker.backends().get(&service.backend) {
-            Some(backend) => backend
-                .describe_instance(&record.id, plan.limits)
-                .await
-                .unwrap_or_else(|e| {
+            Some(backend) => {
+                let described = async {
+                    let mut rows = backend.describe_instance(&record.id, plan.limits).await?;
+                    if let Some(used) = backend.usage_bytes(&record.id).await? {
+                        let max = plan.limits.max_storage_mb;
+                        rows.push(("Storage used".into(), crate::backend::storage(used, max)));
+                    }
+                    Ok::<_, crate::backend::BackendError>(rows)
+                };
+                described.await.unwrap_or_else(|e| {
                     vec![("Backend".into(), format!("unavailable: {}", e.public()))]
-                }),
+                })
+            }
             None => Vec::new(),
         };
         Ok(View {

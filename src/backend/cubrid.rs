@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tracing::instrument;
 
-use super::{object, only_known_parameters, scrub, user_name, Backend, BackendError, Parameters};
+use super::{object, scrub, user_name, Backend, BackendError, Parameters};
 use crate::catalog::PlanLimits;
 use crate::config::{CubridBackendConfig, Secret};
 
@@ -221,14 +221,13 @@ impl Backend for CubridBackend {
         Ok(())
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "cubrid"))]
+    #[instrument(skip(self, _parameters), fields(backend = "cubrid"))]
     async fn provision(
         &self,
         instance_id: &str,
         limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
         self.check().await?;
         let db = cubrid_database_name(instance_id);
         let dir = self.directory(&db);
@@ -260,9 +259,8 @@ impl Backend for CubridBackend {
         _instance_id: &str,
         from: PlanLimits,
         to: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
         if to.max_storage_mb != from.max_storage_mb {
             return Err(BackendError::Rejected(
                 "a CUBRID database keeps the volume sizes it was created with; \
@@ -282,15 +280,14 @@ impl Backend for CubridBackend {
         self.remove(&cubrid_database_name(instance_id)).await
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "cubrid"))]
+    #[instrument(skip(self, _parameters), fields(backend = "cubrid"))]
     async fn bind(
         &self,
         instance_id: &str,
         binding_id: &str,
         _limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<Map<String, Value>, BackendError> {
-        only_known_parameters(parameters, &[])?;
         let db = cubrid_database_name(instance_id);
         let user = user_name(binding_id);
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::catalog::PlanLimits;
+use crate::catalog::{ParametersOf, PlanLimits};
 use crate::config::{Config, ServerBackendConfig};
 
 /// How a backend failed; the broker maps each to an OSB status.
@@ -87,20 +87,34 @@ pub trait Backend: Send + Sync {
     }
     /// Reaches the backend's server.
     async fn check(&self) -> Result<(), BackendError>;
+    /// The parameters this backend reads in a call (the plan's schema may allow more
+    /// only where the backend reads them); the broker refuses others before it claims.
+    fn parameters(&self, _call: ParametersOf) -> &'static [&'static str] {
+        &[]
+    }
+    /// Bytes the instance holds, where the backend can tell: a move to a smaller plan is
+    /// refused while this exceeds it ([`change_plan`]).
+    async fn usage_bytes(&self, _instance_id: &str) -> Result<Option<u64>, BackendError> {
+        Ok(None)
+    }
     async fn provision(
         &self,
         instance_id: &str,
         limits: PlanLimits,
         parameters: Parameters<'_>,
     ) -> Result<(), BackendError>;
-    /// Moves an instance to another plan's limits, refusing what the instance outgrew.
+    /// Applies another plan's limits to an instance (connection limits, quotas) or refuses
+    /// what the backend cannot change; [`change_plan`] has already refused a plan the
+    /// instance outgrew. Backends whose plans differ only in the quota pass change nothing.
     async fn update(
         &self,
-        instance_id: &str,
-        from: PlanLimits,
-        to: PlanLimits,
-        parameters: Parameters<'_>,
-    ) -> Result<(), BackendError>;
+        _instance_id: &str,
+        _from: PlanLimits,
+        _to: PlanLimits,
+        _parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Removes the instance and whatever access was left on it; done if already gone.
     /// Data the instance still holds is removed too, unless the backend keeps data apart
     /// from the instance (Swift) and the plan does not allow purging it.
@@ -196,7 +210,7 @@ pub fn from_config(config: &Config) -> anyhow::Result<Backends> {
     Ok(backends)
 }
 
-/// Rejects parameters a backend does not know, naming them.
+/// Rejects parameters the backend does not read, naming them.
 pub fn only_known_parameters(
     parameters: Parameters<'_>,
     known: &[&str],
@@ -323,16 +337,33 @@ pub(crate) fn object(value: Value) -> Map<String, Value> {
     }
 }
 
-/// Refuses a move to a plan smaller than what `what` already uses.
-pub(crate) fn fits(used_bytes: u64, to: PlanLimits, what: &str) -> Result<(), BackendError> {
-    if used_bytes > to.max_storage_mb * 1024 * 1024 {
-        return Err(BackendError::Rejected(format!(
-            "{what} uses {:.1} MB, more than the {} MB the new plan allows; delete data first",
-            used_bytes as f64 / (1024.0 * 1024.0),
-            to.max_storage_mb
-        )));
+/// A plan change, as every backend promises it: a move to a smaller plan is refused while
+/// the instance holds more than it allows; then the backend applies the new limits.
+pub async fn change_plan(
+    backend: &dyn Backend,
+    instance_id: &str,
+    from: PlanLimits,
+    to: PlanLimits,
+    parameters: Parameters<'_>,
+) -> Result<(), BackendError> {
+    if to.max_storage_mb < from.max_storage_mb {
+        if let Some(used) = backend.usage_bytes(instance_id).await? {
+            if used > to.max_storage_mb * 1024 * 1024 {
+                return Err(BackendError::Rejected(format!(
+                    "the instance uses {}, more than the new plan allows; delete data first",
+                    storage(used, to.max_storage_mb)
+                )));
+            }
+        }
     }
-    Ok(())
+    backend.update(instance_id, from, to, parameters).await
+}
+
+/// Storage as operators and clients read it: `12.34 MB of 100 MB (12%)`.
+pub fn storage(used_bytes: u64, max_mb: u64) -> String {
+    let mb = used_bytes as f64 / (1024.0 * 1024.0);
+    let percent = used_bytes as f64 * 100.0 / (max_mb * 1024 * 1024).max(1) as f64;
+    format!("{mb:.2} MB of {max_mb} MB ({percent:.0}%)")
 }
 
 /// Removes a secret from an error's message.

@@ -15,10 +15,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::OnceCell;
 use tracing::instrument;
 
-use super::{
-    database_name, fits, object, only_known_parameters, scrub, user_name, Backend, BackendError,
-    Endpoint, Parameters,
-};
+use super::{database_name, object, scrub, user_name, Backend, BackendError, Endpoint, Parameters};
 use crate::catalog::PlanLimits;
 use crate::config::ServerBackendConfig;
 
@@ -142,14 +139,13 @@ impl Backend for MongodbBackend {
         self.command("admin", doc! {"ping": 1}).await.map(|_| ())
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "mongodb"))]
+    #[instrument(skip(self, _parameters), fields(backend = "mongodb"))]
     async fn provision(
         &self,
         instance_id: &str,
         _limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
         let db = database_name(instance_id);
         if self.database_exists(&db).await? {
             return Err(BackendError::Conflict(format!(
@@ -159,19 +155,8 @@ impl Backend for MongodbBackend {
         self.command(&db, doc! {"create": MARKER}).await.map(|_| ())
     }
 
-    async fn update(
-        &self,
-        instance_id: &str,
-        from: PlanLimits,
-        to: PlanLimits,
-        parameters: Parameters<'_>,
-    ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
-        if to.max_storage_mb < from.max_storage_mb {
-            let used = self.data_bytes(&database_name(instance_id)).await?;
-            fits(used, to, "the database")?;
-        }
-        Ok(())
+    async fn usage_bytes(&self, instance_id: &str) -> Result<Option<u64>, BackendError> {
+        Ok(Some(self.data_bytes(&database_name(instance_id)).await?))
     }
 
     #[instrument(skip(self), fields(backend = "mongodb"))]
@@ -188,15 +173,14 @@ impl Backend for MongodbBackend {
             .map(|_| ())
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "mongodb"))]
+    #[instrument(skip(self, _parameters), fields(backend = "mongodb"))]
     async fn bind(
         &self,
         instance_id: &str,
         binding_id: &str,
         _limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<Map<String, Value>, BackendError> {
-        only_known_parameters(parameters, &[])?;
         let db = database_name(instance_id);
         let user = user_name(binding_id);
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
@@ -238,20 +222,8 @@ impl Backend for MongodbBackend {
     async fn describe_instance(
         &self,
         instance_id: &str,
-        limits: PlanLimits,
+        _limits: PlanLimits,
     ) -> Result<Vec<(String, String)>, BackendError> {
-        let db = database_name(instance_id);
-        let used = self.data_bytes(&db).await?;
-        Ok(vec![
-            ("Database".into(), db),
-            (
-                "Data size".into(),
-                format!(
-                    "{:.2} MB of {} MB",
-                    used as f64 / (1024.0 * 1024.0),
-                    limits.max_storage_mb
-                ),
-            ),
-        ])
+        Ok(vec![("Database".into(), database_name(instance_id))])
     }
 }

@@ -14,10 +14,8 @@ use serde_json::{json, Map, Value};
 use tracing::instrument;
 
 pub use super::{database_name, user_name};
-use super::{
-    fits, only_known_parameters, scrub, Backend, BackendError, Endpoint, Parameters, QuotaChange,
-};
-use crate::catalog::PlanLimits;
+use super::{scrub, Backend, BackendError, Endpoint, Parameters, QuotaChange};
+use crate::catalog::{ParametersOf, PlanLimits};
 use crate::config::MysqlBackendConfig;
 use crate::mysql::{self, SqlError};
 
@@ -97,7 +95,7 @@ impl MysqlBackend {
     /// Bytes the instance's tables use (data and indexes): current without ANALYZE on
     /// MariaDB; on MySQL 8 the session's `information_schema_stats_expiry` is set to 0 so
     /// the sizes are read fresh, not from a cache up to a day old.
-    pub async fn usage_bytes(&self, instance_id: &str) -> Result<u64, BackendError> {
+    async fn bytes_used(&self, instance_id: &str) -> Result<u64, BackendError> {
         let mut conn = self.conn().await?;
         // MariaDB has no such variable (and needs none): its error is expected.
         let _ = conn
@@ -166,19 +164,29 @@ impl Backend for MysqlBackend {
         self.capacity_mb
     }
 
+    fn parameters(&self, call: ParametersOf) -> &'static [&'static str] {
+        match call {
+            ParametersOf::Bind => BIND_PARAMETERS,
+            _ => &[],
+        }
+    }
+
+    async fn usage_bytes(&self, instance_id: &str) -> Result<Option<u64>, BackendError> {
+        Ok(Some(self.bytes_used(instance_id).await?))
+    }
+
     async fn check(&self) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;
         conn.query_drop("SELECT 1").await.map_err(|e| self.error(e))
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "mysql"))]
+    #[instrument(skip(self, _parameters), fields(backend = "mysql"))]
     async fn provision(
         &self,
         instance_id: &str,
         _limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
         let db = database_name(instance_id);
         let mut conn = self.conn().await?;
         if self.database_exists(&mut conn, &db).await? {
@@ -193,19 +201,15 @@ impl Backend for MysqlBackend {
         .map_err(|e| self.error(e))
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "mysql"))]
+    #[instrument(skip(self, _parameters), fields(backend = "mysql"))]
     async fn update(
         &self,
         instance_id: &str,
-        from: PlanLimits,
+        _from: PlanLimits,
         to: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
         let db = database_name(instance_id);
-        if to.max_storage_mb < from.max_storage_mb {
-            fits(self.usage_bytes(instance_id).await?, to, "the database")?;
-        }
         let mut conn = self.conn().await?;
         for user in self.users_of(&mut conn, &db).await? {
             conn.query_drop(format!(
@@ -242,7 +246,6 @@ impl Backend for MysqlBackend {
         limits: PlanLimits,
         parameters: Parameters<'_>,
     ) -> Result<Map<String, Value>, BackendError> {
-        only_known_parameters(parameters, BIND_PARAMETERS)?;
         let read_only = match parameters.and_then(|p| p.get("read-only")) {
             None => false,
             Some(Value::Bool(b)) => *b,
@@ -327,7 +330,7 @@ impl Backend for MysqlBackend {
         instance_id: &str,
         limits: PlanLimits,
     ) -> Result<QuotaChange, BackendError> {
-        let used_bytes = self.usage_bytes(instance_id).await?;
+        let used_bytes = self.bytes_used(instance_id).await?;
         let over = used_bytes >= limits.max_storage_mb * 1024 * 1024;
         let db = database_name(instance_id);
         let pattern = grant_pattern(&db);
@@ -386,19 +389,8 @@ impl Backend for MysqlBackend {
         instance_id: &str,
         limits: PlanLimits,
     ) -> Result<Vec<(String, String)>, BackendError> {
-        let used = self.usage_bytes(instance_id).await?;
-        let quota = limits.max_storage_mb * 1024 * 1024;
         Ok(vec![
             ("Database".into(), database_name(instance_id)),
-            (
-                "Storage used".into(),
-                format!(
-                    "{:.2} MB of {} MB ({:.0}%)",
-                    used as f64 / (1024.0 * 1024.0),
-                    limits.max_storage_mb,
-                    used as f64 * 100.0 / quota.max(1) as f64
-                ),
-            ),
             (
                 "Connections per binding".into(),
                 limits.max_user_connections.to_string(),

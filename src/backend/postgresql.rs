@@ -18,10 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::{Client, NoTls};
 use tracing::instrument;
 
-use super::{
-    database_name, fits, object, only_known_parameters, scrub, user_name, Backend, BackendError,
-    Endpoint, Parameters,
-};
+use super::{database_name, object, scrub, user_name, Backend, BackendError, Endpoint, Parameters};
 use crate::catalog::PlanLimits;
 use crate::config::ServerBackendConfig;
 
@@ -233,6 +230,10 @@ impl Backend for PostgresqlBackend {
         format!("postgresql backend at {}", self.at.admin_address)
     }
 
+    async fn usage_bytes(&self, instance_id: &str) -> Result<Option<u64>, BackendError> {
+        Ok(Some(self.size_bytes(&database_name(instance_id)).await?))
+    }
+
     async fn check(&self) -> Result<(), BackendError> {
         let client = self.connect(None).await?;
         client
@@ -241,14 +242,13 @@ impl Backend for PostgresqlBackend {
             .map_err(|e| self.error(e))
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "postgresql"))]
+    #[instrument(skip(self, _parameters), fields(backend = "postgresql"))]
     async fn provision(
         &self,
         instance_id: &str,
         _limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
         let (db, owner) = (database_name(instance_id), owner_role(instance_id));
         let client = self.connect(None).await?;
         if self.database_exists(&client, &db).await? {
@@ -288,18 +288,10 @@ impl Backend for PostgresqlBackend {
     async fn update(
         &self,
         instance_id: &str,
-        from: PlanLimits,
+        _from: PlanLimits,
         to: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
-        if to.max_storage_mb < from.max_storage_mb {
-            fits(
-                self.size_bytes(&database_name(instance_id)).await?,
-                to,
-                "the database",
-            )?;
-        }
         let client = self.connect(None).await?;
         for member in self.members(&client, &owner_role(instance_id)).await? {
             client
@@ -333,15 +325,14 @@ impl Backend for PostgresqlBackend {
         self.drop_role(&client, &owner).await
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "postgresql"))]
+    #[instrument(skip(self, _parameters), fields(backend = "postgresql"))]
     async fn bind(
         &self,
         instance_id: &str,
         binding_id: &str,
         limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<Map<String, Value>, BackendError> {
-        only_known_parameters(parameters, &[])?;
         let (db, owner) = (database_name(instance_id), owner_role(instance_id));
         let user = user_name(binding_id);
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
@@ -436,18 +427,8 @@ impl Backend for PostgresqlBackend {
         instance_id: &str,
         limits: PlanLimits,
     ) -> Result<Vec<(String, String)>, BackendError> {
-        let db = database_name(instance_id);
-        let used = self.size_bytes(&db).await?;
         Ok(vec![
-            ("Database".into(), db),
-            (
-                "Size".into(),
-                format!(
-                    "{:.2} MB of {} MB",
-                    used as f64 / (1024.0 * 1024.0),
-                    limits.max_storage_mb
-                ),
-            ),
+            ("Database".into(), database_name(instance_id)),
             (
                 "Connections per binding".into(),
                 limits.max_user_connections.to_string(),

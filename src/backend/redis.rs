@@ -20,8 +20,8 @@ use serde_json::{json, Map, Value};
 use tracing::instrument;
 
 use super::{
-    database_name, object, only_known_parameters, scrub, user_name, Backend, BackendError,
-    Endpoint, Parameters, QuotaChange,
+    database_name, object, scrub, user_name, Backend, BackendError, Endpoint, Parameters,
+    QuotaChange,
 };
 use crate::catalog::PlanLimits;
 use crate::config::ServerBackendConfig;
@@ -463,26 +463,20 @@ impl Backend for RedisBackend {
         Ok(())
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "redis"))]
+    #[instrument(skip(self, _parameters), fields(backend = "redis"))]
     async fn provision(
         &self,
         _instance_id: &str,
         _limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
         // The namespace needs nothing made; the server must be there to serve it.
         self.check().await
     }
 
-    async fn update(
-        &self,
-        _instance_id: &str,
-        _from: PlanLimits,
-        _to: PlanLimits,
-        parameters: Parameters<'_>,
-    ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])
+    async fn usage_bytes(&self, instance_id: &str) -> Result<Option<u64>, BackendError> {
+        let mut con = self.connection().await?;
+        Ok(Some(self.usage(&mut con, instance_id).await?))
     }
 
     #[instrument(skip(self), fields(backend = "redis"))]
@@ -510,15 +504,14 @@ impl Backend for RedisBackend {
         }
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "redis"))]
+    #[instrument(skip(self, _parameters), fields(backend = "redis"))]
     async fn bind(
         &self,
         instance_id: &str,
         binding_id: &str,
         _limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<Map<String, Value>, BackendError> {
-        only_known_parameters(parameters, &[])?;
         let user = acl_user(instance_id, binding_id);
         let prefix = key_prefix(instance_id);
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
@@ -629,20 +622,8 @@ impl Backend for RedisBackend {
     async fn describe_instance(
         &self,
         instance_id: &str,
-        limits: PlanLimits,
+        _limits: PlanLimits,
     ) -> Result<Vec<(String, String)>, BackendError> {
-        let mut con = self.connection().await?;
-        let used = self.usage(&mut con, instance_id).await?;
-        Ok(vec![
-            ("Key prefix".into(), key_prefix(instance_id)),
-            (
-                "Memory used".into(),
-                format!(
-                    "{:.1} MB of {} MB",
-                    used as f64 / (1024.0 * 1024.0),
-                    limits.max_storage_mb
-                ),
-            ),
-        ])
+        Ok(vec![("Key prefix".into(), key_prefix(instance_id))])
     }
 }

@@ -16,10 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tracing::instrument;
 
-use super::{
-    database_name, fits, object, only_known_parameters, user_name, Backend, BackendError,
-    LiveBindings, Parameters,
-};
+use super::{database_name, object, user_name, Backend, BackendError, LiveBindings, Parameters};
 use crate::catalog::PlanLimits;
 use crate::config::Secret;
 use crate::config::SwiftBackendConfig;
@@ -338,6 +335,12 @@ impl Backend for SwiftBackend {
         format!("swift backend at {}", self.base)
     }
 
+    async fn usage_bytes(&self, instance_id: &str) -> Result<Option<u64>, BackendError> {
+        let info = self.existing_account(&database_name(instance_id)).await?;
+        let token = self.reseller_token().await?;
+        Ok(Some(self.usage(&info.storage_url()?, &token).await?.bytes))
+    }
+
     async fn check(&self) -> Result<(), BackendError> {
         // Lists swauth's accounts: reaches the proxy and proves the admin key.
         let response = self
@@ -346,14 +349,13 @@ impl Backend for SwiftBackend {
         self.expect(&response, "listing accounts", false)
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "swift"))]
+    #[instrument(skip(self, _parameters), fields(backend = "swift"))]
     async fn provision(
         &self,
         instance_id: &str,
         limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
         let account = database_name(instance_id);
         if self.account(&account).await?.is_some() {
             return Err(BackendError::Conflict(format!(
@@ -383,22 +385,13 @@ impl Backend for SwiftBackend {
     async fn update(
         &self,
         instance_id: &str,
-        from: PlanLimits,
+        _from: PlanLimits,
         to: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
-        only_known_parameters(parameters, &[])?;
         let account = database_name(instance_id);
         let info = self.existing_account(&account).await?;
         let storage_url = info.storage_url()?;
-        if to.max_storage_mb < from.max_storage_mb {
-            let token = self.reseller_token().await?;
-            fits(
-                self.usage(&storage_url, &token).await?.bytes,
-                to,
-                "the account",
-            )?;
-        }
         self.set_quota(&storage_url, to).await
     }
 
@@ -447,15 +440,14 @@ impl Backend for SwiftBackend {
         Ok(())
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "swift"))]
+    #[instrument(skip(self, _parameters), fields(backend = "swift"))]
     async fn bind(
         &self,
         instance_id: &str,
         binding_id: &str,
         _limits: PlanLimits,
-        parameters: Parameters<'_>,
+        _parameters: Parameters<'_>,
     ) -> Result<Map<String, Value>, BackendError> {
-        only_known_parameters(parameters, &[])?;
         let account = database_name(instance_id);
         let user = user_name(binding_id);
         let key = Alphanumeric.sample_string(&mut rand::rng(), 32);
@@ -501,7 +493,7 @@ impl Backend for SwiftBackend {
     async fn describe_instance(
         &self,
         instance_id: &str,
-        limits: PlanLimits,
+        _limits: PlanLimits,
     ) -> Result<Vec<(String, String)>, BackendError> {
         let account = database_name(instance_id);
         let info = self.existing_account(&account).await?;
@@ -509,15 +501,7 @@ impl Backend for SwiftBackend {
         let usage = self.usage(&info.storage_url()?, &token).await?;
         Ok(vec![
             ("Account".into(), account),
-            (
-                "Storage used".into(),
-                format!(
-                    "{:.2} MB of {} MB in {} objects",
-                    usage.bytes as f64 / (1024.0 * 1024.0),
-                    limits.max_storage_mb,
-                    usage.objects
-                ),
-            ),
+            ("Objects".into(), usage.objects.to_string()),
         ])
     }
 }

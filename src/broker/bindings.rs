@@ -7,7 +7,7 @@ use upstreams::Method;
 
 use super::forward::Undo;
 use super::operation::{failed, in_flight, Outcome, Reply};
-use super::{check_id, required, BackendRef, Broker, CallContext};
+use super::{check_id, check_parameters, required, BackendRef, Broker, CallContext};
 use crate::backend::BackendError;
 use crate::catalog::ParametersOf;
 use crate::error::OsbError;
@@ -110,12 +110,11 @@ impl Broker {
         if service.bindings_require_app && !has_app {
             return Err(OsbError::RequiresApp);
         }
-        plan.check_parameters(ParametersOf::Bind, req.parameters.as_ref())
-            .map_err(OsbError::BadRequest)?;
+        let backend = self.backend(service)?;
+        check_parameters(&*backend, plan, ParametersOf::Bind, req.parameters.as_ref())?;
         if plan.asynchronous && !accepts_incomplete {
             return Err(OsbError::AsyncRequired);
         }
-        let backend = self.backend(service)?;
         record.operation = self.start(OpKind::Bind, plan.asynchronous);
         let same = |e: &BindingRecord| same_binding(e, &record);
         let done = |e: &BindingRecord| bound(e, 200);

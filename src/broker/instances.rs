@@ -8,7 +8,8 @@ use upstreams::Method;
 
 use super::forward::Undo;
 use super::operation::{failed, in_flight, Claim, Outcome, Reply};
-use super::{check_id, check_maintenance, required, Broker, CallContext};
+use super::{check_id, check_maintenance, check_parameters, required, Broker, CallContext};
+use crate::backend;
 use crate::catalog::{LocalService, ParametersOf};
 use crate::error::OsbError;
 use crate::federation::Route;
@@ -74,13 +75,17 @@ impl Broker {
         }
         let service = self.service(&service_id)?;
         let plan = self.plan(service, &plan_id)?;
-        plan.check_parameters(ParametersOf::Provision, req.parameters.as_ref())
-            .map_err(OsbError::BadRequest)?;
+        let backend = self.backend(service)?;
+        check_parameters(
+            &*backend,
+            plan,
+            ParametersOf::Provision,
+            req.parameters.as_ref(),
+        )?;
         check_maintenance(plan, req.maintenance_info.as_ref())?;
         if plan.asynchronous && !accepts_incomplete {
             return Err(OsbError::AsyncRequired);
         }
-        let backend = self.backend(service)?;
         self.check_capacity(service, plan.limits.max_storage_mb, Some(id))
             .await?;
         record.maintenance_version = plan
@@ -198,13 +203,12 @@ impl Broker {
                 service.wire.name, from.wire.name
             )));
         }
-        to.check_parameters(ParametersOf::Update, req.parameters.as_ref())
-            .map_err(OsbError::BadRequest)?;
+        let backend = self.backend(service)?;
+        check_parameters(&*backend, to, ParametersOf::Update, req.parameters.as_ref())?;
         check_maintenance(to, req.maintenance_info.as_ref())?;
         if to.asynchronous && !accepts_incomplete {
             return Err(OsbError::AsyncRequired);
         }
-        let backend = self.backend(service)?;
         if to.limits.max_storage_mb > from.limits.max_storage_mb {
             self.check_capacity(service, to.limits.max_storage_mb, Some(id))
                 .await?;
@@ -217,9 +221,8 @@ impl Broker {
         let parameters = req.parameters.clone();
         let instance_id = id.to_string();
         let work = self.within(async move {
-            backend
-                .update(&instance_id, from_limits, to_limits, parameters.as_ref())
-                .await
+            let parameters = parameters.as_ref();
+            backend::change_plan(&*backend, &instance_id, from_limits, to_limits, parameters).await
         });
         let target_maintenance = to.wire.maintenance_info.as_ref().map(|m| m.version.clone());
         let (new_parameters, new_context) = (req.parameters, req.context);

@@ -35,7 +35,7 @@ pub use operation::Reply;
 pub use token::OperationToken;
 
 use crate::backend::{Backend, BackendError, Backends};
-use crate::catalog::{LocalCatalog, LocalPlan, LocalService, PlanLimits};
+use crate::catalog::{LocalCatalog, LocalPlan, LocalService, ParametersOf, PlanLimits};
 use crate::error::OsbError;
 use crate::federation::Federation;
 use crate::store::{InstanceRecord, OpKind, OperationRecord, StateStore};
@@ -102,6 +102,19 @@ pub fn check_id(what: &str, id: &str) -> Result<(), OsbError> {
 
 fn required(value: Option<String>, name: &str) -> Result<String, OsbError> {
     value.ok_or_else(|| OsbError::BadRequest(format!("{name} is required")))
+}
+
+/// A call's parameters: what the plan's schema allows, and only what the backend reads.
+fn check_parameters(
+    backend: &dyn Backend,
+    plan: &LocalPlan,
+    call: ParametersOf,
+    parameters: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<(), OsbError> {
+    plan.check_parameters(call, parameters)
+        .map_err(OsbError::BadRequest)?;
+    crate::backend::only_known_parameters(parameters, backend.parameters(call))?;
+    Ok(())
 }
 
 fn check_maintenance(

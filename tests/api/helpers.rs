@@ -146,6 +146,12 @@ impl TestConfig {
         self
     }
 
+    /// Adds services of the MySQL backend every test configuration has.
+    pub fn with_services(mut self, services: Vec<String>) -> Self {
+        self.services.extend(services);
+        self
+    }
+
     pub fn with_capacity_mb(mut self, mb: u64) -> Self {
         self.capacity_mb = Some(mb);
         self

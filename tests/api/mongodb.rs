@@ -163,31 +163,6 @@ async fn wire_compatible_a_database_the_broker_did_not_create_is_a_conflict() {
 }
 
 #[tokio::test]
-async fn a_mongodb_server_that_is_down_gets_503_and_no_record() {
-    let port = free_port();
-    let app = spawn_with(with_mongodb(&format!(
-        "mongodb://admin:pw@127.0.0.1:{port}/?authSource=admin"
-    )))
-    .await;
-    let id = unique("mongo-down");
-    let answer = app
-        .provision_with(&id, provision_body(MONGO_SERVICE, MONGO_PLAN), false)
-        .await;
-    answer.expect_error(503, None);
-    let description = answer.body["description"].as_str().unwrap();
-    assert!(description.contains("MongoDB"), "{description}");
-    assert!(
-        !description.contains("pw@"),
-        "no secret in errors: {description}"
-    );
-    app.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
-        .await
-        .expect_error(404, None);
-    let ready = app.call(Method::GET, "/ready", None).await;
-    assert_eq!(ready.status, 503, "{}", ready.body);
-}
-
-#[tokio::test]
 async fn wire_compatible_a_tenant_learns_nothing_of_other_tenants() {
     let app = spawn_with(with_mongodb(&mongodb_url())).await;
     let (mine, theirs) = (unique("mongo-mine"), unique("mongo-theirs"));

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use brokerage::backend::redis::key_prefix;
 use redis::aio::MultiplexedConnection;
-use reqwest::Method;
 use serde_json::Value;
 
 use crate::helpers::*;
@@ -127,32 +126,6 @@ async fn a_binding_reaches_only_its_own_keys_and_loses_its_login_on_unbind() {
     app.deprovision(&b, REDIS_SERVICE, REDIS_PLAN)
         .await
         .expect(200);
-}
-
-#[tokio::test]
-async fn a_redis_server_that_is_down_gets_503_and_no_record() {
-    let port = free_port();
-    let app = spawn_with(with_redis(&format!(
-        "redis://default:secret-pw@127.0.0.1:{}",
-        port
-    )))
-    .await;
-    let id = unique("redis-down");
-    let answer = app
-        .provision_with(&id, provision_body(REDIS_SERVICE, REDIS_PLAN), false)
-        .await;
-    answer.expect_error(503, None);
-    assert!(answer.body["description"]
-        .as_str()
-        .unwrap()
-        .contains("Redis"));
-    assert!(!answer.raw.contains("secret-pw"));
-    // Where the broker's own systems are is for its log, not for the client.
-    assert!(!answer.raw.contains(&port.to_string()), "{}", answer.raw);
-    assert!(!answer.raw.contains("127.0.0.1"), "{}", answer.raw);
-    app.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
-        .await
-        .expect_error(404, None);
 }
 
 #[tokio::test]

@@ -44,13 +44,13 @@ fn with_swift(url: &str) -> TestConfig {
 }
 
 /// A Swift session as a client builds it from the binding's credentials.
-struct SwiftSession {
-    http: reqwest::Client,
-    token: String,
-    storage_url: String,
+pub(crate) struct SwiftSession {
+    pub(crate) http: reqwest::Client,
+    pub(crate) token: String,
+    pub(crate) storage_url: String,
 }
 
-async fn login(creds: &Value) -> Result<SwiftSession, StatusCode> {
+pub(crate) async fn login(creds: &Value) -> Result<SwiftSession, StatusCode> {
     let http = reqwest::Client::new();
     let answer = http
         .get(creds["auth_url"].as_str().unwrap())
@@ -253,23 +253,6 @@ async fn a_plan_that_purges_deletes_the_objects_with_the_account() {
     app.deprovision(&id, SWIFT_SERVICE, PURGE).await.expect(200);
     assert!(!swauth_account_exists(&database_name(&id)).await);
     assert_eq!(login(&creds).await.err(), Some(StatusCode::UNAUTHORIZED));
-}
-
-#[tokio::test]
-async fn a_swift_proxy_that_is_down_gets_503_and_no_record() {
-    let app = spawn_with(with_swift(&format!("http://127.0.0.1:{}", free_port()))).await;
-    let id = unique("swift-down");
-    let answer = app
-        .provision_with(&id, provision_body(SWIFT_SERVICE, KEEP), false)
-        .await;
-    answer.expect_error(503, None);
-    let description = answer.body["description"].as_str().unwrap();
-    assert!(description.contains("Swift"), "{description}");
-    assert!(!description.contains(&admin_key()), "{description}");
-    app.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
-        .await
-        .expect_error(404, None);
-    assert!(!swauth_account_exists(&database_name(&id)).await);
 }
 
 #[tokio::test]
