@@ -1,4 +1,4 @@
-//! The shared store: two tables in a MySQL/MariaDB database that every broker process
+//! The shared store: four tables (instances, bindings, catalogs, leases) in a MySQL/MariaDB database that every broker process
 //! behind a load balancer uses. The broker creates the database when it may, and migrates
 //! its tables under a named lock so processes starting together do not race.
 
