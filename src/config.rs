@@ -183,6 +183,9 @@ pub struct Credential {
 pub enum StoreConfig {
     Embedded {
         path: PathBuf,
+        /// The most the store's page cache may hold in memory, in MiB.
+        #[serde(default = "default_cache_mb")]
+        cache_mb: u64,
         #[serde(default, skip_serializing)]
         url: Option<Secret>,
     },
@@ -190,7 +193,13 @@ pub enum StoreConfig {
         url: Secret,
         #[serde(default, skip_serializing)]
         path: Option<PathBuf>,
+        #[serde(default, skip_serializing)]
+        cache_mb: Option<u64>,
     },
+}
+
+fn default_cache_mb() -> u64 {
+    16
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -435,6 +444,9 @@ impl Config {
             StoreConfig::Mysql { url, .. } => check_mysql_url("store.url", url)?,
             StoreConfig::Embedded { path, .. } if path.as_os_str().is_empty() => {
                 bail!("store.path: must name a file")
+            }
+            StoreConfig::Embedded { cache_mb: 0, .. } => {
+                bail!("store.cache_mb: must be at least 1")
             }
             StoreConfig::Embedded { .. } => {}
         }

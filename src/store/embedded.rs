@@ -1,6 +1,8 @@
-//! The default store: one redb file owned by one broker process. Every change is a
-//! write transaction committed with fsync before the call returns, so what the broker
-//! acknowledged survives `kill -9` and power loss.
+//! The default store: one redb file owned by one broker process. Every change is committed
+//! with fsync before the call returns, so what the broker acknowledged survives `kill -9`
+//! and power loss. Changes go through one committer thread: those that arrive while a
+//! commit is in flight share the next one (group commit: one fsync for many), each still
+//! applied in order and answered only once its commit is durable.
 
 // redb's error type is large; it only travels the (disk-bound) error path.
 #![allow(clippy::result_large_err)]
@@ -10,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{Insert, StateStore, StoreError, Table, Versioned};
 
@@ -98,6 +100,199 @@ mod private {
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
+    writes: std::sync::mpsc::Sender<Queued>,
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedStore {
+    /// Stops the committer once it has answered every queued change, so the file is free
+    /// for whoever opens it next.
+    fn drop(&mut self) {
+        let (closed, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.writes, closed));
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+    }
+}
+
+/// A change waiting for the committer, and where its outcome goes.
+type Queued = (
+    Change,
+    tokio::sync::oneshot::Sender<Result<Changed, StoreError>>,
+);
+
+enum Change {
+    Insert {
+        table: Table,
+        id: String,
+        parent: Option<(String, u64)>,
+        doc: Vec<u8>,
+    },
+    Replace {
+        table: Table,
+        id: String,
+        version: u64,
+        doc: Vec<u8>,
+    },
+    Remove {
+        table: Table,
+        id: String,
+        version: u64,
+    },
+}
+
+enum Changed {
+    Inserted(Insert),
+    Done(bool),
+}
+
+/// The most changes one commit takes.
+const MAX_GROUP: usize = 1024;
+
+/// Takes every change waiting, applies them in order in one write transaction, commits
+/// (one fsync), then answers each. A failed commit fails every change in it.
+fn committer(db: Arc<Database>, queue: std::sync::mpsc::Receiver<Queued>) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let applied = (|| {
+            let txn = db.begin_write()?;
+            let outcomes = group
+                .iter()
+                .map(|(change, _)| apply(&txn, change))
+                .collect::<Result<Vec<_>, redb::Error>>()?;
+            txn.commit()?;
+            Ok::<_, redb::Error>(outcomes)
+        })();
+        match applied {
+            Ok(outcomes) => {
+                for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for (_, reply) in group {
+                    let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+fn apply(txn: &WriteTransaction, change: &Change) -> Result<Changed, redb::Error> {
+    Ok(match change {
+        Change::Insert {
+            table,
+            id,
+            parent,
+            doc,
+        } => Changed::Inserted(insert(txn, *table, id, parent.as_ref(), doc)?),
+        Change::Replace {
+            table,
+            id,
+            version,
+            doc,
+        } => Changed::Done(replace(txn, *table, id, *version, doc)?),
+        Change::Remove { table, id, version } => Changed::Done(remove(txn, *table, id, *version)?),
+    })
+}
+
+fn insert(
+    txn: &WriteTransaction,
+    table: Table,
+    id: &str,
+    parent: Option<&(String, u64)>,
+    doc: &[u8],
+) -> Result<Insert, redb::Error> {
+    let mut t = txn.open_table(docs(table))?;
+    let existing = t.get(id)?.map(|v| {
+        let (version, _, doc) = v.value();
+        Versioned {
+            version,
+            doc: doc.to_vec(),
+        }
+    });
+    if let Some(existing) = existing {
+        return Ok(Insert::Exists(existing));
+    }
+    if let Some((pid, pversion)) = parent {
+        let instances = txn.open_table(INSTANCES)?;
+        let current = instances.get(pid.as_str())?.map(|v| v.value().0);
+        if current != Some(*pversion) {
+            return Ok(Insert::ParentChanged);
+        }
+    }
+    let pid = parent.map(|(p, _)| p.as_str()).unwrap_or("");
+    t.insert(id, (1u64, pid, doc))?;
+    if parent.is_some() {
+        let mut index = txn.open_table(BINDINGS_BY_INSTANCE)?;
+        index.insert((pid, id), ())?;
+    }
+    Ok(Insert::Inserted)
+}
+
+fn replace(
+    txn: &WriteTransaction,
+    table: Table,
+    id: &str,
+    version: u64,
+    doc: &[u8],
+) -> Result<bool, redb::Error> {
+    let mut t = txn.open_table(docs(table))?;
+    let parent = t
+        .get(id)?
+        .filter(|v| v.value().0 == version)
+        .map(|v| v.value().1.to_string());
+    let Some(parent) = parent else {
+        return Ok(false);
+    };
+    t.insert(id, (version + 1, parent.as_str(), doc))?;
+    Ok(true)
+}
+
+fn remove(
+    txn: &WriteTransaction,
+    table: Table,
+    id: &str,
+    version: u64,
+) -> Result<bool, redb::Error> {
+    let mut t = txn.open_table(docs(table))?;
+    let parent = t
+        .get(id)?
+        .filter(|v| v.value().0 == version)
+        .map(|v| v.value().1.to_string());
+    let Some(parent) = parent else {
+        return Ok(false);
+    };
+    t.remove(id)?;
+    let mut index = txn.open_table(BINDINGS_BY_INSTANCE)?;
+    if !parent.is_empty() {
+        index.remove((parent.as_str(), id))?;
+    }
+    if table == Table::Instances {
+        let mut bindings = txn.open_table(BINDINGS)?;
+        let mut children = Vec::new();
+        for entry in index.range((id, "")..)? {
+            let (key, _) = entry?;
+            let (parent, binding) = key.value();
+            if parent != id {
+                break;
+            }
+            children.push(binding.to_string());
+        }
+        for child in children {
+            bindings.remove(child.as_str())?;
+            index.remove((id, child.as_str()))?;
+        }
+    }
+    Ok(true)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -105,12 +300,14 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the file. It holds every binding's credentials: it is created
+    /// Opens (or creates) the file, with a page cache of at most `cache_bytes`. It holds every binding's credentials: it is created
     /// 0600 in a directory created 0700, and both are tightened (with a warning) when found
     /// looser.
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
+    pub fn open(path: &Path, cache_bytes: usize) -> anyhow::Result<Self> {
         private::prepare(path)?;
-        let db = Database::create(path)
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
             .with_context(|| format!("store.path: cannot open {}", path.display()))?;
         Self::with_tables(db, path.to_path_buf())
     }
@@ -129,10 +326,29 @@ impl EmbeddedStore {
         txn.open_table(LEASES)?;
         txn.open_table(BINDINGS_BY_INSTANCE)?;
         txn.commit()?;
+        let db = Arc::new(db);
+        let (writes, queue) = std::sync::mpsc::channel();
+        let for_committer = db.clone();
+        let committer = std::thread::Builder::new()
+            .name("store-committer".into())
+            .spawn(move || committer(for_committer, queue))?;
         Ok(Self {
-            db: Arc::new(db),
+            db,
             path,
+            writes,
+            committer: Some(committer),
         })
+    }
+
+    /// Queues a change for the committer and waits until it is durable.
+    async fn change(&self, change: Change) -> Result<Changed, StoreError> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.writes
+            .send((change, reply))
+            .map_err(|_| unavailable("the store's committer has stopped"))?;
+        outcome
+            .await
+            .map_err(|_| unavailable("the store's committer has stopped"))?
     }
 
     async fn blocking<T: Send + 'static>(
@@ -185,47 +401,16 @@ impl StateStore for EmbeddedStore {
         parent: Option<(&str, u64)>,
         doc: &[u8],
     ) -> Result<Insert, StoreError> {
-        let (id, doc) = (id.to_string(), doc.to_vec());
-        let parent = parent.map(|(p, v)| (p.to_string(), v));
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
-            let outcome = {
-                let mut t = txn.open_table(docs(table))?;
-                let existing = t.get(id.as_str())?.map(|v| {
-                    let (version, _, doc) = v.value();
-                    Versioned {
-                        version,
-                        doc: doc.to_vec(),
-                    }
-                });
-                if let Some(existing) = existing {
-                    Insert::Exists(existing)
-                } else {
-                    let parent_ok = match &parent {
-                        None => true,
-                        Some((pid, pversion)) => {
-                            let instances = txn.open_table(INSTANCES)?;
-                            let current = instances.get(pid.as_str())?.map(|v| v.value().0);
-                            current == Some(*pversion)
-                        }
-                    };
-                    if parent_ok {
-                        let pid = parent.as_ref().map(|(p, _)| p.as_str()).unwrap_or("");
-                        t.insert(id.as_str(), (1u64, pid, doc.as_slice()))?;
-                        if parent.is_some() {
-                            let mut index = txn.open_table(BINDINGS_BY_INSTANCE)?;
-                            index.insert((pid, id.as_str()), ())?;
-                        }
-                        Insert::Inserted
-                    } else {
-                        Insert::ParentChanged
-                    }
-                }
-            };
-            txn.commit()?;
-            Ok(outcome)
-        })
-        .await
+        let change = Change::Insert {
+            table,
+            id: id.to_string(),
+            parent: parent.map(|(p, v)| (p.to_string(), v)),
+            doc: doc.to_vec(),
+        };
+        match self.change(change).await? {
+            Changed::Inserted(outcome) => Ok(outcome),
+            Changed::Done(_) => unreachable!("an insert answers Inserted"),
+        }
     }
 
     async fn replace(
@@ -235,71 +420,28 @@ impl StateStore for EmbeddedStore {
         version: u64,
         doc: &[u8],
     ) -> Result<bool, StoreError> {
-        let (id, doc) = (id.to_string(), doc.to_vec());
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
-            let swapped = {
-                let mut t = txn.open_table(docs(table))?;
-                let parent = t
-                    .get(id.as_str())?
-                    .filter(|v| v.value().0 == version)
-                    .map(|v| v.value().1.to_string());
-                match parent {
-                    Some(parent) => {
-                        t.insert(id.as_str(), (version + 1, parent.as_str(), doc.as_slice()))?;
-                        true
-                    }
-                    None => false,
-                }
-            };
-            txn.commit()?;
-            Ok(swapped)
-        })
-        .await
+        let change = Change::Replace {
+            table,
+            id: id.to_string(),
+            version,
+            doc: doc.to_vec(),
+        };
+        match self.change(change).await? {
+            Changed::Done(swapped) => Ok(swapped),
+            Changed::Inserted(_) => unreachable!("a replace answers Done"),
+        }
     }
 
     async fn remove(&self, table: Table, id: &str, version: u64) -> Result<bool, StoreError> {
-        let id = id.to_string();
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
-            let removed = {
-                let mut t = txn.open_table(docs(table))?;
-                let parent = t
-                    .get(id.as_str())?
-                    .filter(|v| v.value().0 == version)
-                    .map(|v| v.value().1.to_string());
-                match parent {
-                    Some(parent) => {
-                        t.remove(id.as_str())?;
-                        let mut index = txn.open_table(BINDINGS_BY_INSTANCE)?;
-                        if !parent.is_empty() {
-                            index.remove((parent.as_str(), id.as_str()))?;
-                        }
-                        if table == Table::Instances {
-                            let mut bindings = txn.open_table(BINDINGS)?;
-                            let mut children = Vec::new();
-                            for entry in index.range((id.as_str(), "")..)? {
-                                let (key, _) = entry?;
-                                let (parent, binding) = key.value();
-                                if parent != id {
-                                    break;
-                                }
-                                children.push(binding.to_string());
-                            }
-                            for child in children {
-                                bindings.remove(child.as_str())?;
-                                index.remove((id.as_str(), child.as_str()))?;
-                            }
-                        }
-                        true
-                    }
-                    None => false,
-                }
-            };
-            txn.commit()?;
-            Ok(removed)
-        })
-        .await
+        let change = Change::Remove {
+            table,
+            id: id.to_string(),
+            version,
+        };
+        match self.change(change).await? {
+            Changed::Done(removed) => Ok(removed),
+            Changed::Inserted(_) => unreachable!("a remove answers Done"),
+        }
     }
 
     async fn list(&self, table: Table) -> Result<Vec<(String, Versioned)>, StoreError> {

@@ -111,7 +111,11 @@ pub trait StateStore: Send + Sync {
 /// Opens the configured store, creating or migrating what it needs.
 pub async fn open(config: &StoreConfig) -> anyhow::Result<Arc<dyn StateStore>> {
     Ok(match config {
-        StoreConfig::Embedded { path, .. } => Arc::new(EmbeddedStore::open(path)?),
+        StoreConfig::Embedded { path, cache_mb, .. } => {
+            let cache_bytes =
+                usize::try_from(cache_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+            Arc::new(EmbeddedStore::open(path, cache_bytes)?)
+        }
         StoreConfig::Mysql { url, .. } => Arc::new(MysqlStore::connect(url.expose()).await?),
     })
 }

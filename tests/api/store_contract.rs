@@ -12,6 +12,7 @@ async fn embedded() -> (Arc<dyn StateStore>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig::Embedded {
         path: dir.path().join("nested/dir/state.redb"),
+        cache_mb: 16,
         url: None,
     };
     (store::open(&config).await.unwrap(), dir)
@@ -24,6 +25,7 @@ async fn mysql() -> Arc<dyn StateStore> {
     let config = StoreConfig::Mysql {
         url: brokerage::config::Secret::new(format!("{}/{db}", mysql_url())),
         path: None,
+        cache_mb: None,
     };
     store::open(&config).await.unwrap()
 }
@@ -207,6 +209,7 @@ async fn embedded_store_survives_reopening() {
     drop(store);
     let config = StoreConfig::Embedded {
         path: dir.path().join("nested/dir/state.redb"),
+        cache_mb: 16,
         url: None,
     };
     let reopened = store::open(&config).await.unwrap();
@@ -229,6 +232,7 @@ async fn mysql_store_migrates_concurrently_and_idempotently() {
             let config = StoreConfig::Mysql {
                 url: brokerage::config::Secret::new(url.clone()),
                 path: None,
+                cache_mb: None,
             };
             tokio::spawn(async move { store::open(&config).await.map(|_| ()) })
         })
