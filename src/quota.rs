@@ -8,7 +8,8 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::Broker;
-use crate::store::{Insert, InstanceRecord, Table};
+use crate::store::records;
+use crate::store::{Insert, Link, Table};
 
 const LEASE: &str = "quota-enforcer";
 
@@ -71,7 +72,9 @@ impl QuotaEnforcer {
         .expect("serializes");
         match store.get(Table::Leases, LEASE).await? {
             None => Ok(matches!(
-                store.insert(Table::Leases, LEASE, None, &mine).await?,
+                store
+                    .insert(Table::Leases, LEASE, Link::None, &mine)
+                    .await?,
                 Insert::Inserted
             )),
             Some(current) => {
@@ -88,42 +91,54 @@ impl QuotaEnforcer {
     }
 
     /// One pass over every provisioned local instance.
+    /// One pass over the instances of every service whose backend enforces quotas, a
+    /// page at a time: its cost grows with those instances only, never with other
+    /// services' or with upstream-owned ones.
     pub async fn pass(&self) -> Pass {
+        const PAGE: usize = 500;
         let mut pass = Pass::default();
         let store = &**self.broker.store();
-        let instances = match store.list(Table::Instances).await {
-            Ok(all) => all,
-            Err(e) => {
-                tracing::warn!(error = %e, "quota pass: cannot list instances");
-                pass.failed += 1;
-                return pass;
-            }
-        };
-        for (id, doc) in instances {
-            let Ok(instance) = serde_json::from_slice::<InstanceRecord>(&doc.doc) else {
+        for service in self.broker.catalog().services() {
+            let Some(backend) = self.broker.backends().get(&service.backend) else {
                 continue;
             };
-            if !instance.provisioned || instance.upstream.is_some() {
+            if !backend.enforces_quota() {
                 continue;
             }
-            let Some(service) = self.broker.catalog().service(&instance.service_id) else {
-                continue;
-            };
-            let (Some(plan), Some(backend)) = (
-                service.plan(&instance.plan_id),
-                self.broker.backends().get(&service.backend),
-            ) else {
-                continue;
-            };
-            pass.instances += 1;
-            match backend.enforce_quota(&id, plan.limits).await {
-                Ok(change) => {
-                    pass.revoked += change.revoked;
-                    pass.restored += change.restored;
+            let mut after = String::new();
+            loop {
+                let page = match records::page(store, &service.wire.id, &after, PAGE).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "quota pass: cannot read the instances");
+                        pass.failed += 1;
+                        return pass;
+                    }
+                };
+                let full = page.len() == PAGE;
+                for instance in page {
+                    let instance = instance.record;
+                    after.clone_from(&instance.id);
+                    let Some(plan) = service.plan(&instance.plan_id) else {
+                        continue;
+                    };
+                    if !instance.provisioned {
+                        continue;
+                    }
+                    pass.instances += 1;
+                    match backend.enforce_quota(&instance.id, plan.limits).await {
+                        Ok(change) => {
+                            pass.revoked += change.revoked;
+                            pass.restored += change.restored;
+                        }
+                        Err(e) => {
+                            pass.failed += 1;
+                            tracing::warn!(instance_id = %instance.id, error = %e, "quota pass failed for an instance");
+                        }
+                    }
                 }
-                Err(e) => {
-                    pass.failed += 1;
-                    tracing::warn!(instance_id = %id, error = %e, "quota pass failed for an instance");
+                if !full {
+                    break;
                 }
             }
         }

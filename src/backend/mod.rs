@@ -137,6 +137,11 @@ pub trait Backend: Send + Sync {
     async fn prune(&self, _instance_id: &str, _live: LiveBindings<'_>) -> Result<(), BackendError> {
         Ok(())
     }
+    /// Whether [`Backend::enforce_quota`] does anything: the quota pass visits only the
+    /// instances of backends that do.
+    fn enforces_quota(&self) -> bool {
+        false
+    }
     /// Holds the instance to its plan's storage: at or over the limit its users lose write
     /// access (and their open connections), below it they get it back. Backends without
     /// quotas change nothing.

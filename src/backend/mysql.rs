@@ -325,6 +325,10 @@ impl Backend for MysqlBackend {
         Ok(credentials)
     }
 
+    fn enforces_quota(&self) -> bool {
+        true
+    }
+
     async fn enforce_quota(
         &self,
         instance_id: &str,

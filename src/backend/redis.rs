@@ -565,6 +565,10 @@ impl Backend for RedisBackend {
 
     /// At or over the plan's memory, every user of the instance loses the [`GROW`]
     /// commands (immediately, also on open connections); below it they get them back.
+    fn enforces_quota(&self) -> bool {
+        true
+    }
+
     async fn enforce_quota(
         &self,
         instance_id: &str,

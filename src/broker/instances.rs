@@ -415,8 +415,9 @@ impl Broker {
     }
 
     /// Refuses (507) what would promise the backend more storage than it has: the plans of
-    /// every other instance on it, plus `wanted`. Instances are counted from the store, so
-    /// every broker process sharing it counts the same.
+    /// every other instance on it, plus `wanted`. Instances are counted from the store, a
+    /// page at a time and only those of services on this backend, so every broker process
+    /// sharing it counts the same.
     async fn check_capacity(
         &self,
         service: &LocalService,
@@ -426,26 +427,26 @@ impl Broker {
         let Some(capacity) = self.backend(service)?.capacity_mb() else {
             return Ok(());
         };
+        const PAGE: usize = 500;
         let mut promised = 0u64;
-        for (id, doc) in self
-            .store_ref()
-            .list(crate::store::Table::Instances)
-            .await?
-        {
-            if Some(id.as_str()) == except {
-                continue;
-            }
-            let Ok(instance) = serde_json::from_slice::<InstanceRecord>(&doc.doc) else {
-                continue;
-            };
-            let Some(other) = self.inner.catalog.service(&instance.service_id) else {
-                continue;
-            };
-            if other.backend != service.backend || instance.upstream.is_some() {
-                continue;
-            }
-            if let Some(plan) = other.plan(&instance.plan_id) {
-                promised += plan.limits.max_storage_mb;
+        let sharing = self.inner.catalog.services().iter();
+        for other in sharing.filter(|s| s.backend == service.backend) {
+            let mut after = String::new();
+            loop {
+                let page = records::page(self.store_ref(), &other.wire.id, &after, PAGE).await?;
+                let full = page.len() == PAGE;
+                for instance in page {
+                    let instance = instance.record;
+                    if Some(instance.id.as_str()) != except {
+                        promised += other
+                            .plan(&instance.plan_id)
+                            .map_or(0, |p| p.limits.max_storage_mb);
+                    }
+                    after = instance.id;
+                }
+                if !full {
+                    break;
+                }
             }
         }
         if promised + wanted > capacity {

@@ -20,7 +20,7 @@ use upstreams::Upstream;
 
 pub use merge::Route;
 
-use crate::store::{StateStore, StoreError, Table};
+use crate::store::{Link, StateStore, StoreError, Table};
 
 /// An upstream's catalog as fetched, kept in memory and as the last good copy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -179,7 +179,7 @@ impl Federation {
             match self.store.get(Table::Catalogs, alias).await? {
                 None => match self
                     .store
-                    .insert(Table::Catalogs, alias, None, &doc)
+                    .insert(Table::Catalogs, alias, Link::None, &doc)
                     .await?
                 {
                     crate::store::Insert::Inserted => return Ok(()),

@@ -12,9 +12,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction,
+};
 
-use super::{Insert, StateStore, StoreError, Table, Versioned};
+use super::{Insert, Link, StateStore, StoreError, Table, Versioned};
 
 /// id -> (version, parent instance id or "", document)
 type Docs = TableDefinition<'static, &'static str, (u64, &'static str, &'static [u8])>;
@@ -25,6 +27,10 @@ const LEASES: Docs = TableDefinition::new("leases");
 /// (instance id, binding id) -> ()
 const BINDINGS_BY_INSTANCE: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("bindings_by_instance");
+/// (service id, instance id) -> (): the instances of each local service, whose service id
+/// is also their record's parent field.
+const INSTANCES_BY_GROUP: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("instances_by_group");
 
 fn docs(table: Table) -> Docs {
     match table {
@@ -127,6 +133,7 @@ enum Change {
         table: Table,
         id: String,
         parent: Option<(String, u64)>,
+        group: String,
         doc: Vec<u8>,
     },
     Replace {
@@ -145,6 +152,39 @@ enum Change {
 enum Changed {
     Inserted(Insert),
     Done(bool),
+}
+
+/// Stores written before instances were grouped: each instance of a local service (one
+/// with no upstream) gets its service id as parent and an entry in the group index.
+fn group_instances(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    #[derive(serde::Deserialize)]
+    struct Owner {
+        service_id: String,
+        #[serde(default)]
+        upstream: Option<serde_json::Value>,
+    }
+    let mut instances = txn.open_table(INSTANCES)?;
+    let mut index = txn.open_table(INSTANCES_BY_GROUP)?;
+    let mut local = Vec::new();
+    for entry in instances.iter()? {
+        let (id, value) = entry?;
+        let (version, _, doc) = value.value();
+        if let Ok(owner) = serde_json::from_slice::<Owner>(doc) {
+            if owner.upstream.is_none_or(|u| u.is_null()) {
+                local.push((
+                    id.value().to_string(),
+                    version,
+                    owner.service_id,
+                    doc.to_vec(),
+                ));
+            }
+        }
+    }
+    for (id, version, service, doc) in local {
+        instances.insert(id.as_str(), (version, service.as_str(), doc.as_slice()))?;
+        index.insert((service.as_str(), id.as_str()), ())?;
+    }
+    Ok(())
 }
 
 /// The most changes one commit takes.
@@ -192,8 +232,9 @@ fn apply(txn: &WriteTransaction, change: &Change) -> Result<Changed, redb::Error
             table,
             id,
             parent,
+            group,
             doc,
-        } => Changed::Inserted(insert(txn, *table, id, parent.as_ref(), doc)?),
+        } => Changed::Inserted(insert(txn, *table, id, parent.as_ref(), group, doc)?),
         Change::Replace {
             table,
             id,
@@ -209,6 +250,7 @@ fn insert(
     table: Table,
     id: &str,
     parent: Option<&(String, u64)>,
+    group: &str,
     doc: &[u8],
 ) -> Result<Insert, redb::Error> {
     let mut t = txn.open_table(docs(table))?;
@@ -229,11 +271,14 @@ fn insert(
             return Ok(Insert::ParentChanged);
         }
     }
-    let pid = parent.map(|(p, _)| p.as_str()).unwrap_or("");
+    let pid = parent.map(|(p, _)| p.as_str()).unwrap_or(group);
     t.insert(id, (1u64, pid, doc))?;
     if parent.is_some() {
         let mut index = txn.open_table(BINDINGS_BY_INSTANCE)?;
         index.insert((pid, id), ())?;
+    } else if !group.is_empty() {
+        let mut index = txn.open_table(INSTANCES_BY_GROUP)?;
+        index.insert((group, id), ())?;
     }
     Ok(Insert::Inserted)
 }
@@ -273,7 +318,10 @@ fn remove(
     };
     t.remove(id)?;
     let mut index = txn.open_table(BINDINGS_BY_INSTANCE)?;
-    if !parent.is_empty() {
+    if table == Table::Instances && !parent.is_empty() {
+        let mut groups = txn.open_table(INSTANCES_BY_GROUP)?;
+        groups.remove((parent.as_str(), id))?;
+    } else if !parent.is_empty() {
         index.remove((parent.as_str(), id))?;
     }
     if table == Table::Instances {
@@ -320,6 +368,12 @@ impl EmbeddedStore {
 
     fn with_tables(db: Database, path: PathBuf) -> anyhow::Result<Self> {
         let txn = db.begin_write()?;
+        let grouped = txn
+            .list_tables()?
+            .any(|t| t.name() == INSTANCES_BY_GROUP.name());
+        if !grouped {
+            group_instances(&txn).context("store: indexing the instances of each service")?;
+        }
         txn.open_table(INSTANCES)?;
         txn.open_table(BINDINGS)?;
         txn.open_table(CATALOGS)?;
@@ -398,13 +452,20 @@ impl StateStore for EmbeddedStore {
         &self,
         table: Table,
         id: &str,
-        parent: Option<(&str, u64)>,
+        link: Link<'_>,
         doc: &[u8],
     ) -> Result<Insert, StoreError> {
         let change = Change::Insert {
             table,
             id: id.to_string(),
-            parent: parent.map(|(p, v)| (p.to_string(), v)),
+            parent: match link {
+                Link::Parent(p, v) => Some((p.to_string(), v)),
+                _ => None,
+            },
+            group: match link {
+                Link::Group(group) => group.to_string(),
+                _ => String::new(),
+            },
             doc: doc.to_vec(),
         };
         match self.change(change).await? {
@@ -444,21 +505,33 @@ impl StateStore for EmbeddedStore {
         }
     }
 
-    async fn list(&self, table: Table) -> Result<Vec<(String, Versioned)>, StoreError> {
+    async fn page(
+        &self,
+        group: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let (group, after) = (group.to_string(), after.to_string());
         self.blocking(move |db| {
             let txn = db.begin_read()?;
-            let t = txn.open_table(docs(table))?;
+            let index = txn.open_table(INSTANCES_BY_GROUP)?;
+            let instances = txn.open_table(INSTANCES)?;
             let mut out = Vec::new();
-            for entry in t.iter()? {
-                let (key, value) = entry?;
-                let (version, _, doc) = value.value();
-                out.push((
-                    key.value().to_string(),
-                    Versioned {
-                        version,
-                        doc: doc.to_vec(),
-                    },
-                ));
+            let start = (group.as_str(), after.as_str());
+            for entry in index.range(start..)? {
+                let (key, _) = entry?;
+                let (g, id) = key.value();
+                if g != group || out.len() == limit {
+                    break;
+                }
+                if id == after {
+                    continue;
+                }
+                if let Some(v) = instances.get(id)? {
+                    let (version, _, doc) = v.value();
+                    let doc = doc.to_vec();
+                    out.push((id.to_string(), Versioned { version, doc }));
+                }
             }
             Ok(out)
         })

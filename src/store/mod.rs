@@ -54,6 +54,16 @@ pub struct Versioned {
     pub doc: Vec<u8>,
 }
 
+/// What a new record hangs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link<'a> {
+    None,
+    /// A binding: inserted only while its instance is at this version; removed with it.
+    Parent(&'a str, u64),
+    /// An instance of a local service: listed by [`StateStore::page`] under that service.
+    Group(&'a str),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Insert {
     Inserted,
@@ -82,13 +92,13 @@ pub trait StateStore: Send + Sync {
     /// Reaches the store; `brokerage check` and `/ready` call it.
     async fn check(&self) -> Result<(), StoreError>;
     async fn get(&self, table: Table, id: &str) -> Result<Option<Versioned>, StoreError>;
-    /// Stores `doc` at version 1 unless `id` exists. With `parent` (bindings only), only
-    /// while that instance is at that version.
+    /// Stores `doc` at version 1 unless `id` exists. A binding (`Link::Parent`) only while
+    /// its instance is at that version.
     async fn insert(
         &self,
         table: Table,
         id: &str,
-        parent: Option<(&str, u64)>,
+        link: Link<'_>,
         doc: &[u8],
     ) -> Result<Insert, StoreError>;
     /// Replaces the document if it is still at `version`; the new version is `version + 1`.
@@ -104,8 +114,15 @@ pub trait StateStore: Send + Sync {
     async fn remove(&self, table: Table, id: &str, version: u64) -> Result<bool, StoreError>;
     /// The bindings recorded under an instance, by id.
     async fn bindings_of(&self, instance_id: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
-    /// Every record of a table, by id (periodic jobs walk the instances).
-    async fn list(&self, table: Table) -> Result<Vec<(String, Versioned)>, StoreError>;
+    /// Up to `limit` instances of `group` (one local service) whose ids sort after `after`,
+    /// in id order: periodic jobs walk them a page at a time, and never read the
+    /// instances of other services or of upstreams.
+    async fn page(
+        &self,
+        group: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError>;
 }
 
 /// Opens the configured store, creating or migrating what it needs.

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Pool, TxOpts};
 
-use super::{Insert, StateStore, StoreError, Table, Versioned};
+use super::{Insert, Link, StateStore, StoreError, Table, Versioned};
 use crate::mysql::{self, SqlError};
 
 const MIGRATIONS: &[&[&str]] = &[
@@ -39,6 +39,15 @@ const MIGRATIONS: &[&[&str]] = &[
         version BIGINT UNSIGNED NOT NULL,
         doc LONGBLOB NOT NULL
     ) ENGINE=InnoDB"],
+    // An instance of a local service records its service id in `parent`, so periodic
+    // jobs page through one service's instances by index; existing rows are filled in.
+    &[
+        "ALTER TABLE brokerage_instances ADD INDEX by_group (parent, id)",
+        "UPDATE brokerage_instances
+         SET parent = JSON_UNQUOTE(JSON_EXTRACT(CONVERT(doc USING utf8mb4), '$.service_id'))
+         WHERE parent = ''
+           AND COALESCE(JSON_TYPE(JSON_EXTRACT(CONVERT(doc USING utf8mb4), '$.upstream')), 'NULL') = 'NULL'",
+    ],
 ];
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -165,9 +174,18 @@ impl StateStore for MysqlStore {
         &self,
         t: Table,
         id: &str,
-        parent: Option<(&str, u64)>,
+        link: Link<'_>,
         doc: &[u8],
     ) -> Result<Insert, StoreError> {
+        let parent = match link {
+            Link::Parent(pid, pversion) => Some((pid, pversion)),
+            _ => None,
+        };
+        let column = match link {
+            Link::None => "",
+            Link::Parent(pid, _) => pid,
+            Link::Group(group) => group,
+        };
         loop {
             let mut conn = self.conn().await?;
             let mut tx = conn
@@ -193,7 +211,7 @@ impl StateStore for MysqlStore {
                         "INSERT INTO {} (id, parent, version, doc) VALUES (?, ?, 1, ?)",
                         table(t)
                     ),
-                    (id, parent.map(|p| p.0).unwrap_or(""), doc),
+                    (id, column, doc),
                 )
                 .await
                 .map_err(SqlError::from);
@@ -257,13 +275,19 @@ impl StateStore for MysqlStore {
         Ok(removed)
     }
 
-    async fn list(&self, t: Table) -> Result<Vec<(String, Versioned)>, StoreError> {
+    async fn page(
+        &self,
+        group: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
         let mut conn = self.conn().await?;
         let rows: Vec<(String, u64, Vec<u8>)> = conn
-            .query(format!(
-                "SELECT id, version, doc FROM {} ORDER BY id",
-                table(t)
-            ))
+            .exec(
+                "SELECT id, version, doc FROM brokerage_instances
+                 WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
+                (group, after, limit as u64),
+            )
             .await
             .map_err(SqlError::from)?;
         Ok(rows

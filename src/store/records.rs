@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{Insert, StateStore, StoreError, Table};
+use super::{Insert, Link, StateStore, StoreError, Table, Versioned};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -193,6 +193,10 @@ pub trait Record: Serialize + DeserializeOwned + Send + Sync {
     fn operation(&self) -> &OperationRecord;
     fn operation_mut(&mut self) -> &mut OperationRecord;
     fn upstream(&self) -> Option<&UpstreamRef>;
+    /// The group the store lists the record under: a local instance's service.
+    fn group(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl Record for InstanceRecord {
@@ -202,6 +206,9 @@ impl Record for InstanceRecord {
     }
     fn upstream(&self) -> Option<&UpstreamRef> {
         self.upstream.as_ref()
+    }
+    fn group(&self) -> Option<&str> {
+        self.upstream.is_none().then_some(self.service_id.as_str())
     }
     fn operation(&self) -> &OperationRecord {
         &self.operation
@@ -270,9 +277,14 @@ pub async fn insert<R: Record>(
     record: &R,
     parent: Option<(&str, u64)>,
 ) -> Result<Inserted<R>, StoreError> {
+    let link = match (parent, record.group()) {
+        (Some((pid, pversion)), _) => Link::Parent(pid, pversion),
+        (None, Some(group)) => Link::Group(group),
+        (None, None) => Link::None,
+    };
     Ok(
         match store
-            .insert(R::TABLE, record.id(), parent, &encode(record))
+            .insert(R::TABLE, record.id(), link, &encode(record))
             .await?
         {
             Insert::Inserted => Inserted::Inserted,
@@ -305,14 +317,25 @@ pub async fn remove<R: Record>(
     store.remove(R::TABLE, id, version).await
 }
 
+/// A page of the instances of one local service, in id order after `after`.
+pub async fn page(
+    store: &dyn StateStore,
+    service_id: &str,
+    after: &str,
+    limit: usize,
+) -> Result<Vec<Stored<InstanceRecord>>, StoreError> {
+    decode_all(store.page(service_id, after, limit).await?)
+}
+
 pub async fn bindings_of(
     store: &dyn StateStore,
     instance_id: &str,
 ) -> Result<Vec<Stored<BindingRecord>>, StoreError> {
-    store
-        .bindings_of(instance_id)
-        .await?
-        .into_iter()
+    decode_all(store.bindings_of(instance_id).await?)
+}
+
+fn decode_all<R: Record>(rows: Vec<(String, Versioned)>) -> Result<Vec<Stored<R>>, StoreError> {
+    rows.into_iter()
         .map(|(id, v)| {
             Ok(Stored {
                 version: v.version,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use brokerage::config::StoreConfig;
-use brokerage::store::{self, Insert, StateStore, Table};
+use brokerage::store::{self, Insert, Link, StateStore, Table};
 
 use crate::helpers::*;
 
@@ -37,13 +37,13 @@ async fn contract(store: Arc<dyn StateStore>) {
 
     // insert, then insert again: the first document stays.
     assert_eq!(
-        s.insert(Table::Instances, "i1", None, b"one")
+        s.insert(Table::Instances, "i1", Link::None, b"one")
             .await
             .unwrap(),
         Insert::Inserted
     );
     match s
-        .insert(Table::Instances, "i1", None, b"two")
+        .insert(Table::Instances, "i1", Link::None, b"two")
         .await
         .unwrap()
     {
@@ -52,7 +52,7 @@ async fn contract(store: Arc<dyn StateStore>) {
     }
     // Ids are case-sensitive and tables are separate.
     assert_eq!(
-        s.insert(Table::Instances, "I1", None, b"upper")
+        s.insert(Table::Instances, "I1", Link::None, b"upper")
             .await
             .unwrap(),
         Insert::Inserted
@@ -78,31 +78,31 @@ async fn contract(store: Arc<dyn StateStore>) {
 
     // A binding goes in only under its instance at the version the caller read.
     assert_eq!(
-        s.insert(Table::Bindings, "b1", Some(("i1", 1)), b"b")
+        s.insert(Table::Bindings, "b1", Link::Parent("i1", 1), b"b")
             .await
             .unwrap(),
         Insert::ParentChanged
     );
     assert_eq!(
-        s.insert(Table::Bindings, "b1", Some(("nope", 1)), b"b")
+        s.insert(Table::Bindings, "b1", Link::Parent("nope", 1), b"b")
             .await
             .unwrap(),
         Insert::ParentChanged
     );
     assert_eq!(
-        s.insert(Table::Bindings, "b1", Some(("i1", 2)), b"b")
+        s.insert(Table::Bindings, "b1", Link::Parent("i1", 2), b"b")
             .await
             .unwrap(),
         Insert::Inserted
     );
     assert_eq!(
-        s.insert(Table::Bindings, "b2", Some(("i1", 2)), b"c")
+        s.insert(Table::Bindings, "b2", Link::Parent("i1", 2), b"c")
             .await
             .unwrap(),
         Insert::Inserted
     );
     assert_eq!(
-        s.insert(Table::Bindings, "b3", Some(("I1", 1)), b"d")
+        s.insert(Table::Bindings, "b3", Link::Parent("I1", 1), b"d")
             .await
             .unwrap(),
         Insert::Inserted
@@ -129,15 +129,49 @@ async fn contract(store: Arc<dyn StateStore>) {
     assert_eq!(s.get(Table::Bindings, "b2").await.unwrap(), None);
     assert!(s.bindings_of("i1").await.unwrap().is_empty());
     assert!(s.get(Table::Bindings, "b3").await.unwrap().is_some());
-    let listed: Vec<String> = s
-        .list(Table::Instances)
+    assert!(s.get(Table::Instances, "I1").await.unwrap().is_some());
+
+    // The instances of a group are paged in id order, without other groups' or ungrouped
+    // ones; removed ones leave the group, and a binding never joins one.
+    for id in ["g-c", "g-a", "g-e", "g-b", "g-d"] {
+        s.insert(Table::Instances, id, Link::Group("svc-one"), id.as_bytes())
+            .await
+            .unwrap();
+    }
+    s.insert(Table::Instances, "g-other", Link::Group("svc-two"), b"x")
         .await
-        .unwrap()
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    assert_eq!(listed, vec!["I1".to_string()]);
-    assert!(s.list(Table::Leases).await.unwrap().is_empty());
+        .unwrap();
+    s.insert(Table::Bindings, "g-bound", Link::Parent("g-a", 1), b"b")
+        .await
+        .unwrap();
+    let page = |after: &'static str| async move {
+        s.page("svc-one", after, 2)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, v)| {
+                assert_eq!(
+                    v.doc,
+                    id.as_bytes(),
+                    "each page holds the records themselves"
+                );
+                id
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(page("").await, ["g-a", "g-b"]);
+    assert_eq!(page("g-b").await, ["g-c", "g-d"]);
+    assert_eq!(page("g-d").await, ["g-e"]);
+    assert!(page("g-e").await.is_empty());
+    assert!(s.remove(Table::Instances, "g-c", 1).await.unwrap());
+    assert_eq!(page("g-b").await, ["g-d", "g-e"]);
+    assert!(s.replace(Table::Instances, "g-d", 1, b"g-d").await.unwrap());
+    assert_eq!(
+        page("g-c").await,
+        ["g-d", "g-e"],
+        "a replaced record stays in its group"
+    );
+    assert!(s.page("nobody", "", 10).await.unwrap().is_empty());
 
     // Of many concurrent inserts of one id, exactly one wins; the rest see the winner.
     let tasks: Vec<_> = (0..20)
@@ -145,7 +179,12 @@ async fn contract(store: Arc<dyn StateStore>) {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .insert(Table::Instances, "race", None, format!("{i}").as_bytes())
+                    .insert(
+                        Table::Instances,
+                        "race",
+                        Link::None,
+                        format!("{i}").as_bytes(),
+                    )
                     .await
                     .unwrap()
             })
@@ -203,7 +242,7 @@ async fn mysql_store_keeps_the_contract() {
 async fn embedded_store_survives_reopening() {
     let (store, dir) = embedded().await;
     store
-        .insert(Table::Instances, "kept", None, b"doc")
+        .insert(Table::Instances, "kept", Link::None, b"doc")
         .await
         .unwrap();
     drop(store);
@@ -246,4 +285,173 @@ async fn mysql_store_migrates_concurrently_and_idempotently() {
         database_exists(&db).await,
         "the broker created its database"
     );
+}
+
+/// Instance documents as every earlier version wrote them: a local one and one an upstream
+/// owns (the store reads only `service_id` and `upstream` of them when it migrates).
+fn earlier_instances() -> [(&'static str, Vec<u8>); 3] {
+    let doc = |id: &str, upstream: serde_json::Value| {
+        serde_json::to_vec(&serde_json::json!({
+            "id": id, "service_id": "svc-old", "plan_id": "p", "upstream": upstream,
+        }))
+        .unwrap()
+    };
+    [
+        ("old-local-b", doc("old-local-b", serde_json::Value::Null)),
+        ("old-local-a", doc("old-local-a", serde_json::Value::Null)),
+        (
+            "old-upstream",
+            doc(
+                "old-upstream",
+                serde_json::json!({"alias": "u", "service_id": "s", "plan_id": "p"}),
+            ),
+        ),
+    ]
+}
+
+async fn grouped_after_upgrade(store: &dyn StateStore) {
+    let ids: Vec<String> = store
+        .page("svc-old", "", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        ids,
+        ["old-local-a", "old-local-b"],
+        "upstream-owned instances stay out"
+    );
+    for (id, doc) in earlier_instances() {
+        let stored = store.get(Table::Instances, id).await.unwrap().unwrap();
+        assert_eq!(stored.doc, doc, "{id}: nothing recorded is lost");
+    }
+    assert!(store
+        .get(Table::Bindings, "old-binding")
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test]
+async fn an_embedded_store_written_before_instances_were_grouped_is_grouped_on_open() {
+    // The file exactly as the store wrote it before: five tables, no group index.
+    type Docs = redb::TableDefinition<'static, &'static str, (u64, &'static str, &'static [u8])>;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut instances = txn.open_table(Docs::new("instances")).unwrap();
+            for (id, doc) in earlier_instances() {
+                instances.insert(id, (3u64, "", doc.as_slice())).unwrap();
+            }
+            let mut bindings = txn.open_table(Docs::new("bindings")).unwrap();
+            bindings
+                .insert("old-binding", (1u64, "old-local-a", b"{}".as_slice()))
+                .unwrap();
+            let mut index = txn
+                .open_table(redb::TableDefinition::<(&str, &str), ()>::new(
+                    "bindings_by_instance",
+                ))
+                .unwrap();
+            index.insert(("old-local-a", "old-binding"), ()).unwrap();
+            txn.open_table(Docs::new("catalogs")).unwrap();
+            txn.open_table(Docs::new("leases")).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let config = StoreConfig::Embedded {
+        path,
+        cache_mb: 16,
+        url: None,
+    };
+    let store = store::open(&config).await.unwrap();
+    grouped_after_upgrade(&*store).await;
+    // Bindings still go with their instance.
+    assert!(store
+        .remove(Table::Instances, "old-local-a", 3)
+        .await
+        .unwrap());
+    assert!(store
+        .get(Table::Bindings, "old-binding")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn a_mysql_store_written_before_instances_were_grouped_is_grouped_on_open() {
+    use mysql_async::prelude::*;
+    let StoreKind::Mysql(db) = StoreKind::fresh_mysql() else {
+        unreachable!()
+    };
+    let mut admin = admin().await;
+    admin
+        .query_drop(format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    // The schema exactly as the store made it before: migrations 1 to 3.
+    let columns = "id VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY, \
+        parent VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL DEFAULT '', \
+        version BIGINT UNSIGNED NOT NULL, doc LONGBLOB NOT NULL";
+    for (table, extra) in [
+        ("instances", ""),
+        ("bindings", ", INDEX by_parent (parent)"),
+        ("catalogs", ""),
+        ("leases", ""),
+    ] {
+        admin
+            .query_drop(format!(
+                "CREATE TABLE {db}.brokerage_{table} ({columns}{extra}) ENGINE=InnoDB"
+            ))
+            .await
+            .unwrap();
+    }
+    admin
+        .query_drop(format!(
+            "CREATE TABLE {db}.brokerage_migrations (version INT NOT NULL PRIMARY KEY, \
+             applied_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP) ENGINE=InnoDB"
+        ))
+        .await
+        .unwrap();
+    admin
+        .query_drop(format!(
+            "INSERT INTO {db}.brokerage_migrations (version) VALUES (1), (2), (3)"
+        ))
+        .await
+        .unwrap();
+    for (id, doc) in earlier_instances() {
+        admin
+            .exec_drop(
+                format!("INSERT INTO {db}.brokerage_instances VALUES (?, '', 3, ?)"),
+                (id, doc),
+            )
+            .await
+            .unwrap();
+    }
+    admin
+        .exec_drop(
+            format!("INSERT INTO {db}.brokerage_bindings VALUES ('old-binding', 'old-local-a', 1, '{{}}')"),
+            (),
+        )
+        .await
+        .unwrap();
+    let config = StoreConfig::Mysql {
+        url: brokerage::config::Secret::new(format!("{}/{db}", mysql_url())),
+        path: None,
+        cache_mb: None,
+    };
+    let store = store::open(&config).await.unwrap();
+    grouped_after_upgrade(&*store).await;
+    assert!(store
+        .remove(Table::Instances, "old-local-a", 3)
+        .await
+        .unwrap());
+    assert!(store
+        .get(Table::Bindings, "old-binding")
+        .await
+        .unwrap()
+        .is_none());
 }
