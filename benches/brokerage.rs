@@ -9,7 +9,13 @@
 //! - MySQL: provision+bind+unbind+deprovision cycles through the broker against the same
 //!   SQL statements issued directly;
 //! - scale: merging 100 upstreams x 100 services x 10 plans; the broker's resident memory
-//!   idle and after the 64-connection run.
+//!   idle and after the 64-connection run;
+//! - forwarded provisions at 1 and 16 connections beside the upstream directly and beside
+//!   Debian's nginx in front of it, with the disk's fsync cost;
+//! - a store of `BKG_BENCH_RECORDS` (1,000,000) instances made through the store API, for the
+//!   embedded and the MySQL store: the broker's start-up time, resident memory after start
+//!   and under load, idle CPU over 30 s, and the quota pass beside the same pass over a store
+//!   holding only the local instances.
 //!
 //! The upstreams are minimal axum brokers in this process: they answer at once.
 
@@ -189,6 +195,287 @@ async fn load(url: &str, connections: usize, total: usize, auth: bool) -> Load {
         rps: all.len() as f64 / elapsed.as_secs_f64(),
         p50: percentile(&all, 0.5),
         p99: percentile(&all, 0.99),
+    }
+}
+
+/// `total` provisions of fresh ids under `base` over `connections` concurrent clients.
+async fn provisions(base: &str, connections: usize, total: usize, body: Value, tag: &str) -> Load {
+    let per = total / connections;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            let (base, body, tag) = (base.to_string(), body.clone(), tag.to_string());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut lat = Vec::with_capacity(per);
+                for i in 0..per {
+                    let url = format!("{base}/v2/service_instances/{tag}-{c}-{i}");
+                    lat.push(timed(osb(client.put(url)).json(&body)).await);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    Load {
+        rps: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+    }
+}
+
+/// What one fsync of a small write costs on the disk the store lives on: the median of 200.
+fn fsync_cost(dir: &std::path::Path) -> Duration {
+    use std::io::Write;
+    let mut file = std::fs::File::create(dir.join("fsync-probe")).unwrap();
+    let mut all: Vec<Duration> = (0..200)
+        .map(|_| {
+            let t = Instant::now();
+            file.write_all(&[7u8; 4096]).unwrap();
+            file.sync_data().unwrap();
+            t.elapsed()
+        })
+        .collect();
+    all.sort();
+    percentile(&all, 0.5)
+}
+
+/// Debian's nginx as a reverse proxy in front of `upstream` (keep-alive to it, as
+/// Brokerage's client keeps), the floor any proxy hop costs; `None` without nginx.
+fn start_nginx(dir: &std::path::Path, upstream: &str) -> Option<(Killed, String)> {
+    let binary = std::env::var("BKG_BENCH_NGINX").ok()?;
+    let port = free_port();
+    let conf = dir.join("nginx.conf");
+    let to = upstream.trim_start_matches("http://");
+    let d = dir.display();
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1; daemon off; pid {d}/nginx.pid; error_log {d}/nginx.err;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/nginx-body; proxy_temp_path {d}/nginx-proxy;\n\
+               upstream u {{ server {to}; keepalive 64; }}\n\
+               server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://u; proxy_http_version 1.1;\n\
+                 proxy_set_header Connection \"\"; }} }} }}\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(binary)
+        .args(["-e", &format!("{d}/nginx.err"), "-c"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    Some((Killed(child), format!("http://127.0.0.1:{port}")))
+}
+
+/// Fills a store through its API: `upstream_owned` instances an upstream owns and `local`
+/// ones of the local service, 64 writers at once (what group commit shares).
+async fn fill_store(
+    store: Arc<dyn brokerage::store::StateStore>,
+    upstream_owned: usize,
+    local: usize,
+    service: (&str, &str),
+) {
+    use brokerage::store::{
+        records, InstanceRecord, OpKind, OpState, OperationRecord, UpstreamRef,
+    };
+    let writers = 64;
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let store = store.clone();
+            let (sid, pid) = (service.0.to_string(), service.1.to_string());
+            tokio::spawn(async move {
+                let mut i = w;
+                while i < upstream_owned + local {
+                    let owned = i < upstream_owned;
+                    let mut operation = OperationRecord::start(
+                        OpKind::Provision,
+                        false,
+                        chrono::Duration::seconds(60),
+                    );
+                    operation.finish(OpState::Succeeded, None);
+                    let record = InstanceRecord {
+                        id: format!("{}-{i:08}", if owned { "up" } else { "local" }),
+                        service_id: if owned {
+                            "4f6e2a8c-upstream-service".into()
+                        } else {
+                            sid.clone()
+                        },
+                        plan_id: if owned {
+                            "9b1d3c5e-upstream-plan".into()
+                        } else {
+                            pid.clone()
+                        },
+                        organization_guid: "5a0e5c2a-3b1d-4c7e-9f00-1234567890ab".into(),
+                        space_guid: "6b1f6d3b-4c2e-5d8f-a011-2345678901bc".into(),
+                        context: None,
+                        parameters: None,
+                        maintenance_version: None,
+                        dashboard_url: None,
+                        provisioned: true,
+                        created_at: chrono::Utc::now(),
+                        operation,
+                        upstream: owned.then(|| UpstreamRef {
+                            alias: "market".into(),
+                            service_id: "svc".into(),
+                            plan_id: "plan".into(),
+                        }),
+                        api_info_location: None,
+                    };
+                    records::insert(&*store, &record, None).await.unwrap();
+                    i += writers;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// CPU seconds a process has used (user + system).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+struct StoreScale {
+    kind: &'static str,
+    filled: Duration,
+    start_up: Duration,
+    rss_started: u64,
+    rss_loaded: u64,
+    idle_cpu_percent: f64,
+    pass: Duration,
+    pass_local_only: Duration,
+    local: u32,
+}
+
+/// One store kind at scale: filled through the API, then served by the broker process.
+async fn store_at_scale(
+    kind: &'static str,
+    binary: &str,
+    mysql: &str,
+    dir: &std::path::Path,
+    records: usize,
+) -> StoreScale {
+    use brokerage::config::{Config, Secret, StoreConfig};
+    let local = 200;
+    let store_config = |tag: &str| match kind {
+        "embedded" => StoreConfig::Embedded {
+            path: dir.join(format!("scale-{tag}.redb")),
+            cache_mb: 16,
+            url: None,
+        },
+        _ => StoreConfig::Mysql {
+            url: Secret::new(format!(
+                "{mysql}/bkgscale_{tag}_{}",
+                uuid::Uuid::new_v4().simple()
+            )),
+            path: None,
+            cache_mb: None,
+        },
+    };
+    let (big, small) = (store_config("big"), store_config("small"));
+    let yaml = |store: &StoreConfig, port: u16| {
+        let store = match store {
+            StoreConfig::Embedded { path, .. } => {
+                format!("{{kind: embedded, path: {:?}}}", path.display().to_string())
+            }
+            StoreConfig::Mysql { url, .. } => format!("{{kind: mysql, url: \"{}\"}}", url.expose()),
+        };
+        format!(
+            "listen: {{host: 127.0.0.1, port: {port}}}\n\
+             auth: {{credentials: [{{username: {USER}, password: {PASSWORD}}}]}}\n\
+             store: {store}\n\
+             log: {{format: text, level: warn}}\n\
+             backends: {{mysql: {{url: \"{mysql}\", connect_timeout_secs: 5, max_connections: 20}}}}\n"
+        )
+    };
+    let file = |store: &StoreConfig, port: u16, name: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, yaml(store, port)).unwrap();
+        path
+    };
+    let defaults = Config::load(Some(&file(&big, 0, "scale-probe.yml"))).unwrap();
+    let service = &defaults.catalog.services[0];
+    let ids = (service.service.id.clone(), service.plans[0].plan.id.clone());
+    let t = Instant::now();
+    for (store, owned) in [(&big, records), (&small, 0)] {
+        let opened = brokerage::store::open(store).await.unwrap();
+        fill_store(opened, owned, local, (&ids.0, &ids.1)).await;
+    }
+    let filled = t.elapsed();
+
+    // The broker process on the big store.
+    let port = free_port();
+    let config_file = file(&big, port, "scale.yml");
+    let started = Instant::now();
+    let broker = Killed(
+        Command::new(binary)
+            .args(["serve", "--config"])
+            .arg(&config_file)
+            .env_remove("PORT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_up(&format!("{base}/health")).await;
+    let start_up = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = broker.0.id();
+    let rss_started = rss_kb(pid);
+    let cpu = cpu_secs(pid);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let idle_cpu_percent = (cpu_secs(pid) - cpu) / 30.0 * 100.0;
+    let _ = load(&format!("{base}/v2/catalog"), 16, 4000, true).await;
+    let first_local = format!("{base}/v2/service_instances/local-{records:08}");
+    let _ = load(&first_local, 16, 4000, true).await;
+    let rss_loaded = rss_kb(pid);
+    drop(broker);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The quota pass itself, in this process, over each store.
+    let mut passes = Vec::new();
+    for store in [&big, &small] {
+        let mut config = Config::load(Some(&file(store, 0, "scale-pass.yml"))).unwrap();
+        config.listen.port = 0;
+        let prepared = brokerage::startup::prepare(&config).unwrap();
+        let (broker, _app) = brokerage::startup::build(&config, prepared).await.unwrap();
+        let enforcer = brokerage::quota::QuotaEnforcer::new(broker, Duration::from_secs(3600));
+        let t = Instant::now();
+        let pass = enforcer.pass().await;
+        passes.push((t.elapsed(), pass.instances));
+    }
+    StoreScale {
+        kind,
+        filled,
+        start_up,
+        rss_started,
+        rss_loaded,
+        idle_cpu_percent,
+        pass: passes[0].0,
+        pass_local_only: passes[1].0,
+        local: passes[0].1,
     }
 }
 
@@ -421,6 +708,47 @@ async fn main() {
         v.sort();
     }
 
+    // ---- forwarded provisions under load: Brokerage, the upstream directly, nginx -----------
+    let fsync = fsync_cost(dir.path());
+    let nginx = start_nginx(dir.path(), &bases[1]);
+    if let Some((_, n)) = &nginx {
+        wait_up(&format!("{n}/v2/catalog")).await;
+    }
+    let svc1 = catalog["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "up1-svc-0")
+        .unwrap()
+        .clone();
+    let via = body(
+        svc1["id"].as_str().unwrap(),
+        svc1["plans"][0]["id"].as_str().unwrap(),
+    );
+    let direct = body("u1-svc-0", "u1-svc-0-plan-0");
+    let mut under_load = Vec::new();
+    for connections in [1usize, 16] {
+        let total = if connections == 1 { 1000 } else { 4000 };
+        let tag = format!("l{connections}");
+        let up = provisions(
+            &bases[1],
+            connections,
+            total,
+            direct.clone(),
+            &format!("{tag}u"),
+        )
+        .await;
+        let proxied = match &nginx {
+            Some((_, n)) => {
+                Some(provisions(n, connections, total, direct.clone(), &format!("{tag}n")).await)
+            }
+            None => None,
+        };
+        let ours = provisions(&base, connections, total, via.clone(), &format!("{tag}b")).await;
+        under_load.push((connections, ours, up, proxied));
+    }
+    drop(nginx);
+
     // ---- MySQL lifecycle against the same SQL issued directly -------------------------------------
     let local = catalog["services"]
         .as_array()
@@ -561,6 +889,29 @@ async fn main() {
         );
     }
     println!(
+        "| fsync of a 4 KiB write on the store's disk: p50 ms | {} | | | |",
+        ms(fsync)
+    );
+    for (c, ours, up, proxied) in &under_load {
+        let floor = match proxied {
+            Some(n) => format!(
+                "{:.0} req/s, p50 {} ms (nginx in front of it)",
+                n.rps,
+                ms(n.p50)
+            ),
+            None => "nginx not installed".into(),
+        };
+        println!(
+            "| forwarded provisions, {c} conn: req/s, p50 ms | {:.0}, {} | {:.0}, {} (upstream directly); {floor} | {:.2} of nginx's rate; added p50 {} ms | >= 0.3 of nginx; <= 0.25 ms added at 1 conn |",
+            ours.rps,
+            ms(ours.p50),
+            up.rps,
+            ms(up.p50),
+            proxied.as_ref().map_or(f64::NAN, |n| ours.rps / n.rps),
+            ms(ours.p50.saturating_sub(up.p50)),
+        );
+    }
+    println!(
         "| MySQL provision+bind+unbind+deprovision cycles/s | {via_rate:.1} | {direct_rate:.1} (same SQL, directly) | {:.2} | >= 0.7 |",
         via_rate / direct_rate
     );
@@ -575,4 +926,32 @@ async fn main() {
         rss_loaded as f64 / 1024.0
     );
     drop(broker);
+
+    // ---- a store of a million records ------------------------------------------------------
+    let records: usize = std::env::var("BKG_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    println!();
+    println!(
+        "Store of {records} upstream-owned instances and 200 local ones, made through the store API"
+    );
+    println!();
+    println!("| store | filled in | broker start-up | RSS after start / under load | idle CPU, 30 s | quota pass | same pass, 200 local only | goal |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for kind in ["embedded", "mysql"] {
+        let s = store_at_scale(kind, &binary, &mysql, dir.path(), records).await;
+        println!(
+            "| {} | {:.1} s | {:.2} s | {:.1} / {:.1} MB | {:.2} % | {} ms ({} instances) | {} ms | start-up < 2 s, RSS < 40 MB, idle CPU < 1 %, pass independent of upstream-owned |",
+            s.kind,
+            s.filled.as_secs_f64(),
+            s.start_up.as_secs_f64(),
+            s.rss_started as f64 / 1024.0,
+            s.rss_loaded as f64 / 1024.0,
+            s.idle_cpu_percent,
+            ms(s.pass),
+            s.local,
+            ms(s.pass_local_only),
+        );
+    }
 }
