@@ -166,20 +166,22 @@ struct Load {
     p99: Duration,
 }
 
-/// `total` GETs of `url` over `connections` concurrent clients.
-async fn load(url: &str, connections: usize, total: usize, auth: bool) -> Load {
+/// `total` requests over `connections` concurrent clients; `request` makes the `i`th of
+/// client `c`.
+async fn load_with<F>(connections: usize, total: usize, request: F) -> Load
+where
+    F: Fn(&reqwest::Client, usize, usize) -> reqwest::RequestBuilder + Clone + Send + 'static,
+{
     let per = total / connections;
     let started = Instant::now();
     let tasks: Vec<_> = (0..connections)
-        .map(|_| {
-            let url = url.to_string();
+        .map(|c| {
+            let request = request.clone();
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 let mut lat = Vec::with_capacity(per);
-                for _ in 0..per {
-                    let req = client.get(&url);
-                    let req = if auth { osb(req) } else { req };
-                    lat.push(timed(req).await);
+                for i in 0..per {
+                    lat.push(timed(request(&client, c, i)).await);
                 }
                 lat
             })
@@ -198,35 +200,28 @@ async fn load(url: &str, connections: usize, total: usize, auth: bool) -> Load {
     }
 }
 
+/// `total` GETs of `url` over `connections` concurrent clients.
+async fn load(url: &str, connections: usize, total: usize, auth: bool) -> Load {
+    let url = url.to_string();
+    load_with(connections, total, move |client, _, _| {
+        let req = client.get(&url);
+        if auth {
+            osb(req)
+        } else {
+            req
+        }
+    })
+    .await
+}
+
 /// `total` provisions of fresh ids under `base` over `connections` concurrent clients.
 async fn provisions(base: &str, connections: usize, total: usize, body: Value, tag: &str) -> Load {
-    let per = total / connections;
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..connections)
-        .map(|c| {
-            let (base, body, tag) = (base.to_string(), body.clone(), tag.to_string());
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                let mut lat = Vec::with_capacity(per);
-                for i in 0..per {
-                    let url = format!("{base}/v2/service_instances/{tag}-{c}-{i}");
-                    lat.push(timed(osb(client.put(url)).json(&body)).await);
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let elapsed = started.elapsed();
-    all.sort();
-    Load {
-        rps: all.len() as f64 / elapsed.as_secs_f64(),
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
-    }
+    let (base, tag) = (base.to_string(), tag.to_string());
+    load_with(connections, total, move |client, c, i| {
+        let url = format!("{base}/v2/service_instances/{tag}-{c}-{i}");
+        osb(client.put(url)).json(&body)
+    })
+    .await
 }
 
 /// What one fsync of a small write costs on the disk the store lives on: the median of 200.
