@@ -283,6 +283,17 @@ fn insert(
     Ok(Insert::Inserted)
 }
 
+/// The record's parent (or group) when it is at `version`; `None` when it is not.
+fn parent_at(
+    t: &redb::Table<'_, &'static str, (u64, &'static str, &'static [u8])>,
+    id: &str,
+    version: u64,
+) -> Result<Option<String>, redb::Error> {
+    Ok(t.get(id)?
+        .filter(|v| v.value().0 == version)
+        .map(|v| v.value().1.to_string()))
+}
+
 fn replace(
     txn: &WriteTransaction,
     table: Table,
@@ -291,11 +302,7 @@ fn replace(
     doc: &[u8],
 ) -> Result<bool, redb::Error> {
     let mut t = txn.open_table(docs(table))?;
-    let parent = t
-        .get(id)?
-        .filter(|v| v.value().0 == version)
-        .map(|v| v.value().1.to_string());
-    let Some(parent) = parent else {
+    let Some(parent) = parent_at(&t, id, version)? else {
         return Ok(false);
     };
     t.insert(id, (version + 1, parent.as_str(), doc))?;
@@ -309,11 +316,7 @@ fn remove(
     version: u64,
 ) -> Result<bool, redb::Error> {
     let mut t = txn.open_table(docs(table))?;
-    let parent = t
-        .get(id)?
-        .filter(|v| v.value().0 == version)
-        .map(|v| v.value().1.to_string());
-    let Some(parent) = parent else {
+    let Some(parent) = parent_at(&t, id, version)? else {
         return Ok(false);
     };
     t.remove(id)?;

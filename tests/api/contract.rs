@@ -420,39 +420,12 @@ fn fill_redis(creds: Value, mb: u64) -> BoxFuture<'static, ()> {
 fn fill_swift(creds: Value, mb: u64) -> BoxFuture<'static, ()> {
     Box::pin(async move {
         let session = crate::swift::login(&creds).await.unwrap();
-        let (http, token, storage) = (session.http, session.token, session.storage_url);
-        let put = |url: String, body: Vec<u8>| {
-            http.put(url)
-                .header("X-Auth-Token", &token)
-                .body(body)
-                .send()
-        };
-        let made = put(format!("{storage}/fill"), Vec::new()).await.unwrap();
-        assert!(made.status().is_success(), "{}", made.status());
+        assert!(session.put("fill", 0).await.is_success());
         // Within the large plan's quota: Swift itself refuses past it.
-        let stored = put(format!("{storage}/fill/data"), vec![b'x'; mb as usize * MB])
-            .await
-            .unwrap();
-        assert!(stored.status().is_success(), "{}", stored.status());
-        // Swift counts an account's bytes a moment after the write (its updaters run
-        // apart from the upload): what the broker then reads is what a client sees.
-        for _ in 0..100 {
-            let head = http
-                .head(&storage)
-                .header("X-Auth-Token", &token)
-                .send()
-                .await
-                .unwrap();
-            let used: u64 = head.headers()["x-account-bytes-used"]
-                .to_str()
-                .unwrap()
-                .parse()
-                .unwrap();
-            if used >= mb * MB as u64 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("Swift never counted the {mb} MB written");
+        let bytes = mb as usize * MB;
+        assert!(session.put("fill/data", bytes).await.is_success());
+        // Swift counts an account's bytes a moment after the write: what the broker then
+        // reads is what a client sees.
+        session.wait_for_usage(bytes as u64).await;
     })
 }

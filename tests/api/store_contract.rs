@@ -369,16 +369,6 @@ async fn an_embedded_store_written_before_instances_were_grouped_is_grouped_on_o
     };
     let store = store::open(&config).await.unwrap();
     grouped_after_upgrade(&*store).await;
-    // Bindings still go with their instance.
-    assert!(store
-        .remove(Table::Instances, "old-local-a", 3)
-        .await
-        .unwrap());
-    assert!(store
-        .get(Table::Bindings, "old-binding")
-        .await
-        .unwrap()
-        .is_none());
 }
 
 #[tokio::test]
@@ -445,13 +435,4 @@ async fn a_mysql_store_written_before_instances_were_grouped_is_grouped_on_open(
     };
     let store = store::open(&config).await.unwrap();
     grouped_after_upgrade(&*store).await;
-    assert!(store
-        .remove(Table::Instances, "old-local-a", 3)
-        .await
-        .unwrap());
-    assert!(store
-        .get(Table::Bindings, "old-binding")
-        .await
-        .unwrap()
-        .is_none());
 }

@@ -45,9 +45,9 @@ fn with_swift(url: &str) -> TestConfig {
 
 /// A Swift session as a client builds it from the binding's credentials.
 pub(crate) struct SwiftSession {
-    pub(crate) http: reqwest::Client,
-    pub(crate) token: String,
-    pub(crate) storage_url: String,
+    http: reqwest::Client,
+    token: String,
+    storage_url: String,
 }
 
 pub(crate) async fn login(creds: &Value) -> Result<SwiftSession, StatusCode> {
@@ -82,13 +82,13 @@ impl SwiftSession {
             .status()
     }
 
-    async fn put(&self, path: &str, bytes: usize) -> StatusCode {
+    pub(crate) async fn put(&self, path: &str, bytes: usize) -> StatusCode {
         let url = format!("{}/{path}", self.storage_url);
         self.send(Method::PUT, &url, vec![b'x'; bytes]).await
     }
 
     /// Waits until the account's usage shows `bytes` (Swift updates it in the background).
-    async fn wait_for_usage(&self, bytes: u64) {
+    pub(crate) async fn wait_for_usage(&self, bytes: u64) {
         for _ in 0..100 {
             let head = self
                 .http
