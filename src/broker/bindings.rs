@@ -5,14 +5,13 @@
 use upstreams::osb::{BindRequest, BindingResponse};
 use upstreams::Method;
 
-use super::forward::Undo;
-use super::operation::{failed, in_flight, Outcome, Reply};
+use super::operation::{failed, in_flight, At, Outcome, Reply};
 use super::{check_id, check_parameters, required, BackendRef, Broker, CallContext};
 use crate::backend::BackendError;
 use crate::catalog::ParametersOf;
 use crate::error::OsbError;
 use crate::store::records::{self, Stored};
-use crate::store::{BindingRecord, OpKind, OpState, StateStore};
+use crate::store::{BindingRecord, OpKind, OpState, StateStore, Table};
 
 fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
     e.instance_id == r.instance_id
@@ -77,13 +76,18 @@ impl Broker {
                     record.plan_id
                 )));
             }
+            // An update or deprovision of the instance forwarded from this process is
+            // still running.
+            if self.inner.held.holds(Table::Instances, instance_id) {
+                return Err(OsbError::concurrency());
+            }
             record.operation = self.start_forward(OpKind::Bind);
             let same = |e: &BindingRecord| same_binding(e, &record);
-            let version = match self
-                .claim_new(&record, parent, accepts_incomplete, same, |_| None)
+            let (_hold, at) = match self
+                .hold_new(&record, parent, accepts_incomplete, same, |_| None)
                 .await?
             {
-                Ok(claim) => claim.version,
+                Ok(held) => held,
                 Err(answer) => return Ok(answer),
             };
             let mut req = req;
@@ -92,7 +96,7 @@ impl Broker {
             let path = format!("/v2/service_instances/{instance_id}/service_bindings/{binding_id}");
             let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
             request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
-            return self.forward(record, version, request, Undo::Remove).await;
+            return self.forward(record, at, request).await;
         }
         let (service, plan) = self.offering(&instance.record)?;
         self.plan(service, &record.plan_id)?;
@@ -131,15 +135,20 @@ impl Broker {
         let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
         let work =
             self.within(async move { backend.bind(&iid, &bid, limits, parameters.as_ref()).await });
-        self.drive(record, version, work, |mut record, result| match result {
-            Ok(credentials) => {
-                record.credentials = Some(credentials);
-                record.operation.finish(OpState::Succeeded, None);
-                let reply = bound(&record, 201).expect("credentials were just set");
-                (Outcome::Keep(record), Ok(reply))
-            }
-            Err(e) => failed(record, e, None),
-        })
+        self.drive(
+            record,
+            At::Version(version),
+            work,
+            |mut record, result| match result {
+                Ok(credentials) => {
+                    record.credentials = Some(credentials);
+                    record.operation.finish(OpState::Succeeded, None);
+                    let reply = bound(&record, 201).expect("credentials were just set");
+                    (Outcome::Keep(record), Ok(reply))
+                }
+                Err(e) => failed(record, e, None),
+            },
+        )
         .await
     }
 
@@ -203,7 +212,8 @@ impl Broker {
             };
             backend.prune(&instance, &live).await
         });
-        self.drive(record, version, work, move |record, result| match result {
+        let at = At::Version(version);
+        self.drive(record, at, work, move |record, result| match result {
             Ok(()) => (Outcome::Remove, Ok(Reply::deleted())),
             Err(e) => failed(record, e, Some(previous_op)),
         })

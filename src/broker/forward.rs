@@ -5,29 +5,25 @@
 //! passes the identity headers, and answers with the upstream's status, body and
 //! `Retry-After`, namespaced ids written back. A 202's `operation` is replaced by a token
 //! naming the upstream (and carrying its operation), so polls route without a record.
-//! Nothing here claims a record: the callers do, through the one mechanism.
+//! Nothing here claims a record: the callers do, in process ([`Broker::hold`]), and the
+//! outcome recorded here is the call's one durable write.
 
 use chrono::Utc;
 use serde_json::Value;
 use upstreams::{Method, OsbRequest, OsbResponse};
 
-use super::operation::{self, Outcome, Reply, Resource, Settled};
+use super::operation::{self, At, Outcome, Reply, Resource, Settled};
 use super::{Broker, CallContext, OperationToken};
 use crate::error::OsbError;
 use crate::store::records::Stored;
 use crate::store::{BindingRecord, InstanceRecord, OpKind, OpState, OperationRecord, UpstreamRef};
 
-/// How long a forwarded call may hold its claim: Cloud Controller's 60 s and a margin.
+/// The lease a forwarded call's operation carries: Cloud Controller's 60 s and a margin.
+/// The claim itself is held in process, so it is never stored while the call runs.
 const FORWARD_LEASE_SECS: i64 = 120;
 /// An asynchronous upstream operation is the upstream's to finish; the platform polls it
 /// for up to a week.
 const UPSTREAM_ASYNC_LEASE_DAYS: i64 = 8;
-
-/// How to put a record back when the upstream did not do what was asked.
-pub(super) enum Undo {
-    Remove,
-    Restore(OperationRecord),
-}
 
 /// Records that take in what an upstream answered.
 pub(super) trait Forwarded: Resource {
@@ -93,24 +89,13 @@ fn passthrough(r: OsbResponse) -> Reply {
 }
 
 /// The outcome of a forwarded change: done (kept or removed), accepted (kept as an
-/// asynchronous operation the upstream runs), or refused (undone); the answer is the
-/// upstream's.
-fn settle<R: Forwarded>(
-    mut record: R,
-    undo: Undo,
-    answer: Result<OsbResponse, OsbError>,
-) -> Settled<R> {
+/// asynchronous operation the upstream runs), or refused (nothing recorded changes); the
+/// answer is the upstream's.
+fn settle<R: Forwarded>(mut record: R, answer: Result<OsbResponse, OsbError>) -> Settled<R> {
     let kind = record.operation().kind;
-    let undone = |mut record: R| match undo {
-        Undo::Remove => Outcome::Remove,
-        Undo::Restore(previous) => {
-            *record.operation_mut() = previous;
-            Outcome::Keep(record)
-        }
-    };
     let response = match answer {
         Ok(r) => r,
-        Err(e) => return (undone(record), Err(e)),
+        Err(e) => return (Outcome::Unchanged, Err(e)),
     };
     match response.status {
         200 | 201 if !kind.deletes() => {
@@ -133,7 +118,7 @@ fn settle<R: Forwarded>(
             reply.body["operation"] = Value::String(operation::token(&record));
             (Outcome::Keep(record), Ok(reply))
         }
-        _ => (undone(record), Ok(passthrough(response))),
+        _ => (Outcome::Unchanged, Ok(passthrough(response))),
     }
 }
 
@@ -210,28 +195,23 @@ impl Broker {
             })
     }
 
-    /// The "act" of a claimed forwarded change: sends the request to the record's
-    /// upstream, records what it answered and answers the same (counted in flight by
-    /// `drive`, as backend work is).
+    /// The "act" of a forwarded change claimed in process: sends the request to the
+    /// record's upstream, records what it answered and answers the same (counted in
+    /// flight by `drive`, as backend work is).
     pub(super) async fn forward<R: Forwarded>(
         &self,
         record: R,
-        version: u64,
+        at: At,
         request: OsbRequest,
-        undo: Undo,
     ) -> Result<Reply, OsbError> {
         let alias = record.upstream().expect("upstream-owned").alias.clone();
         let this = self.clone();
         let call = async move { this.call_upstream(&alias, request).await };
-        self.drive(record, version, call, move |record, answer| {
-            settle(record, undo, answer)
-        })
-        .await
+        self.drive(record, at, call, settle).await
     }
 
-    /// Deprovision and unbind of an upstream-owned resource: claim, forward the DELETE
-    /// with the upstream's ids, record what it answered (a refusal puts the previous
-    /// operation back).
+    /// Deprovision and unbind of an upstream-owned resource: claim in process, forward the
+    /// DELETE with the upstream's ids, record what it answered (a refusal changes nothing).
     pub(super) async fn forward_delete<R: Forwarded>(
         &self,
         stored: Stored<R>,
@@ -240,11 +220,13 @@ impl Broker {
         accepts_incomplete: bool,
         ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
-        let up = stored.record.upstream().cloned().expect("upstream-owned");
+        let mut record = stored.record;
+        let _hold = self.hold(R::TABLE, record.id())?;
+        let up = record.upstream().cloned().expect("upstream-owned");
         let request =
             self.delete_request(path, (&up.service_id, &up.plan_id), accepts_incomplete, ctx);
-        let (record, version, previous) = self.claim(stored, self.start_forward(kind)).await?;
-        self.forward(record, version, request, Undo::Restore(previous))
+        *record.operation_mut() = self.start_forward(kind);
+        self.forward(record, At::Version(stored.version), request)
             .await
     }
 
@@ -348,7 +330,8 @@ impl Broker {
         };
         if let Some(outcome) = outcome {
             // Another poll may have recorded the same end first; that is fine.
-            let _ = self.record_outcome::<R>(&id, stored.version, outcome).await;
+            let at = At::Version(stored.version);
+            let _ = self.record_outcome::<R>(&id, at, outcome).await;
         }
         Ok(passthrough(response))
     }

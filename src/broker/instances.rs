@@ -6,15 +6,14 @@ use upstreams::osb::{InstanceDetails, InstanceResponse, MaintenanceInfo};
 use upstreams::osb::{ProvisionRequest, UpdateRequest};
 use upstreams::Method;
 
-use super::forward::Undo;
-use super::operation::{failed, in_flight, Claim, Outcome, Reply};
+use super::operation::{failed, in_flight, At, Claim, Outcome, Reply};
 use super::{check_id, check_maintenance, check_parameters, required, Broker, CallContext};
 use crate::backend;
 use crate::catalog::{LocalService, ParametersOf};
 use crate::error::OsbError;
 use crate::federation::Route;
 use crate::store::records::{self, Stored};
-use crate::store::{InstanceRecord, OpKind, OpState, UpstreamRef};
+use crate::store::{InstanceRecord, OpKind, OpState, Table, UpstreamRef};
 
 fn same_instance(e: &InstanceRecord, r: &InstanceRecord) -> bool {
     e.service_id == r.service_id
@@ -119,15 +118,20 @@ impl Broker {
                 .provision(&instance_id, limits, parameters.as_ref())
                 .await
         });
-        self.drive(record, version, work, |mut record, result| match result {
-            Ok(()) => {
-                record.provisioned = true;
-                record.operation.finish(OpState::Succeeded, None);
-                let reply = provisioned(&record, 201);
-                (Outcome::Keep(record), Ok(reply))
-            }
-            Err(e) => failed(record, e, None),
-        })
+        self.drive(
+            record,
+            At::Version(version),
+            work,
+            |mut record, result| match result {
+                Ok(()) => {
+                    record.provisioned = true;
+                    record.operation.finish(OpState::Succeeded, None);
+                    let reply = provisioned(&record, 201);
+                    (Outcome::Keep(record), Ok(reply))
+                }
+                Err(e) => failed(record, e, None),
+            },
+        )
         .await
     }
 
@@ -152,11 +156,11 @@ impl Broker {
         });
         record.operation = self.start_forward(OpKind::Provision);
         let same = |e: &InstanceRecord| same_instance(e, &record);
-        let version = match self
-            .claim_new(&record, None, accepts_incomplete, same, done_instance)
+        let (_hold, at) = match self
+            .hold_new(&record, None, accepts_incomplete, same, done_instance)
             .await?
         {
-            Ok(claim) => claim.version,
+            Ok(held) => held,
             Err(answer) => return Ok(answer),
         };
         tracing::info!(instance_id = %record.id, upstream = %route.alias, "provisioning upstream");
@@ -165,7 +169,7 @@ impl Broker {
         let path = format!("/v2/service_instances/{}", record.id);
         let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
         request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
-        self.forward(record, version, request, Undo::Remove).await
+        self.forward(record, at, request).await
     }
 
     pub async fn update(
@@ -228,7 +232,7 @@ impl Broker {
         let (new_parameters, new_context) = (req.parameters, req.context);
         self.drive(
             record,
-            version,
+            At::Version(version),
             work,
             move |mut record, result| match result {
                 Ok(()) => {
@@ -270,10 +274,11 @@ impl Broker {
         } else {
             self.upstream_plan(&up, &current.service_id, &target_plan)?
         };
-        let mut operation = self.start_forward(OpKind::Update);
-        operation.target_plan_id = Some(target_plan);
-        operation.upstream_plan_id = Some(upstream_plan.clone());
-        let (record, version, previous) = self.claim(stored, operation).await?;
+        let _hold = self.hold(Table::Instances, &current.id)?;
+        let mut record = stored.record;
+        record.operation = self.start_forward(OpKind::Update);
+        record.operation.target_plan_id = Some(target_plan);
+        record.operation.upstream_plan_id = Some(upstream_plan.clone());
         req.service_id = Some(up.service_id.clone());
         if req.plan_id.is_some() {
             req.plan_id = Some(upstream_plan);
@@ -288,7 +293,7 @@ impl Broker {
         let path = format!("/v2/service_instances/{}", record.id);
         let mut request = self.upstream_request(Method::PATCH, &path, accepts_incomplete, ctx);
         request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
-        self.forward(record, version, request, Undo::Restore(previous))
+        self.forward(record, At::Version(stored.version), request)
             .await
     }
 
@@ -342,7 +347,7 @@ impl Broker {
         if !bindings.is_empty() && service.refuse_deprovision_with_bindings {
             let mut restored = record.clone();
             restored.operation = previous_op;
-            self.record_outcome(id, version, Outcome::Keep(restored))
+            self.record_outcome(id, At::Version(version), Outcome::Keep(restored))
                 .await?;
             let n = bindings.len();
             let (s, them) = if n == 1 { ("", "it") } else { ("s", "them") };
@@ -362,7 +367,8 @@ impl Broker {
                 false => Ok(()),
             }
         });
-        self.drive(record, version, work, move |record, result| match result {
+        let at = At::Version(version);
+        self.drive(record, at, work, move |record, result| match result {
             Ok(()) => (Outcome::Remove, Ok(Reply::deleted())),
             Err(e) => failed(record, e, Some(previous_op)),
         })

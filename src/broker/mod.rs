@@ -4,7 +4,8 @@
 //! 1. validate the request against the catalog;
 //! 2. claim the resource by recording an operation "in progress" in the state store
 //!    (an insert for new resources, a compare-and-swap otherwise): whoever loses the
-//!    claim is answered 200/202/409/422 from the winner's record;
+//!    claim is answered 200/202/409/422 from the winner's record. A forwarded call's
+//!    resource is the upstream's: it claims in process only, and step 4 is its one write;
 //! 3. act: the backend's work, inline or in the background for asynchronous plans, or
 //!    the call forwarded to the upstream that owns the service;
 //! 4. record the outcome durably, and only then answer.
@@ -76,6 +77,7 @@ struct Inner {
     background: TaskTracker,
     federation: Arc<Federation>,
     metrics: Arc<crate::metrics::Metrics>,
+    held: Arc<operation::Held>,
 }
 
 /// The longest an id may be; Cloud Foundry's are 36-character GUIDs.
@@ -157,6 +159,7 @@ impl Broker {
                 background: TaskTracker::new(),
                 federation,
                 metrics,
+                held: Arc::default(),
             }),
         }
     }

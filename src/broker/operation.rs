@@ -1,9 +1,17 @@
 //! The one mechanism every changing call runs through, local and forwarded alike:
-//! **claim** the record (insert a new one, or swap the stored one at the version read) with
-//! an operation "in progress"; **act** (a backend's work, or a call to an upstream);
-//! **record** the outcome; **answer**. Nothing here knows which call it serves.
+//! **claim** the record; **act** (a backend's work, or a call to an upstream); **record**
+//! the outcome; **answer**. Nothing here knows which call it serves.
+//!
+//! A local backend's claim is durable (an insert for a new resource, or a swap of the
+//! stored one at the version read, with an operation "in progress"): what the backend
+//! makes is the broker's, so a crash must leave a trace to clean up after. A forwarded
+//! call's resource is the upstream's: its claim is held in this process only ([`Hold`]),
+//! and the outcome is the call's one durable write (an insert, or a swap or removal at
+//! the version read, so a change by another process in between is still caught).
 
+use std::collections::HashSet;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -43,6 +51,43 @@ impl Reply {
 pub(super) enum Outcome<R> {
     Keep(R),
     Remove,
+    /// Nothing to write: a forwarded call the upstream refused or never answered, whose
+    /// claim was only ever held in process.
+    Unchanged,
+}
+
+/// Where the record an operation acts on stands in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum At {
+    /// Stored at this version (claimed there, or read there by a forwarded call): the
+    /// outcome swaps or removes it at this version.
+    Version(u64),
+    /// Not stored yet (a forwarded call's new resource): the outcome is its first write,
+    /// under the instance a binding belongs to, at the version read.
+    New(Option<(String, u64)>),
+}
+
+/// Ids claimed in this process by forwarded calls, each by table.
+#[derive(Default)]
+pub(super) struct Held(Mutex<HashSet<(Table, String)>>);
+
+/// One id claimed in process; released when dropped.
+pub(super) struct Hold {
+    held: Arc<Held>,
+    key: (Table, String),
+}
+
+impl Held {
+    pub(super) fn holds(&self, table: Table, id: &str) -> bool {
+        let held = self.0.lock().expect("not poisoned");
+        held.contains(&(table, id.to_string()))
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.held.0.lock().expect("not poisoned").remove(&self.key);
+    }
 }
 
 /// The outcome to record and the answer to give once it is recorded.
@@ -124,6 +169,32 @@ pub(super) fn in_flight<R: Resource>(
     Err(OsbError::concurrency())
 }
 
+/// A request for an id already stored: 409 for other attributes, 202 or 422 while an
+/// operation runs, `done`'s answer once complete; `None` when a failed or abandoned
+/// attempt may be taken over.
+fn answer_existing<R: Resource>(
+    existing: &R,
+    record: &R,
+    accepts_incomplete: bool,
+    same: impl Fn(&R) -> bool,
+    done: impl Fn(&R) -> Option<Reply>,
+) -> Result<Option<Reply>, OsbError> {
+    if !same(existing) {
+        let what = match R::TABLE {
+            Table::Instances => "instance",
+            _ => "binding",
+        };
+        return Err(OsbError::Conflict(format!(
+            "{what} {} already exists with other attributes",
+            record.id()
+        )));
+    }
+    if let Some(reply) = in_flight(existing, record.operation().kind, accepts_incomplete)? {
+        return Ok(Some(reply));
+    }
+    Ok(done(existing))
+}
+
 /// A claimed record: the version it was claimed at and whether a failed or abandoned
 /// earlier attempt was taken over (and may have left something to clean up).
 pub(super) struct Claim {
@@ -136,9 +207,8 @@ pub(super) type Claimed = Result<Claim, Reply>;
 
 impl Broker {
     /// Claims a new resource id by inserting its record. When the id is taken, the
-    /// request is answered from what is stored: 409 for other attributes, 202 or 422
-    /// while an operation runs, `done`'s answer once complete; a failed or abandoned
-    /// attempt is taken over.
+    /// request is answered from what is stored ([`answer_existing`]); a failed or
+    /// abandoned attempt is taken over.
     pub(super) async fn claim_new<R: Resource>(
         &self,
         record: &R,
@@ -157,30 +227,58 @@ impl Broker {
             Inserted::ParentChanged => return Err(OsbError::concurrency()),
             Inserted::Exists(existing) => existing,
         };
-        let e = &existing.record;
-        if !same(e) {
-            let what = match R::TABLE {
-                Table::Instances => "instance",
-                _ => "binding",
-            };
-            return Err(OsbError::Conflict(format!(
-                "{what} {} already exists with other attributes",
-                record.id()
-            )));
-        }
-        if let Some(reply) = in_flight(e, record.operation().kind, accepts_incomplete)? {
-            return Ok(Err(reply));
-        }
-        if let Some(reply) = done(e) {
+        if let Some(reply) =
+            answer_existing(&existing.record, record, accepts_incomplete, same, done)?
+        {
             return Ok(Err(reply));
         }
         // Taking over a failed or abandoned attempt: clean up after it first, unless it
         // failed because what it would have made was not the broker's.
-        let takeover = !e.operation().nothing_made;
+        let takeover = !existing.record.operation().nothing_made;
         match records::replace(self.store_ref(), record, existing.version).await? {
             Some(version) => Ok(Ok(Claim { version, takeover })),
             None => Err(OsbError::concurrency()),
         }
+    }
+
+    /// Claims a forwarded call's resource id in this process: another call for the same
+    /// id here is refused (422) until this one is recorded. A 422 also answers an id
+    /// claimed in the store by a call in flight.
+    pub(super) fn hold(&self, table: Table, id: &str) -> Result<Hold, OsbError> {
+        let held = &self.inner.held;
+        let key = (table, id.to_string());
+        if !held.0.lock().expect("not poisoned").insert(key.clone()) {
+            return Err(OsbError::concurrency());
+        }
+        Ok(Hold {
+            held: held.clone(),
+            key,
+        })
+    }
+
+    /// A forwarded call for a new resource id: claimed in process, and answered from what
+    /// is stored when the id is taken ([`answer_existing`]); a failed attempt is taken over
+    /// at the version read.
+    pub(super) async fn hold_new<R: Resource>(
+        &self,
+        record: &R,
+        parent: Option<(&str, u64)>,
+        accepts_incomplete: bool,
+        same: impl Fn(&R) -> bool,
+        done: impl Fn(&R) -> Option<Reply>,
+    ) -> Result<Result<(Hold, At), Reply>, OsbError> {
+        let hold = self.hold(R::TABLE, record.id())?;
+        let at = match records::load::<R>(self.store_ref(), record.id()).await? {
+            None => At::New(parent.map(|(id, version)| (id.to_string(), version))),
+            Some(existing) => {
+                let e = &existing.record;
+                if let Some(reply) = answer_existing(e, record, accepts_incomplete, same, done)? {
+                    return Ok(Err(reply));
+                }
+                At::Version(existing.version)
+            }
+        };
+        Ok(Ok((hold, at)))
     }
 
     /// Claims a stored record for a new operation: a compare-and-swap at the version read.
@@ -204,7 +302,7 @@ impl Broker {
     pub(super) async fn drive<R, T, W, S>(
         &self,
         record: R,
-        version: u64,
+        at: At,
         work: W,
         settle: S,
     ) -> Result<Reply, OsbError>
@@ -221,8 +319,7 @@ impl Broker {
         };
         if !record.operation().asynchronous {
             let (outcome, reply) = settle(record.clone(), work.await);
-            self.record_outcome::<R>(record.id(), version, outcome)
-                .await?;
+            self.record_outcome::<R>(record.id(), at, outcome).await?;
             return reply;
         }
         let this = self.clone();
@@ -230,25 +327,47 @@ impl Broker {
         let reply = accepted(&record);
         self.inner.background.spawn(async move {
             let (outcome, _) = settle(record, work.await);
-            if let Err(e) = this.record_outcome::<R>(&id, version, outcome).await {
+            if let Err(e) = this.record_outcome::<R>(&id, at, outcome).await {
                 tracing::error!(table = R::TABLE.name(), %id, error = %e, "could not record the end of a background operation");
             }
         });
         Ok(reply)
     }
 
-    /// Records an operation's end: the claimed version must still be the stored one.
+    /// Records an operation's end: the record must still be at the version claimed or
+    /// read, or, when new, its id still free (and a binding's instance still there).
     pub(super) async fn record_outcome<R: Record>(
         &self,
         id: &str,
-        version: u64,
+        at: At,
         outcome: Outcome<R>,
     ) -> Result<(), OsbError> {
-        let done = match outcome {
-            Outcome::Keep(record) => records::replace(self.store_ref(), &record, version)
-                .await?
-                .is_some(),
-            Outcome::Remove => records::remove::<R>(self.store_ref(), id, version).await?,
+        let store = self.store_ref();
+        let done = match (outcome, at) {
+            (Outcome::Unchanged, _) | (Outcome::Remove, At::New(_)) => true,
+            (Outcome::Keep(record), At::Version(version)) => {
+                records::replace(store, &record, version).await?.is_some()
+            }
+            (Outcome::Remove, At::Version(version)) => {
+                records::remove::<R>(store, id, version).await?
+            }
+            (Outcome::Keep(record), At::New(mut parent)) => loop {
+                let link = parent.as_ref().map(|(id, version)| (id.as_str(), *version));
+                match records::insert(store, &record, link).await? {
+                    Inserted::Inserted => break true,
+                    // Another process recorded the id first.
+                    Inserted::Exists(_) => return Err(OsbError::concurrency()),
+                    // The instance changed since it was read (an update recorded): the
+                    // binding still belongs to it while it is there.
+                    Inserted::ParentChanged => {
+                        let (pid, _) = parent.take().expect("only bindings have parents");
+                        match store.get(Table::Instances, &pid).await? {
+                            Some(current) => parent = Some((pid, current.version)),
+                            None => return Err(OsbError::concurrency()),
+                        }
+                    }
+                }
+            },
         };
         if done {
             Ok(())

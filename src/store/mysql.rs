@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Pool, TxOpts};
+use mysql_async::{Conn, Pool};
 
 use super::{Insert, Link, StateStore, StoreError, Table, Versioned};
 use crate::mysql::{self, SqlError};
@@ -177,59 +177,53 @@ impl StateStore for MysqlStore {
         link: Link<'_>,
         doc: &[u8],
     ) -> Result<Insert, StoreError> {
-        let parent = match link {
-            Link::Parent(pid, pversion) => Some((pid, pversion)),
-            _ => None,
-        };
-        let column = match link {
-            Link::None => "",
-            Link::Parent(pid, _) => pid,
-            Link::Group(group) => group,
-        };
+        // One statement, one round trip, committed on its own: a binding is selected into
+        // place only from its instance at the version read (none selected: the parent
+        // changed); a duplicate id is the server's error 1062.
         loop {
-            let mut conn = self.conn().await?;
-            let mut tx = conn
-                .start_transaction(TxOpts::default())
-                .await
-                .map_err(SqlError::from)?;
-            if let Some((pid, pversion)) = parent {
-                let current: Option<u64> = tx
-                    .exec_first(
-                        "SELECT version FROM brokerage_instances WHERE id = ? FOR UPDATE",
-                        (pid,),
-                    )
-                    .await
-                    .map_err(SqlError::from)?;
-                if current != Some(pversion) {
-                    tx.rollback().await.map_err(SqlError::from)?;
-                    return Ok(Insert::ParentChanged);
-                }
-            }
-            let inserted = tx
-                .exec_drop(
-                    format!(
-                        "INSERT INTO {} (id, parent, version, doc) VALUES (?, ?, 1, ?)",
-                        table(t)
-                    ),
-                    (id, column, doc),
-                )
-                .await
-                .map_err(SqlError::from);
-            match inserted {
-                Ok(()) => {
-                    tx.commit().await.map_err(SqlError::from)?;
-                    return Ok(Insert::Inserted);
-                }
-                Err(SqlError::Server { code: 1062, .. }) => {
-                    tx.rollback().await.map_err(SqlError::from)?;
-                    drop(conn);
-                    // Read the winner; if it vanished meanwhile, try the insert again.
-                    if let Some(existing) = self.get(t, id).await? {
-                        return Ok(Insert::Exists(existing));
+            let inserted = {
+                let mut conn = self.conn().await?;
+                let result = match link {
+                    Link::Parent(pid, pversion) => conn
+                        .exec_drop(
+                            format!(
+                                "INSERT INTO {} (id, parent, version, doc)
+                             SELECT ?, id, 1, ? FROM brokerage_instances
+                             WHERE id = ? AND version = ?",
+                                table(t)
+                            ),
+                            (id, doc, pid, pversion),
+                        )
+                        .await
+                        .map(|()| conn.affected_rows()),
+                    Link::None | Link::Group(_) => {
+                        let group = match link {
+                            Link::Group(group) => group,
+                            _ => "",
+                        };
+                        conn.exec_drop(
+                            format!(
+                                "INSERT INTO {} (id, parent, version, doc) VALUES (?, ?, 1, ?)",
+                                table(t)
+                            ),
+                            (id, group, doc),
+                        )
+                        .await
+                        .map(|()| conn.affected_rows())
                     }
-                }
-                Err(e) => return Err(e.into()),
-            }
+                };
+                result.map_err(SqlError::from)
+            };
+            return match inserted {
+                Ok(1) => Ok(Insert::Inserted),
+                Ok(_) => Ok(Insert::ParentChanged),
+                Err(SqlError::Server { code: 1062, .. }) => match self.get(t, id).await? {
+                    Some(existing) => Ok(Insert::Exists(existing)),
+                    // Removed between the two statements: try again.
+                    None => continue,
+                },
+                Err(e) => Err(e.into()),
+            };
         }
     }
 
@@ -255,24 +249,18 @@ impl StateStore for MysqlStore {
 
     async fn remove(&self, t: Table, id: &str, version: u64) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
-        let mut tx = conn
-            .start_transaction(TxOpts::default())
+        // One statement: an instance goes with its bindings.
+        let statement = match t {
+            Table::Instances => "DELETE i, b FROM brokerage_instances i
+                 LEFT JOIN brokerage_bindings b ON b.parent = i.id
+                 WHERE i.id = ? AND i.version = ?"
+                .to_string(),
+            _ => format!("DELETE FROM {} WHERE id = ? AND version = ?", table(t)),
+        };
+        conn.exec_drop(statement, (id, version))
             .await
             .map_err(SqlError::from)?;
-        tx.exec_drop(
-            format!("DELETE FROM {} WHERE id = ? AND version = ?", table(t)),
-            (id, version),
-        )
-        .await
-        .map_err(SqlError::from)?;
-        let removed = tx.affected_rows() == 1;
-        if removed && t == Table::Instances {
-            tx.exec_drop("DELETE FROM brokerage_bindings WHERE parent = ?", (id,))
-                .await
-                .map_err(SqlError::from)?;
-        }
-        tx.commit().await.map_err(SqlError::from)?;
-        Ok(removed)
+        Ok(conn.affected_rows() >= 1)
     }
 
     async fn page(

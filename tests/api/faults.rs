@@ -143,6 +143,16 @@ async fn a_hanging_upstream_times_out_clearly_while_everything_else_answers() {
         tokio::spawn(async move { Answer::from(req.send().await.unwrap()).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // The id is claimed in this process only: a second provision of it waits its turn,
+    // and nothing is recorded before the upstream answers.
+    let calls = injector.calls();
+    app.provision_with(&id, provision_body(&sid, &pid), false)
+        .await
+        .expect_error(422, Some("ConcurrencyError"));
+    assert_eq!(injector.calls(), calls, "the repeat was not forwarded");
+    app.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
+        .await
+        .expect_error(404, None);
     // Meanwhile the catalog and the other upstream answer promptly.
     let t = Instant::now();
     app.catalog().await.expect(200);

@@ -88,13 +88,16 @@ fn rand_index(n: usize) -> usize {
     (uuid::Uuid::new_v4().as_u128() % n as u128) as usize
 }
 
-/// Runs lifecycles until `until`; records what each instance was acknowledged as.
+/// Runs lifecycles of `offering` (service and plan ids) until `until`; records what each
+/// instance was acknowledged as.
 async fn lifecycles(
     clients: Arc<Vec<TestClient>>,
+    offering: (String, String),
     until: Instant,
     acks: Acks,
     statuses: Arc<Mutex<HashMap<u16, u64>>>,
 ) {
+    let (service, plan) = (offering.0.as_str(), offering.1.as_str());
     while Instant::now() < until {
         // A third of the lifecycles stop after provision, a third after bind: those must
         // stay, the rest must be gone.
@@ -107,7 +110,7 @@ async fn lifecycles(
             &clients,
             Method::PUT,
             &format!("/v2/service_instances/{id}"),
-            Some(provision_body(SERVICE, LARGE)),
+            Some(provision_body(service, plan)),
             deadline,
         )
         .await;
@@ -125,7 +128,7 @@ async fn lifecycles(
             &clients,
             Method::PUT,
             &format!("/v2/service_instances/{id}/service_bindings/{b}"),
-            Some(json!({"service_id": SERVICE, "plan_id": LARGE})),
+            Some(json!({"service_id": service, "plan_id": plan})),
             deadline,
         )
         .await;
@@ -142,7 +145,7 @@ async fn lifecycles(
         let a = step(
             &clients,
             Method::DELETE,
-            &format!("/v2/service_instances/{id}/service_bindings/{b}?service_id={SERVICE}&plan_id={LARGE}"),
+            &format!("/v2/service_instances/{id}/service_bindings/{b}?service_id={service}&plan_id={plan}"),
             None,
             deadline,
         )
@@ -156,7 +159,7 @@ async fn lifecycles(
         let a = step(
             &clients,
             Method::DELETE,
-            &format!("/v2/service_instances/{id}?service_id={SERVICE}&plan_id={LARGE}"),
+            &format!("/v2/service_instances/{id}?service_id={service}&plan_id={plan}"),
             None,
             deadline,
         )
@@ -286,6 +289,7 @@ async fn load_scenario() {
         if i % 4 == 0 {
             tasks.push(tokio::spawn(lifecycles(
                 clients.clone(),
+                (SERVICE.to_string(), LARGE.to_string()),
                 until,
                 acks.clone(),
                 statuses.clone(),
@@ -343,6 +347,7 @@ async fn crash_scenario() {
         .map(|_| {
             tokio::spawn(lifecycles(
                 clients.clone(),
+                (SERVICE.to_string(), LARGE.to_string()),
                 until,
                 acks.clone(),
                 statuses.clone(),
@@ -363,10 +368,21 @@ async fn crash_scenario() {
     }
     let acks = acks.lock().unwrap().clone();
     let statuses = statuses.lock().unwrap().clone();
-    let (present, gone, bound) = verify(&clients, &acks).await;
+    let checked = verify(&clients, &acks).await;
+    crash_checked("crash", kills, &statuses, acks.len(), checked);
+}
+
+/// After a crash scenario: no answer but 503 was a 5xx, and every kind of acknowledgement
+/// was checked (`checked`: present, gone, bound).
+fn crash_checked(
+    name: &str,
+    kills: usize,
+    statuses: &HashMap<u16, u64>,
+    instances: usize,
+    (present, gone, bound): (usize, usize, usize),
+) {
     println!(
-        "crash: {kills} SIGKILLs; {statuses:?}; checked {} instances: {gone} deleted and gone, {present} present, {bound} bound with working credentials",
-        acks.len()
+        "{name}: {kills} SIGKILLs; {statuses:?}; checked {instances} instances: {gone} deleted and gone, {present} present, {bound} bound with working credentials"
     );
     assert!(
         statuses.keys().all(|s| *s < 500 || *s == 503),
@@ -524,9 +540,106 @@ async fn mysql_restart_scenario() {
     let _ = app.stop().await;
 }
 
+/// Forwarded calls write once (their claim is held in process) through the embedded
+/// store's group commit: a broker killed again and again under forwarded lifecycles still
+/// has every acknowledged instance and binding, and none acknowledged as deleted. The
+/// upstream is a real OSB broker (openbrokerapi) that keeps its instances in memory.
+async fn forwarded_crash_scenario() {
+    let upstream = python_upstream("up-user", "up-password");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = TestConfig::new()
+        .with_store(StoreKind::Embedded(dir.path().join("state.redb")))
+        .with_port(port)
+        .with_upstream(format!(
+            "{{alias: up, url: \"{}\", auth: {{kind: basic, username: up-user, password: up-password}}, request_timeout_secs: 5}}",
+            upstream.base
+        ));
+    let file = config.write();
+    let log = dir.path().join("broker.log");
+    let mut broker = BrokerProcess::start(&file, port, &log).await;
+    let clients = Arc::new(vec![broker.client()]);
+    let db = wait_for_service(&clients[0], "up-db").await;
+    let offering = (
+        db["id"].as_str().unwrap().to_string(),
+        db["plans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "small")
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    );
+    let until = Instant::now() + seconds(10, 120);
+    let acks = Arc::new(Mutex::new(HashMap::new()));
+    let statuses = Arc::new(Mutex::new(HashMap::new()));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            tokio::spawn(lifecycles(
+                clients.clone(),
+                offering.clone(),
+                until,
+                acks.clone(),
+                statuses.clone(),
+            ))
+        })
+        .collect();
+    let mut kills = 0;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(500 + (rand_index(600) as u64))).await;
+        broker.kill9();
+        kills += 1;
+        broker = BrokerProcess::start(&file, port, &log).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acks = acks.lock().unwrap().clone();
+    let statuses = statuses.lock().unwrap().clone();
+    let client = broker.client();
+    let (mut present, mut gone, mut bound) = (0, 0, 0);
+    for (id, (ack, creds)) in &acks {
+        let fetched = client
+            .call(Method::GET, &format!("/v2/service_instances/{id}"), None)
+            .await;
+        match ack {
+            Ack::Deprovisioned => {
+                assert_eq!(
+                    fetched.status, 404,
+                    "{id} was deprovisioned: {}",
+                    fetched.raw
+                );
+                gone += 1;
+            }
+            Ack::Provisioned | Ack::Unbound | Ack::Bound => {
+                // Recorded here, and there upstream: the fetch is forwarded.
+                assert_eq!(fetched.status, 200, "{id} is provisioned: {}", fetched.raw);
+                present += 1;
+            }
+        }
+        if *ack == Ack::Bound {
+            let binding = client
+                .call(
+                    Method::GET,
+                    &format!("/v2/service_instances/{id}/service_bindings/{id}-b"),
+                    None,
+                )
+                .await;
+            assert_eq!(binding.status, 200, "{id}-b is bound: {}", binding.raw);
+            assert_eq!(Some(&binding.body["credentials"]), creds.as_ref());
+            bound += 1;
+        }
+    }
+    let checked = (present, gone, bound);
+    crash_checked("forwarded crash", kills, &statuses, acks.len(), checked);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_crash_and_mysql_restart() {
     load_scenario().await;
     crash_scenario().await;
+    forwarded_crash_scenario().await;
     mysql_restart_scenario().await;
 }
