@@ -90,7 +90,6 @@ impl QuotaEnforcer {
         }
     }
 
-    /// One pass over every provisioned local instance.
     /// One pass over the instances of every service whose backend enforces quotas, a
     /// page at a time: its cost grows with those instances only, never with other
     /// services' or with upstream-owned ones.
@@ -116,24 +115,29 @@ impl QuotaEnforcer {
                     }
                 };
                 let full = page.len() == PAGE;
-                for instance in page {
-                    let instance = instance.record;
-                    after.clone_from(&instance.id);
-                    let Some(plan) = service.plan(&instance.plan_id) else {
-                        continue;
-                    };
-                    if !instance.provisioned {
-                        continue;
-                    }
-                    pass.instances += 1;
-                    match backend.enforce_quota(&instance.id, plan.limits).await {
+                if let Some(last) = page.last() {
+                    after.clone_from(&last.record.id);
+                }
+                let batch: Vec<(String, crate::catalog::PlanLimits)> = page
+                    .into_iter()
+                    .map(|stored| stored.record)
+                    .filter(|instance| instance.provisioned)
+                    .filter_map(|instance| {
+                        let plan = service.plan(&instance.plan_id)?;
+                        Some((instance.id, plan.limits))
+                    })
+                    .collect();
+                pass.instances += batch.len() as u32;
+                let changes = backend.enforce_quota(&batch).await;
+                for ((instance_id, _), change) in batch.iter().zip(changes) {
+                    match change {
                         Ok(change) => {
                             pass.revoked += change.revoked;
                             pass.restored += change.restored;
                         }
                         Err(e) => {
                             pass.failed += 1;
-                            tracing::warn!(instance_id = %instance.id, error = %e, "quota pass failed for an instance");
+                            tracing::warn!(%instance_id, error = %e, "quota pass failed for an instance");
                         }
                     }
                 }

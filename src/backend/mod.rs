@@ -142,15 +142,18 @@ pub trait Backend: Send + Sync {
     fn enforces_quota(&self) -> bool {
         false
     }
-    /// Holds the instance to its plan's storage: at or over the limit its users lose write
-    /// access (and their open connections), below it they get it back. Backends without
-    /// quotas change nothing.
+    /// Holds each instance to its plan's storage: at or over the limit its users lose write
+    /// access (and their open connections), below it they get it back. Called with a page
+    /// of instances at a time, so a backend may read all their usage at once; one result
+    /// per instance, in order. Backends without quotas change nothing.
     async fn enforce_quota(
         &self,
-        _instance_id: &str,
-        _limits: PlanLimits,
-    ) -> Result<QuotaChange, BackendError> {
-        Ok(QuotaChange::default())
+        instances: &[(String, PlanLimits)],
+    ) -> Vec<Result<QuotaChange, BackendError>> {
+        instances
+            .iter()
+            .map(|_| Ok(QuotaChange::default()))
+            .collect()
     }
 
     /// What the instance's dashboard shows about it, as label and value.

@@ -92,24 +92,40 @@ impl MysqlBackend {
         Ok(found.is_some())
     }
 
-    /// Bytes the instance's tables use (data and indexes): current without ANALYZE on
-    /// MariaDB; on MySQL 8 the session's `information_schema_stats_expiry` is set to 0 so
-    /// the sizes are read fresh, not from a cache up to a day old.
-    async fn bytes_used(&self, instance_id: &str) -> Result<u64, BackendError> {
-        let mut conn = self.conn().await?;
+    /// Bytes each database's tables use (data and indexes), by database; one not there
+    /// is absent. Current without ANALYZE on MariaDB; on MySQL 8 the session's
+    /// `information_schema_stats_expiry` is set to 0 so the sizes are read fresh, not from a
+    /// cache up to a day old.
+    async fn sizes(
+        &self,
+        conn: &mut Conn,
+        databases: &[String],
+    ) -> Result<std::collections::HashMap<String, u64>, BackendError> {
         // MariaDB has no such variable (and needs none): its error is expected.
         let _ = conn
             .query_drop("SET SESSION information_schema_stats_expiry = 0")
             .await;
-        let used: Option<u64> = conn
-            .exec_first(
-                "SELECT CAST(COALESCE(SUM(data_length + index_length), 0) AS UNSIGNED)
-                 FROM information_schema.TABLES WHERE table_schema = ?",
-                (database_name(instance_id),),
+        let marks = vec!["?"; databases.len()].join(", ");
+        let rows: Vec<(String, u64)> = conn
+            .exec(
+                format!(
+                    "SELECT table_schema, CAST(COALESCE(SUM(data_length + index_length), 0) AS UNSIGNED)
+                     FROM information_schema.TABLES WHERE table_schema IN ({marks})
+                     GROUP BY table_schema"
+                ),
+                databases.to_vec(),
             )
             .await
             .map_err(|e| self.error(e))?;
-        Ok(used.unwrap_or(0))
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Bytes the instance's tables use.
+    async fn bytes_used(&self, instance_id: &str) -> Result<u64, BackendError> {
+        let mut conn = self.conn().await?;
+        let db = database_name(instance_id);
+        let sizes = self.sizes(&mut conn, std::slice::from_ref(&db)).await?;
+        Ok(sizes.get(&db).copied().unwrap_or(0))
     }
 
     /// The users holding grants on an instance's database.
@@ -331,61 +347,95 @@ impl Backend for MysqlBackend {
 
     async fn enforce_quota(
         &self,
-        instance_id: &str,
-        limits: PlanLimits,
-    ) -> Result<QuotaChange, BackendError> {
-        let used_bytes = self.bytes_used(instance_id).await?;
-        let over = used_bytes >= limits.max_storage_mb * 1024 * 1024;
-        let db = database_name(instance_id);
-        let pattern = grant_pattern(&db);
-        let mut conn = self.conn().await?;
-        // What each user may do now, read from the server at this moment: a read-only
-        // binding holds SELECT alone (no DELETE), a revoked one keeps SELECT and DELETE.
-        // So the pass decides from the server, never from a list of bindings read earlier.
-        let users: Vec<(String, String, String)> = conn
-            .exec(
-                "SELECT User,
-                        IF(Insert_priv = 'Y' OR Update_priv = 'Y' OR Create_priv = 'Y'
-                           OR Alter_priv = 'Y' OR Index_priv = 'Y' OR Create_tmp_table_priv = 'Y'
-                           OR Create_view_priv = 'Y' OR Create_routine_priv = 'Y'
-                           OR Trigger_priv = 'Y' OR Event_priv = 'Y', 'Y', 'N'),
-                        Delete_priv
-                 FROM mysql.db WHERE Db = ? AND Host = '%'",
-                (&pattern,),
-            )
-            .await
-            .map_err(|e| self.error(e))?;
-        let mut change = QuotaChange {
-            used_bytes,
-            ..Default::default()
+        instances: &[(String, PlanLimits)],
+    ) -> Vec<Result<QuotaChange, BackendError>> {
+        if instances.is_empty() {
+            return Vec::new();
+        }
+        // Two statements for the whole page: every database's size, and what each binding
+        // user may do now, read from the server at this moment (a read-only binding holds
+        // SELECT alone, no DELETE; a revoked one keeps SELECT and DELETE). So the pass
+        // decides from the server, never from a list of bindings read earlier.
+        let read = async {
+            let mut conn = self.conn().await?;
+            let databases: Vec<String> =
+                instances.iter().map(|(id, _)| database_name(id)).collect();
+            let sizes = self.sizes(&mut conn, &databases).await?;
+            let patterns: Vec<String> = databases.iter().map(|db| grant_pattern(db)).collect();
+            let marks = vec!["?"; patterns.len()].join(", ");
+            let users: Vec<(String, String, String, String)> = conn
+                .exec(
+                    format!(
+                        "SELECT Db, User,
+                            IF(Insert_priv = 'Y' OR Update_priv = 'Y' OR Create_priv = 'Y'
+                               OR Alter_priv = 'Y' OR Index_priv = 'Y' OR Create_tmp_table_priv = 'Y'
+                               OR Create_view_priv = 'Y' OR Create_routine_priv = 'Y'
+                               OR Trigger_priv = 'Y' OR Event_priv = 'Y', 'Y', 'N'),
+                            Delete_priv
+                         FROM mysql.db WHERE Host = '%' AND Db IN ({marks})"
+                    ),
+                    patterns,
+                )
+                .await
+                .map_err(|e| self.error(e))?;
+            Ok::<_, BackendError>((conn, sizes, users))
         };
-        for (user, may_grow, may_delete) in users.iter().filter(|(u, _, _)| is_binding_user(u)) {
-            let (may_grow, read_only) = (may_grow == "Y", may_delete != "Y");
-            if over && may_grow {
-                conn.query_drop(format!("REVOKE {GROW} ON `{pattern}`.* FROM '{user}'@'%'"))
-                    .await
-                    .map_err(|e| self.error(e))?;
-                self.kill_sessions(&mut conn, user).await?;
-                change.revoked += 1;
-            }
-            if !over && !may_grow && !read_only {
-                conn.query_drop(format!("GRANT {GROW} ON `{pattern}`.* TO '{user}'@'%'"))
-                    .await
-                    .map_err(|e| self.error(e))?;
-                change.restored += 1;
-            }
-        }
-        if change.revoked + change.restored > 0 {
-            tracing::info!(
-                instance_id,
+        let (mut conn, sizes, users) = match read.await {
+            Ok(read) => read,
+            Err(e) => return instances.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let mut changes = Vec::with_capacity(instances.len());
+        for (instance_id, limits) in instances {
+            let db = database_name(instance_id);
+            let pattern = grant_pattern(&db);
+            let used_bytes = sizes.get(&db).copied().unwrap_or(0);
+            let over = used_bytes >= limits.max_storage_mb * 1024 * 1024;
+            let mut change = QuotaChange {
                 used_bytes,
-                limit_mb = limits.max_storage_mb,
-                revoked = change.revoked,
-                restored = change.restored,
-                "storage quota enforced"
-            );
+                ..Default::default()
+            };
+            let mine = users
+                .iter()
+                .filter(|(d, u, _, _)| *d == pattern && is_binding_user(u));
+            let mut failed = None;
+            for (_, user, may_grow, may_delete) in mine {
+                let (may_grow, read_only) = (may_grow == "Y", may_delete != "Y");
+                let step = if over && may_grow {
+                    change.revoked += 1;
+                    let revoke = format!("REVOKE {GROW} ON `{pattern}`.* FROM '{user}'@'%'");
+                    match conn.query_drop(revoke).await.map_err(|e| self.error(e)) {
+                        Ok(()) => self.kill_sessions(&mut conn, user).await,
+                        Err(e) => Err(e),
+                    }
+                } else if !over && !may_grow && !read_only {
+                    change.restored += 1;
+                    let grant = format!("GRANT {GROW} ON `{pattern}`.* TO '{user}'@'%'");
+                    conn.query_drop(grant).await.map_err(|e| self.error(e))
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = step {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if let Some(e) = failed {
+                changes.push(Err(e));
+                continue;
+            }
+            if change.revoked + change.restored > 0 {
+                tracing::info!(
+                    instance_id = %instance_id,
+                    used_bytes,
+                    limit_mb = limits.max_storage_mb,
+                    revoked = change.revoked,
+                    restored = change.restored,
+                    "storage quota enforced"
+                );
+            }
+            changes.push(Ok(change));
         }
-        Ok(change)
+        changes
     }
 
     async fn describe_instance(

@@ -266,6 +266,61 @@ pub fn acl_user(instance_id: &str, binding_id: &str) -> String {
 }
 
 impl RedisBackend {
+    /// One instance's quota: see [`Backend::enforce_quota`].
+    async fn enforce_one(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+    ) -> Result<QuotaChange, BackendError> {
+        let mut con = self.connection().await?;
+        let used = self.usage(&mut con, instance_id).await?;
+        let over = used >= quota_bytes(limits);
+        let known = self.known_commands(&mut con).await?;
+        let mut change = QuotaChange {
+            used_bytes: used,
+            ..Default::default()
+        };
+        for user in self.users_of(&mut con, instance_id).await? {
+            // Whether the user may write now: `ACL DRYRUN` of a growing command.
+            let probe = format!("{}quota-probe", key_prefix(instance_id));
+            let may_write: Result<redis::Value, BackendError> = self
+                .run(
+                    &mut con,
+                    redis::cmd("ACL")
+                        .arg("DRYRUN")
+                        .arg(&user)
+                        .arg("SET")
+                        .arg(&probe)
+                        .arg("x"),
+                )
+                .await;
+            let may_write = match may_write {
+                Ok(redis::Value::Okay) => true,
+                Ok(redis::Value::SimpleString(s)) => s == "OK",
+                _ => false,
+            };
+            if over != may_write {
+                continue;
+            }
+            let sign = if over { '-' } else { '+' };
+            let mut setuser = redis::cmd("ACL");
+            setuser.arg("SETUSER").arg(&user);
+            for command in GROW.iter().filter(|c| known.contains(c)) {
+                setuser.arg(format!("{sign}{command}"));
+            }
+            let _: () = self.run(&mut con, &setuser).await?;
+            if over {
+                change.revoked += 1;
+            } else {
+                change.restored += 1;
+            }
+        }
+        if change.revoked + change.restored > 0 {
+            self.save_acl(&mut con).await;
+        }
+        Ok(change)
+    }
+
     /// With `ca_certificate`, the server is reached over TLS (`rediss://`, whichever scheme
     /// the url names) and its certificate checked against that CA.
     pub fn new(config: &ServerBackendConfig) -> anyhow::Result<Self> {
@@ -571,56 +626,13 @@ impl Backend for RedisBackend {
 
     async fn enforce_quota(
         &self,
-        instance_id: &str,
-        limits: PlanLimits,
-    ) -> Result<QuotaChange, BackendError> {
-        let mut con = self.connection().await?;
-        let used = self.usage(&mut con, instance_id).await?;
-        let over = used >= quota_bytes(limits);
-        let known = self.known_commands(&mut con).await?;
-        let mut change = QuotaChange {
-            used_bytes: used,
-            ..Default::default()
-        };
-        for user in self.users_of(&mut con, instance_id).await? {
-            // Whether the user may write now: `ACL DRYRUN` of a growing command.
-            let probe = format!("{}quota-probe", key_prefix(instance_id));
-            let may_write: Result<redis::Value, BackendError> = self
-                .run(
-                    &mut con,
-                    redis::cmd("ACL")
-                        .arg("DRYRUN")
-                        .arg(&user)
-                        .arg("SET")
-                        .arg(&probe)
-                        .arg("x"),
-                )
-                .await;
-            let may_write = match may_write {
-                Ok(redis::Value::Okay) => true,
-                Ok(redis::Value::SimpleString(s)) => s == "OK",
-                _ => false,
-            };
-            if over != may_write {
-                continue;
-            }
-            let sign = if over { '-' } else { '+' };
-            let mut setuser = redis::cmd("ACL");
-            setuser.arg("SETUSER").arg(&user);
-            for command in GROW.iter().filter(|c| known.contains(c)) {
-                setuser.arg(format!("{sign}{command}"));
-            }
-            let _: () = self.run(&mut con, &setuser).await?;
-            if over {
-                change.revoked += 1;
-            } else {
-                change.restored += 1;
-            }
+        instances: &[(String, PlanLimits)],
+    ) -> Vec<Result<QuotaChange, BackendError>> {
+        let mut changes = Vec::with_capacity(instances.len());
+        for (id, limits) in instances {
+            changes.push(self.enforce_one(id, *limits).await);
         }
-        if change.revoked + change.restored > 0 {
-            self.save_acl(&mut con).await;
-        }
-        Ok(change)
+        changes
     }
 
     async fn describe_instance(
