@@ -50,9 +50,13 @@ pub fn pool(url: &str, max: usize, ca_pem: Option<&[u8]>) -> Result<Pool, SqlErr
     let opts = OptsBuilder::from_opts(opts(url)?)
         // No COM_RESET_CONNECTION round trip each time a connection goes back to the pool:
         // the broker keeps no session state on its admin connections.
+        // Idle connections are kept for a minute: with the default (0 s) and no lower bound
+        // every connection was closed as it went back, so each operation paid a new
+        // connection (handshake and login) on both sides.
         .pool_opts(
             PoolOpts::default()
                 .with_constraints(constraints)
+                .with_inactive_connection_ttl(Duration::from_secs(60))
                 .with_reset_connection(false),
         )
         .tcp_keepalive(Some(Duration::from_secs(30)))
