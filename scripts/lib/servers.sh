@@ -108,6 +108,7 @@ make_test_certificate() {
     -extfile <(printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n') 2>/dev/null
 }
 
+# MARIADB_ARGS: extra server options (the bench turns the performance schema on).
 start_throwaway_mariadb() {
   local data=$1 mariadbd port pid sock link
   mariadbd=$(command -v mariadbd || echo /usr/sbin/mariadbd)
@@ -126,7 +127,7 @@ start_throwaway_mariadb() {
   sock=$data/sock
   "$mariadbd" --no-defaults --datadir="$data/db" --user="$(id -un)" --bind-address=127.0.0.1 \
     --port="$port" --socket="$sock" --pid-file="$data/pid" --skip-name-resolve \
-    --max-connections=1000 --log-error="$data/error.log" \
+    --max-connections=1000 --log-error="$data/error.log" ${MARIADB_ARGS:-} \
     --ssl-ca="$data/ca.pem" --ssl-cert="$data/server.pem" --ssl-key="$data/server.key" &
   pid=$!
   stop_on_exit $pid
