@@ -11,9 +11,9 @@ use crate::backend::BackendError;
 use crate::catalog::ParametersOf;
 use crate::error::OsbError;
 use crate::store::records::{self, Stored};
-use crate::store::{BindingRecord, OpKind, OpState, StateStore, Table};
+use crate::store::{BindingRecord, OpKind, OpState, StateStore};
 
-fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
+pub(super) fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
     e.instance_id == r.instance_id
         && e.service_id == r.service_id
         && e.plan_id == r.plan_id
@@ -23,7 +23,7 @@ fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
 }
 
 /// The answer to a local bind: the credentials the backend handed out.
-fn bound(record: &BindingRecord, status: u16) -> Option<Reply> {
+pub(super) fn bound(record: &BindingRecord, status: u16) -> Option<Reply> {
     let credentials = record.credentials.clone()?;
     let answer = BindingResponse {
         credentials: Some(credentials),
@@ -76,17 +76,8 @@ impl Broker {
                     record.plan_id
                 )));
             }
-            // An update or deprovision of the instance forwarded from this process is
-            // still running.
-            if self.inner.held.holds(Table::Instances, instance_id) {
-                return Err(OsbError::concurrency());
-            }
             record.operation = self.start_forward(OpKind::Bind);
-            let same = |e: &BindingRecord| same_binding(e, &record);
-            let (_hold, at) = match self
-                .hold_new(&record, parent, accepts_incomplete, same, |_| None)
-                .await?
-            {
+            let (_hold, at) = match self.hold_new(&record, parent, accepts_incomplete).await? {
                 Ok(held) => held,
                 Err(answer) => return Ok(answer),
             };
@@ -120,12 +111,7 @@ impl Broker {
             return Err(OsbError::AsyncRequired);
         }
         record.operation = self.start(OpKind::Bind, plan.asynchronous);
-        let same = |e: &BindingRecord| same_binding(e, &record);
-        let done = |e: &BindingRecord| bound(e, 200);
-        let version = match self
-            .claim_new(&record, parent, accepts_incomplete, same, done)
-            .await?
-        {
+        let version = match self.claim_new(&record, parent, accepts_incomplete).await? {
             Ok(claim) => claim.version,
             Err(answer) => return Ok(answer),
         };

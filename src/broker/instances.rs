@@ -15,7 +15,7 @@ use crate::federation::Route;
 use crate::store::records::{self, Stored};
 use crate::store::{InstanceRecord, OpKind, OpState, Table, UpstreamRef};
 
-fn same_instance(e: &InstanceRecord, r: &InstanceRecord) -> bool {
+pub(super) fn same_instance(e: &InstanceRecord, r: &InstanceRecord) -> bool {
     e.service_id == r.service_id
         && e.plan_id == r.plan_id
         && e.organization_guid == r.organization_guid
@@ -34,7 +34,7 @@ fn provisioned(record: &InstanceRecord, status: u16) -> Reply {
     )
 }
 
-fn done_instance(e: &InstanceRecord) -> Option<Reply> {
+pub(super) fn done_instance(e: &InstanceRecord) -> Option<Reply> {
     e.provisioned.then(|| provisioned(e, 200))
 }
 
@@ -98,14 +98,11 @@ impl Broker {
             .as_ref()
             .map(|_| self.inner.links.dashboard_url(id).to_string());
         record.operation = self.start(OpKind::Provision, plan.asynchronous);
-        let same = |e: &InstanceRecord| same_instance(e, &record);
-        let Claim { version, takeover } = match self
-            .claim_new(&record, None, accepts_incomplete, same, done_instance)
-            .await?
-        {
-            Ok(claim) => claim,
-            Err(answer) => return Ok(answer),
-        };
+        let Claim { version, takeover } =
+            match self.claim_new(&record, None, accepts_incomplete).await? {
+                Ok(claim) => claim,
+                Err(answer) => return Ok(answer),
+            };
         tracing::info!(instance_id = id, service = %service.wire.name, plan = %plan.wire.name, "provisioning");
         let limits = plan.limits;
         let parameters = record.parameters.clone();
@@ -155,11 +152,7 @@ impl Broker {
             plan_id: upstream_plan.clone(),
         });
         record.operation = self.start_forward(OpKind::Provision);
-        let same = |e: &InstanceRecord| same_instance(e, &record);
-        let (_hold, at) = match self
-            .hold_new(&record, None, accepts_incomplete, same, done_instance)
-            .await?
-        {
+        let (_hold, at) = match self.hold_new(&record, None, accepts_incomplete).await? {
             Ok(held) => held,
             Err(answer) => return Ok(answer),
         };

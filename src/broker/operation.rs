@@ -96,9 +96,22 @@ pub(super) type Settled<R> = (Outcome<R>, Result<Reply, OsbError>);
 /// A record the broker answers about: what its `202` carries.
 pub(super) trait Resource: Record + Clone + 'static {
     fn accepted_body(&self, operation: String) -> Value;
+    /// Whether a stored record was made by a request with the same attributes.
+    fn same_request(&self, other: &Self) -> bool;
+    /// The answer to a repeat of the request once its operation is complete; `None` when
+    /// the repeat must act again (a forwarded binding keeps no credentials to repeat).
+    fn done(&self) -> Option<Reply>;
 }
 
 impl Resource for InstanceRecord {
+    fn same_request(&self, other: &Self) -> bool {
+        super::instances::same_instance(self, other)
+    }
+
+    fn done(&self) -> Option<Reply> {
+        super::instances::done_instance(self)
+    }
+
     fn accepted_body(&self, operation: String) -> Value {
         let operation = Some(operation);
         match self.operation.kind {
@@ -112,6 +125,14 @@ impl Resource for InstanceRecord {
 }
 
 impl Resource for BindingRecord {
+    fn same_request(&self, other: &Self) -> bool {
+        super::bindings::same_binding(self, other)
+    }
+
+    fn done(&self) -> Option<Reply> {
+        super::bindings::bound(self, 200)
+    }
+
     fn accepted_body(&self, operation: String) -> Value {
         let operation = Some(operation);
         match self.operation.kind {
@@ -170,16 +191,14 @@ pub(super) fn in_flight<R: Resource>(
 }
 
 /// A request for an id already stored: 409 for other attributes, 202 or 422 while an
-/// operation runs, `done`'s answer once complete; `None` when a failed or abandoned
-/// attempt may be taken over.
+/// operation runs, [`Resource::done`]'s answer once complete; `None` when a failed or
+/// abandoned attempt may be taken over.
 fn answer_existing<R: Resource>(
     existing: &R,
     record: &R,
     accepts_incomplete: bool,
-    same: impl Fn(&R) -> bool,
-    done: impl Fn(&R) -> Option<Reply>,
 ) -> Result<Option<Reply>, OsbError> {
-    if !same(existing) {
+    if !existing.same_request(record) {
         let what = match R::TABLE {
             Table::Instances => "instance",
             _ => "binding",
@@ -192,7 +211,7 @@ fn answer_existing<R: Resource>(
     if let Some(reply) = in_flight(existing, record.operation().kind, accepts_incomplete)? {
         return Ok(Some(reply));
     }
-    Ok(done(existing))
+    Ok(existing.done())
 }
 
 /// A claimed record: the version it was claimed at and whether a failed or abandoned
@@ -214,8 +233,6 @@ impl Broker {
         record: &R,
         parent: Option<(&str, u64)>,
         accepts_incomplete: bool,
-        same: impl Fn(&R) -> bool,
-        done: impl Fn(&R) -> Option<Reply>,
     ) -> Result<Claimed, OsbError> {
         let existing = match records::insert(self.store_ref(), record, parent).await? {
             Inserted::Inserted => {
@@ -227,9 +244,7 @@ impl Broker {
             Inserted::ParentChanged => return Err(OsbError::concurrency()),
             Inserted::Exists(existing) => existing,
         };
-        if let Some(reply) =
-            answer_existing(&existing.record, record, accepts_incomplete, same, done)?
-        {
+        if let Some(reply) = answer_existing(&existing.record, record, accepts_incomplete)? {
             return Ok(Err(reply));
         }
         // Taking over a failed or abandoned attempt: clean up after it first, unless it
@@ -258,21 +273,23 @@ impl Broker {
 
     /// A forwarded call for a new resource id: claimed in process, and answered from what
     /// is stored when the id is taken ([`answer_existing`]); a failed attempt is taken over
-    /// at the version read.
+    /// at the version read. A binding waits (422) while its instance is held here by a
+    /// forwarded update or deprovision.
     pub(super) async fn hold_new<R: Resource>(
         &self,
         record: &R,
         parent: Option<(&str, u64)>,
         accepts_incomplete: bool,
-        same: impl Fn(&R) -> bool,
-        done: impl Fn(&R) -> Option<Reply>,
     ) -> Result<Result<(Hold, At), Reply>, OsbError> {
+        if parent.is_some_and(|(id, _)| self.inner.held.holds(Table::Instances, id)) {
+            return Err(OsbError::concurrency());
+        }
         let hold = self.hold(R::TABLE, record.id())?;
         let at = match records::load::<R>(self.store_ref(), record.id()).await? {
             None => At::New(parent.map(|(id, version)| (id.to_string(), version))),
             Some(existing) => {
                 let e = &existing.record;
-                if let Some(reply) = answer_existing(e, record, accepts_incomplete, same, done)? {
+                if let Some(reply) = answer_existing(e, record, accepts_incomplete)? {
                     return Ok(Err(reply));
                 }
                 At::Version(existing.version)
