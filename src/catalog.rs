@@ -20,6 +20,11 @@ pub struct PlanLimits {
     /// Deprovision may delete what the instance still holds (Swift objects).
     #[serde(default)]
     pub purge_on_deprovision: bool,
+    /// Logs: lines and bytes an instance keeps; 0 elsewhere.
+    #[serde(default)]
+    pub max_log_lines: u64,
+    #[serde(default)]
+    pub max_log_bytes: u64,
 }
 
 /// Where in a plan's `schemas` the parameters of a call are described.
@@ -118,6 +123,9 @@ pub struct LocalService {
     pub refuse_deprovision_with_bindings: bool,
     pub bindings_require_app: bool,
     pub plans: Vec<LocalPlan>,
+    /// Its backend's `max_db_per_node`: the most instances all services on that backend
+    /// may hold together. Never published.
+    pub max_instances: Option<u64>,
 }
 
 impl LocalService {
@@ -146,20 +154,29 @@ pub struct LocalCatalog {
 }
 
 /// The backends Brokerage knows, with the plan limits each needs.
-const BACKENDS: &[&str] = &["mysql", "mongodb", "swift", "cubrid", "postgresql", "redis"];
+const BACKENDS: &[&str] = &[
+    "mysql",
+    "mongodb",
+    "swift",
+    "cubrid",
+    "postgresql",
+    "redis",
+    "logs",
+];
 
 impl LocalCatalog {
     /// Validates the configured services: unique ids and names, CLI-friendly names, every
     /// plan's limits present, a known backend that is configured.
     pub fn build(
         services: &[ServiceConfig],
-        configured_backends: &[&str],
+        backends: &crate::config::Backends,
         links: &sso::DashboardLinks,
     ) -> anyhow::Result<LocalCatalog> {
         let mut ids = HashSet::new();
         let mut names = HashSet::new();
         let mut dashboard_ids = HashSet::new();
         let mut built = Vec::new();
+        let configured_backends = backends.configured();
         for (i, s) in services.iter().enumerate() {
             let key = format!("catalog.services[{i}]");
             let w = &s.service;
@@ -210,9 +227,23 @@ impl LocalCatalog {
                 if !plan_names.insert(p.plan.name.clone()) {
                     bail!("{pkey}.name: {:?} is used twice in {}", p.plan.name, w.name);
                 }
-                let Some(max_storage_mb) = p.max_storage_mb.filter(|v| *v > 0) else {
-                    bail!("{pkey}.max_storage_mb: required, a positive number of megabytes");
+                let logs = s.backend == "logs";
+                let max_storage_mb = match p.max_storage_mb.filter(|v| *v > 0) {
+                    Some(mb) => mb,
+                    None if logs => 0,
+                    None => {
+                        bail!("{pkey}.max_storage_mb: required, a positive number of megabytes")
+                    }
                 };
+                let positive = |value: Option<u64>, key: &str| match value {
+                    Some(v) if v > 0 => Ok(v),
+                    _ if !logs => Ok(0),
+                    _ => Err(anyhow::anyhow!(
+                        "{pkey}.{key}: required by logs, a positive number"
+                    )),
+                };
+                let max_log_lines = positive(p.max_log_lines, "max_log_lines")?;
+                let max_log_bytes = positive(p.max_log_bytes, "max_log_bytes")?;
                 let max_user_connections = match p.max_user_connections {
                     Some(n) if n > 0 => n,
                     Some(_) => bail!("{pkey}.max_user_connections: must be positive"),
@@ -248,6 +279,8 @@ impl LocalCatalog {
                         max_storage_mb,
                         max_user_connections,
                         purge_on_deprovision: p.purge_on_deprovision,
+                        max_log_lines,
+                        max_log_bytes,
                     },
                     asynchronous: p.asynchronous,
                     schemas: Arc::new(schemas),
@@ -255,6 +288,11 @@ impl LocalCatalog {
             }
             let mut wire = w.clone();
             wire.plans = plans.iter().map(|p| p.wire.clone()).collect();
+            // Cloud Controller honours a drain URL only from a service that requires it.
+            let logs = s.backend == "logs";
+            if logs && !wire.requires.iter().any(|r| r == "syslog_drain") {
+                wire.requires.push("syslog_drain".into());
+            }
             if let Some(dc) = wire
                 .dashboard_client
                 .as_mut()
@@ -266,8 +304,10 @@ impl LocalCatalog {
                 wire,
                 backend: s.backend.clone(),
                 refuse_deprovision_with_bindings: s.refuse_deprovision_with_bindings,
-                bindings_require_app: s.bindings_require_app,
+                // A drain is for an app's logs: a log binding names its app.
+                bindings_require_app: s.bindings_require_app || logs,
                 plans,
+                max_instances: backends.max_db_per_node(&s.backend),
             });
         }
         let by_id = built

@@ -37,6 +37,11 @@ pub struct PlanConfig {
     pub max_storage_mb: Option<u64>,
     #[serde(default)]
     pub max_user_connections: Option<u32>,
+    /// Logs: the lines and bytes an instance keeps.
+    #[serde(default)]
+    pub max_log_lines: Option<u64>,
+    #[serde(default)]
+    pub max_log_bytes: Option<u64>,
     /// Swift: deprovision deletes the objects an account still holds, instead of refusing.
     #[serde(default)]
     pub purge_on_deprovision: bool,
@@ -244,6 +249,43 @@ pub struct Backends {
     pub postgresql: Option<ServerBackendConfig>,
     #[serde(default)]
     pub redis: Option<ServerBackendConfig>,
+    #[serde(default)]
+    pub logs: Option<LogsBackendConfig>,
+}
+
+/// The log service (the seed's section 2.4): drains on the broker's own listener, lines
+/// kept in the state store. It needs no server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsBackendConfig {
+    /// How often the lines received are written to the store, in one batch per instance.
+    #[serde(default = "thousand")]
+    pub flush_interval_ms: u64,
+    /// The most lines one instance may have waiting for the next write; past it the
+    /// flooding app's oldest go first (and are counted).
+    #[serde(default = "ten_thousand")]
+    pub max_pending_lines: u64,
+    /// Also receive syslog over TCP (RFC 6587 octet counting) here, `host:port`; each
+    /// message goes to the log instances its app (APP-NAME) is bound to.
+    #[serde(default)]
+    pub syslog_listen: Option<String>,
+    /// The most connections the syslog listener serves at once.
+    #[serde(default = "two_hundred_fifty_six")]
+    pub syslog_max_connections: usize,
+    #[serde(default)]
+    pub max_db_per_node: Option<u64>,
+}
+
+fn thousand() -> u64 {
+    1000
+}
+
+fn ten_thousand() -> u64 {
+    10_000
+}
+
+fn two_hundred_fifty_six() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -264,6 +306,10 @@ pub struct CubridBackendConfig {
     /// Seconds one CUBRID command may take before the broker answers 503.
     #[serde(default = "sixty")]
     pub timeout_secs: u64,
+    /// The seed's `max_db_per_node`: at most this many instances on this backend (across
+    /// all its services); past it, provisions get 507. Unlimited when absent.
+    #[serde(default)]
+    pub max_db_per_node: Option<u64>,
 }
 
 fn cubrid_broker_port() -> u16 {
@@ -287,6 +333,10 @@ pub struct SwiftBackendConfig {
     /// Seconds each call to the proxy may take before the broker answers 503.
     #[serde(default = "ten")]
     pub timeout_secs: u64,
+    /// The seed's `max_db_per_node`: at most this many instances on this backend (across
+    /// all its services); past it, provisions get 507. Unlimited when absent.
+    #[serde(default)]
+    pub max_db_per_node: Option<u64>,
 }
 
 fn ten() -> u64 {
@@ -315,6 +365,10 @@ pub struct ServerBackendConfig {
     /// MongoDB takes TLS from its URL's options instead.
     #[serde(default)]
     pub ca_certificate: Option<PathBuf>,
+    /// The seed's `max_db_per_node`: at most this many instances on this backend (across
+    /// all its services); past it, provisions get 507. Unlimited when absent.
+    #[serde(default)]
+    pub max_db_per_node: Option<u64>,
 }
 
 fn five() -> u64 {
@@ -322,6 +376,20 @@ fn five() -> u64 {
 }
 
 impl Backends {
+    /// The `max_db_per_node` of the backend called `name`, if it is configured with one.
+    pub fn max_db_per_node(&self, name: &str) -> Option<u64> {
+        match name {
+            "mysql" => self.mysql.as_ref()?.max_db_per_node,
+            "mongodb" => self.mongodb.as_ref()?.max_db_per_node,
+            "swift" => self.swift.as_ref()?.max_db_per_node,
+            "cubrid" => self.cubrid.as_ref()?.max_db_per_node,
+            "postgresql" => self.postgresql.as_ref()?.max_db_per_node,
+            "redis" => self.redis.as_ref()?.max_db_per_node,
+            "logs" => self.logs.as_ref()?.max_db_per_node,
+            _ => None,
+        }
+    }
+
     /// The names of the backends configured.
     pub fn configured(&self) -> Vec<&'static str> {
         let Backends {
@@ -331,6 +399,7 @@ impl Backends {
             cubrid,
             postgresql,
             redis,
+            logs,
         } = self;
         [
             ("mysql", mysql.is_some()),
@@ -339,6 +408,7 @@ impl Backends {
             ("cubrid", cubrid.is_some()),
             ("postgresql", postgresql.is_some()),
             ("redis", redis.is_some()),
+            ("logs", logs.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))
@@ -364,6 +434,10 @@ pub struct MysqlBackendConfig {
     /// credentials carry the CA as `ca_certificate`.
     #[serde(default)]
     pub ca_certificate: Option<PathBuf>,
+    /// The seed's `max_db_per_node`: at most this many instances on this backend (across
+    /// all its services); past it, provisions get 507. Unlimited when absent.
+    #[serde(default)]
+    pub max_db_per_node: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

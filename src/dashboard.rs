@@ -48,6 +48,8 @@ pub struct View {
     pub bindings: Vec<BindingRow>,
     pub details: Vec<(String, String)>,
     pub logout_path: String,
+    /// A log instance's most recent lines, newest last; the page then reloads itself.
+    pub logs: Option<Vec<crate::logs::Line>>,
 }
 
 #[derive(Debug)]
@@ -120,6 +122,9 @@ impl Platforms {
             .or_else(|| self.configured.clone())
     }
 }
+
+/// The most log lines a dashboard page shows.
+const SHOWN_LINES: usize = 200;
 
 fn message(status: u16, title: &str, text: impl Into<String>) -> Outcome {
     Outcome::Page {
@@ -344,7 +349,17 @@ impl Dashboard {
             }
             None => Vec::new(),
         };
+        let logs = match (self.broker.logs(), service.backend.as_str()) {
+            (Some(logs), "logs") => {
+                let book = logs.book(&record.id).await.ok().flatten();
+                let mut lines: Vec<_> = book.map(|b| b.lines.into()).unwrap_or_default();
+                let shown = lines.len().saturating_sub(SHOWN_LINES);
+                Some(lines.split_off(shown))
+            }
+            _ => None,
+        };
         Ok(View {
+            logs,
             instance_id: record.id.clone(),
             service_name: service.wire.name.clone(),
             plan_name: plan.wire.name.clone(),

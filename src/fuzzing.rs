@@ -30,7 +30,8 @@ impl RequestHarness {
             let mut config = Config::load(None).expect("built-in defaults");
             config.catalog.services.clear();
             let links = sso::DashboardLinks::new(&config.broker.external_url).expect("default URL");
-            let catalog = LocalCatalog::build(&[], &[], &links).expect("empty catalog");
+            let catalog =
+                LocalCatalog::build(&[], &Default::default(), &links).expect("empty catalog");
             let store: Arc<dyn crate::store::StateStore> =
                 Arc::new(EmbeddedStore::in_memory().expect("memory store"));
             let metrics = crate::metrics::Metrics::new();

@@ -14,7 +14,8 @@
 //! - [`dashboard`]: the instance dashboard behind single sign-on (the `sso` crate).
 //! - [`store`]: durable records of instances, bindings and operations (embedded or MySQL).
 //! - [`backend`]: the local backends that do the work (MySQL, MongoDB, PostgreSQL, Redis,
-//!   Swift with swauth, CUBRID).
+//!   Swift with swauth, CUBRID, logs).
+//! - [`logs`]: application logs drained to the broker, queued and kept per instance.
 //! - [`metrics`]: Prometheus metrics, rendered at `/metrics`.
 //! - [`quota`]: storage quota enforcement, one process per cycle (a lease in the store).
 //! - [`mysql`]: connection helpers the MySQL store and backend share.
@@ -30,6 +31,7 @@ pub mod federation;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod logs;
 pub mod metrics;
 pub mod mysql;
 pub mod quota;

@@ -31,6 +31,18 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Print a log instance's kept lines (time, app, process, text).
+    Logs {
+        instance_id: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Keep printing new lines as they arrive.
+        #[arg(long)]
+        follow: bool,
+        /// Ask this running broker (its base URL) instead of opening the store.
+        #[arg(long)]
+        broker: Option<String>,
+    },
     /// Validate the configuration and reach the store and every backend.
     Check {
         #[arg(long)]
@@ -94,6 +106,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "{}",
                 serde_json::to_string_pretty(&snapshot.merged.catalog)?
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs {
+            instance_id,
+            config,
+            follow,
+            broker,
+        } => {
+            let config = Config::load(config.as_deref())?;
+            let source = brokerage::logs::read::Source::open(&config, broker.as_deref()).await?;
+            brokerage::logs::read::print(&source, &instance_id, follow).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {

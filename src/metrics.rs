@@ -58,6 +58,7 @@ pub struct Metrics {
     pub quota_cycles: Counter,
     pub quota_revocations: Counter,
     pub quota_restorations: Counter,
+    pub log_lines_received: Counter,
 }
 
 impl Metrics {
@@ -87,6 +88,12 @@ impl Metrics {
             "quota_restorations",
             "Users whose write access came back once usage fell below the quota",
             quota_restorations.clone(),
+        );
+        let log_lines_received = Counter::default();
+        registry.register(
+            "log_lines_received",
+            "Log lines this process received on its drains",
+            log_lines_received.clone(),
         );
         registry.register(
             "http_requests",
@@ -129,6 +136,7 @@ impl Metrics {
             quota_cycles,
             quota_revocations,
             quota_restorations,
+            log_lines_received,
         })
     }
 

@@ -44,11 +44,7 @@ pub struct Prepared {
 pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     let links = sso::DashboardLinks::new(&config.broker.external_url)
         .map_err(|e| anyhow::anyhow!("broker.external_url: {e}"))?;
-    let catalog = LocalCatalog::build(
-        &config.catalog.services,
-        &config.backends.configured(),
-        &links,
-    )?;
+    let catalog = LocalCatalog::build(&config.catalog.services, &config.backends, &links)?;
     let upstreams = config
         .upstreams
         .iter()
@@ -93,7 +89,17 @@ pub async fn build(config: &Config, prepared: Prepared) -> anyhow::Result<(Broke
         tls: _,
     } = prepared;
     let store = store::open(&config.store).await?;
-    let backends = backend::from_config(config)?;
+    let mut backends = backend::from_config(config)?;
+    let logs = config.backends.logs.as_ref().map(|c| {
+        let logs = crate::logs::Logs::new(store.clone(), c.max_pending_lines);
+        let backend = crate::backend::logs::LogsBackend::new(
+            logs.clone(),
+            store.clone(),
+            &config.broker.external_url,
+        );
+        backends.insert("logs".into(), Arc::new(backend) as _);
+        logs
+    });
     let metrics = crate::metrics::Metrics::new();
     let federation = federation(config, upstreams, &catalog, store.clone(), metrics.clone()).await;
     let timing = Timing {
@@ -108,7 +114,8 @@ pub async fn build(config: &Config, prepared: Prepared) -> anyhow::Result<(Broke
         timing,
         federation,
         metrics,
-    );
+    )
+    .with_logs(logs);
     let s = &config.sso;
     let settings = sso::SsoSettings {
         uaa,
@@ -184,6 +191,24 @@ pub async fn serve(
         )
         .run_forever(),
     );
+    let stop_logs = tokio_util::sync::CancellationToken::new();
+    let mut log_tasks = Vec::new();
+    if let (Some(logs), Some(c)) = (broker.logs(), &config.backends.logs) {
+        let every = Duration::from_millis(c.flush_interval_ms.max(10));
+        log_tasks.push(logs.spawn_flusher(every, stop_logs.clone()));
+        if let Some(address) = &c.syslog_listen {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|e| anyhow::anyhow!("backends.logs.syslog_listen {address}: {e}"))?;
+            tracing::info!(address = %listener.local_addr()?, "syslog listener (octet counting)");
+            log_tasks.push(tokio::spawn(crate::logs::syslog::serve(
+                listener,
+                logs.clone(),
+                c.syslog_max_connections,
+                stop_logs.clone(),
+            )));
+        }
+    }
     let l = &config.listen;
     let server = http::serve::start(
         listener,
@@ -218,6 +243,10 @@ pub async fn serve(
         tracing::warn!(
             "background operations still running at the shutdown deadline; they will read as interrupted"
         );
+    }
+    stop_logs.cancel();
+    for task in log_tasks {
+        let _ = tokio::time::timeout_at(deadline, task).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -3,6 +3,7 @@
 //! nothing behind when it fails.
 
 pub mod cubrid;
+pub mod logs;
 pub mod mongodb;
 pub mod mysql;
 pub mod postgresql;

@@ -7,6 +7,7 @@ use upstreams::Method;
 
 use super::operation::{failed, in_flight, At, Outcome, Reply};
 use super::{check_id, check_parameters, required, BackendRef, Broker, CallContext};
+use crate::backend::logs::DRAIN_URL;
 use crate::backend::BackendError;
 use crate::catalog::ParametersOf;
 use crate::error::OsbError;
@@ -24,12 +25,22 @@ pub(super) fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
 
 /// The answer to a local bind: the credentials the backend handed out.
 pub(super) fn bound(record: &BindingRecord, status: u16) -> Option<Reply> {
-    let credentials = record.credentials.clone()?;
-    let answer = BindingResponse {
-        credentials: Some(credentials),
-        ..Default::default()
-    };
+    let answer = handed_out(record.credentials.clone()?);
     Some(Reply::of(status, &answer))
+}
+
+/// What a backend handed out, as a binding answer: a drain URL (the log backend's) is the
+/// answer's `syslog_drain_url`, the rest is credentials.
+fn handed_out(mut credentials: serde_json::Map<String, serde_json::Value>) -> BindingResponse {
+    let syslog_drain_url = match credentials.remove(DRAIN_URL) {
+        Some(serde_json::Value::String(url)) => Some(url),
+        _ => None,
+    };
+    BindingResponse {
+        credentials: Some(credentials),
+        syslog_drain_url,
+        ..Default::default()
+    }
 }
 
 impl Broker {
@@ -97,12 +108,7 @@ impl Broker {
                 plan.wire.name, service.wire.name
             )));
         }
-        let has_app = req.app_guid.is_some()
-            || req.bind_resource.as_ref().is_some_and(|r| {
-                r.get("app_guid")
-                    .is_some_and(|a| a.as_str().is_some_and(|s| !s.is_empty()))
-            });
-        if service.bindings_require_app && !has_app {
+        if service.bindings_require_app && record.app_guid().is_none() {
             return Err(OsbError::RequiresApp);
         }
         let backend = self.backend(service)?;
@@ -237,9 +243,8 @@ impl Broker {
             return Err(not_found());
         };
         let answer = BindingResponse {
-            credentials: Some(credentials),
             parameters: r.parameters,
-            ..Default::default()
+            ..handed_out(credentials)
         };
         Ok(Reply::of(200, &answer))
     }

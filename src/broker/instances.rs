@@ -85,7 +85,7 @@ impl Broker {
         if plan.asynchronous && !accepts_incomplete {
             return Err(OsbError::AsyncRequired);
         }
-        self.check_capacity(service, plan.limits.max_storage_mb, Some(id))
+        self.check_capacity(service, plan.limits.max_storage_mb, id, true)
             .await?;
         record.maintenance_version = plan
             .wire
@@ -207,7 +207,7 @@ impl Broker {
             return Err(OsbError::AsyncRequired);
         }
         if to.limits.max_storage_mb > from.limits.max_storage_mb {
-            self.check_capacity(service, to.limits.max_storage_mb, Some(id))
+            self.check_capacity(service, to.limits.max_storage_mb, id, false)
                 .await?;
         }
         let mut operation = self.start(OpKind::Update, to.asynchronous);
@@ -413,21 +413,25 @@ impl Broker {
         Ok(reply)
     }
 
-    /// Refuses (507) what would promise the backend more storage than it has: the plans of
-    /// every other instance on it, plus `wanted`. Instances are counted from the store, a
-    /// page at a time and only those of services on this backend, so every broker process
-    /// sharing it counts the same.
+    /// Refuses (507) what would promise the backend more storage than it has (the plans of
+    /// every other instance on it, plus `wanted`) or more instances than its
+    /// `max_db_per_node` (when `adds_instance`). `id` itself is not counted. Instances are counted from the store, a page at a time and only
+    /// those of services on this backend, so every broker process sharing it counts the
+    /// same.
     async fn check_capacity(
         &self,
         service: &LocalService,
         wanted: u64,
-        except: Option<&str>,
+        id: &str,
+        adds_instance: bool,
     ) -> Result<(), OsbError> {
-        let Some(capacity) = self.backend(service)?.capacity_mb() else {
+        let capacity = self.backend(service)?.capacity_mb();
+        let max_instances = service.max_instances.filter(|_| adds_instance);
+        if capacity.is_none() && max_instances.is_none() {
             return Ok(());
-        };
+        }
         const PAGE: usize = 500;
-        let mut promised = 0u64;
+        let (mut promised, mut instances) = (0u64, 0u64);
         let sharing = self.inner.catalog.services().iter();
         for other in sharing.filter(|s| s.backend == service.backend) {
             let mut after = String::new();
@@ -436,7 +440,8 @@ impl Broker {
                 let full = page.len() == PAGE;
                 for instance in page {
                     let instance = instance.record;
-                    if Some(instance.id.as_str()) != except {
+                    if instance.id != id {
+                        instances += 1;
                         promised += other
                             .plan(&instance.plan_id)
                             .map_or(0, |p| p.limits.max_storage_mb);
@@ -448,7 +453,13 @@ impl Broker {
                 }
             }
         }
-        if promised + wanted > capacity {
+        if let Some(max) = max_instances.filter(|max| instances >= *max) {
+            return Err(OsbError::InsufficientStorage(format!(
+                "the {} backend holds {instances} instances, its limit (max_db_per_node) is {max}",
+                service.backend
+            )));
+        }
+        if let Some(capacity) = capacity.filter(|c| promised + wanted > *c) {
             return Err(OsbError::InsufficientStorage(format!(
                 "the {} backend has {} MB of its {capacity} MB left; this plan needs {wanted} MB",
                 service.backend,

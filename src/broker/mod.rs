@@ -54,6 +54,14 @@ pub struct CallContext {
     pub api_info_location: Option<String>,
 }
 
+impl CallContext {
+    /// The caller's API version (checked at the door; the current one where absent).
+    pub fn version(&self) -> upstreams::osb::ApiVersion {
+        upstreams::osb::ApiVersion::parse(&self.api_version)
+            .unwrap_or(upstreams::osb::ApiVersion::CURRENT)
+    }
+}
+
 /// Timing settings of the broker.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -69,6 +77,7 @@ pub struct Broker {
 }
 
 struct Inner {
+    logs: Option<Arc<crate::logs::Logs>>,
     store: Arc<dyn StateStore>,
     catalog: LocalCatalog,
     backends: Backends,
@@ -151,6 +160,7 @@ impl Broker {
     ) -> Self {
         Broker {
             inner: Arc::new(Inner {
+                logs: None,
                 store,
                 catalog,
                 backends,
@@ -174,6 +184,20 @@ impl Broker {
 
     pub fn catalog(&self) -> &LocalCatalog {
         &self.inner.catalog
+    }
+
+    /// The broker with the log service's queues and books; called once, before the broker
+    /// is shared.
+    pub fn with_logs(mut self, logs: Option<Arc<crate::logs::Logs>>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_logs is called before the broker is shared")
+            .logs = logs;
+        self
+    }
+
+    /// The log service's queues and books, when `backends.logs` is configured.
+    pub fn logs(&self) -> Option<&Arc<crate::logs::Logs>> {
+        self.inner.logs.as_ref()
     }
 
     pub fn store(&self) -> &Arc<dyn StateStore> {

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use upstreams::osb::ApiVersion;
 use upstreams::Upstream;
 
 pub use merge::Route;
@@ -33,6 +34,26 @@ pub struct FetchedCatalog {
 pub struct Snapshot {
     pub json: Bytes,
     pub merged: merge::Merged,
+    /// `json` cut to each older API version (2.4 ..= 2.16), made on first use.
+    older: [std::sync::OnceLock<Bytes>; 13],
+}
+
+impl Snapshot {
+    /// The catalog as a client of `version` may read it: no field defined after it.
+    pub fn json_for(&self, version: ApiVersion) -> Bytes {
+        if !upstreams::versions::cuts_anything(version) || version < ApiVersion::OLDEST {
+            return self.json.clone();
+        }
+        let slot = (version.minor - ApiVersion::OLDEST.minor) as usize;
+        self.older[slot]
+            .get_or_init(|| {
+                let mut catalog =
+                    serde_json::to_value(&self.merged.catalog).expect("catalog serializes");
+                upstreams::versions::fit_catalog(version, &mut catalog);
+                Bytes::from(serde_json::to_vec(&catalog).expect("catalog serializes"))
+            })
+            .clone()
+    }
 }
 
 pub struct Federation {
@@ -245,5 +266,9 @@ impl Federation {
 
 fn snapshot(merged: merge::Merged) -> Snapshot {
     let json = Bytes::from(serde_json::to_vec(&merged.catalog).expect("catalog serializes"));
-    Snapshot { json, merged }
+    Snapshot {
+        json,
+        merged,
+        older: Default::default(),
+    }
 }

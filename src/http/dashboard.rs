@@ -179,6 +179,30 @@ fn dashboard(view: &View) -> Markup {
                 }
             }
         }
+        @if let Some(lines) = &view.logs {
+            section {
+                h2 { "Recent logs" }
+                // The page reloads itself, so new lines appear without a click.
+                meta http-equiv="refresh" content="3";
+                @if lines.is_empty() {
+                    p #no-logs { "No log lines yet. Bind an app: its logs arrive here." }
+                } @else {
+                    table #logs {
+                        thead { tr { th { "Time" } th { "App" } th { "Process" } th { "Message" } } }
+                        tbody {
+                            @for l in lines {
+                                tr {
+                                    td { (l.at) }
+                                    td { (if l.host.is_empty() { &l.app } else { &l.host }) }
+                                    td.process { (l.process) }
+                                    td.text { (l.text) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
         section {
             h2 { "Bindings" }
             @if view.bindings.is_empty() {

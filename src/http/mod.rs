@@ -4,6 +4,7 @@
 
 mod dashboard;
 mod extract;
+mod logs;
 pub mod serve;
 pub mod tls;
 
@@ -25,6 +26,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::Instrument;
 use upstreams::osb::ApiVersion;
+use upstreams::versions::Answer as Kind;
 
 use crate::broker::{Broker, CallContext, Reply};
 use crate::config::Credential;
@@ -192,6 +194,7 @@ pub fn router(state: AppState) -> App {
     let router = Router::new()
         .merge(osb)
         .merge(dashboard::routes())
+        .merge(logs::routes())
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -337,6 +340,34 @@ impl IntoResponse for Reply {
 
 type Answer = Result<Reply, OsbError>;
 
+/// An answer cut to the caller's `X-Broker-API-Version`: no field its version does not
+/// define ([`upstreams::versions`]).
+struct Fitted(Kind, ApiVersion, Answer);
+
+impl Fitted {
+    fn new(kind: Kind, ctx: &CallContext, answer: Answer) -> Self {
+        Fitted(kind, ctx.version(), answer)
+    }
+}
+
+impl IntoResponse for Fitted {
+    fn into_response(self) -> Response {
+        let Fitted(kind, version, answer) = self;
+        match answer {
+            Ok(mut reply) => {
+                let kind = if reply.status >= 400 {
+                    Kind::Error
+                } else {
+                    kind
+                };
+                upstreams::versions::fit(kind, version, &mut reply.body);
+                reply.into_response()
+            }
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
 /// Liveness, and each upstream's circuit breaker and catalog; no authentication.
 async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({
@@ -469,8 +500,8 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
 }
 
 /// The merged catalog snapshot: never waits on an upstream.
-async fn catalog(State(state): State<AppState>) -> Response {
-    let json: Bytes = state.broker.federation().snapshot().json.clone();
+async fn catalog(State(state): State<AppState>, ctx: CallContext) -> Response {
+    let json: Bytes = state.broker.federation().snapshot().json_for(ctx.version());
     (
         [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
         json,
@@ -484,12 +515,16 @@ async fn provision(
     query: OsbQuery,
     ctx: CallContext,
     OsbJson(body): OsbJson<upstreams::osb::ProvisionRequest>,
-) -> Answer {
+) -> Fitted {
     let incomplete = query.accepts_incomplete();
-    state
-        .broker
-        .provision(&instance_id, body, incomplete, &ctx)
-        .await
+    Fitted::new(
+        Kind::Provision,
+        &ctx,
+        state
+            .broker
+            .provision(&instance_id, body, incomplete, &ctx)
+            .await,
+    )
 }
 
 async fn update(
@@ -498,12 +533,16 @@ async fn update(
     query: OsbQuery,
     ctx: CallContext,
     OsbJson(body): OsbJson<upstreams::osb::UpdateRequest>,
-) -> Answer {
+) -> Fitted {
     let incomplete = query.accepts_incomplete();
-    state
-        .broker
-        .update(&instance_id, body, incomplete, &ctx)
-        .await
+    Fitted::new(
+        Kind::Update,
+        &ctx,
+        state
+            .broker
+            .update(&instance_id, body, incomplete, &ctx)
+            .await,
+    )
 }
 
 async fn deprovision(
@@ -511,21 +550,29 @@ async fn deprovision(
     OsbPath(instance_id): OsbPath<String>,
     query: OsbQuery,
     ctx: CallContext,
-) -> Answer {
+) -> Fitted {
     let (service, plan) = (query.service_id(), query.plan_id());
     let incomplete = query.accepts_incomplete();
-    state
-        .broker
-        .deprovision(&instance_id, service, plan, incomplete, &ctx)
-        .await
+    Fitted::new(
+        Kind::Deprovision,
+        &ctx,
+        state
+            .broker
+            .deprovision(&instance_id, service, plan, incomplete, &ctx)
+            .await,
+    )
 }
 
 async fn fetch_instance(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     ctx: CallContext,
-) -> Answer {
-    state.broker.fetch_instance(&instance_id, &ctx).await
+) -> Fitted {
+    Fitted::new(
+        Kind::Instance,
+        &ctx,
+        state.broker.fetch_instance(&instance_id, &ctx).await,
+    )
 }
 
 async fn instance_last_operation(
@@ -533,12 +580,16 @@ async fn instance_last_operation(
     OsbPath(instance_id): OsbPath<String>,
     query: OsbQuery,
     ctx: CallContext,
-) -> Answer {
+) -> Fitted {
     let operation = query.operation();
-    state
-        .broker
-        .instance_last_operation(&instance_id, operation, &ctx)
-        .await
+    Fitted::new(
+        Kind::LastOperation,
+        &ctx,
+        state
+            .broker
+            .instance_last_operation(&instance_id, operation, &ctx)
+            .await,
+    )
 }
 
 async fn bind(
@@ -547,12 +598,16 @@ async fn bind(
     query: OsbQuery,
     ctx: CallContext,
     OsbJson(body): OsbJson<upstreams::osb::BindRequest>,
-) -> Answer {
+) -> Fitted {
     let incomplete = query.accepts_incomplete();
-    state
-        .broker
-        .bind(&instance_id, &binding_id, body, incomplete, &ctx)
-        .await
+    Fitted::new(
+        Kind::Bind,
+        &ctx,
+        state
+            .broker
+            .bind(&instance_id, &binding_id, body, incomplete, &ctx)
+            .await,
+    )
 }
 
 async fn unbind(
@@ -560,24 +615,32 @@ async fn unbind(
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
     query: OsbQuery,
     ctx: CallContext,
-) -> Answer {
+) -> Fitted {
     let (service, plan) = (query.service_id(), query.plan_id());
     let incomplete = query.accepts_incomplete();
-    state
-        .broker
-        .unbind(&instance_id, &binding_id, service, plan, incomplete, &ctx)
-        .await
+    Fitted::new(
+        Kind::Unbind,
+        &ctx,
+        state
+            .broker
+            .unbind(&instance_id, &binding_id, service, plan, incomplete, &ctx)
+            .await,
+    )
 }
 
 async fn fetch_binding(
     State(state): State<AppState>,
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
     ctx: CallContext,
-) -> Answer {
-    state
-        .broker
-        .fetch_binding(&instance_id, &binding_id, &ctx)
-        .await
+) -> Fitted {
+    Fitted::new(
+        Kind::Binding,
+        &ctx,
+        state
+            .broker
+            .fetch_binding(&instance_id, &binding_id, &ctx)
+            .await,
+    )
 }
 
 async fn binding_last_operation(
@@ -585,12 +648,16 @@ async fn binding_last_operation(
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
     query: OsbQuery,
     ctx: CallContext,
-) -> Answer {
+) -> Fitted {
     let operation = query.operation();
-    state
-        .broker
-        .binding_last_operation(&instance_id, &binding_id, operation, &ctx)
-        .await
+    Fitted::new(
+        Kind::LastOperation,
+        &ctx,
+        state
+            .broker
+            .binding_last_operation(&instance_id, &binding_id, operation, &ctx)
+            .await,
+    )
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ const INSTANCES: Docs = TableDefinition::new("instances");
 const BINDINGS: Docs = TableDefinition::new("bindings");
 const CATALOGS: Docs = TableDefinition::new("catalogs");
 const LEASES: Docs = TableDefinition::new("leases");
+const LOGS: Docs = TableDefinition::new("logs");
 /// (instance id, binding id) -> ()
 const BINDINGS_BY_INSTANCE: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("bindings_by_instance");
@@ -38,6 +39,7 @@ fn docs(table: Table) -> Docs {
         Table::Bindings => BINDINGS,
         Table::Catalogs => CATALOGS,
         Table::Leases => LEASES,
+        Table::Logs => LOGS,
     }
 }
 
@@ -381,6 +383,7 @@ impl EmbeddedStore {
         txn.open_table(BINDINGS)?;
         txn.open_table(CATALOGS)?;
         txn.open_table(LEASES)?;
+        txn.open_table(LOGS)?;
         txn.open_table(BINDINGS_BY_INSTANCE)?;
         txn.commit()?;
         let db = Arc::new(db);

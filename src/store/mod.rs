@@ -34,6 +34,9 @@ pub enum Table {
     Catalogs,
     /// Leases that let one broker process of many do a periodic job (quota enforcement).
     Leases,
+    /// Each log instance's recent lines, and which instances an app's syslog messages go
+    /// to (`app:<guid>`).
+    Logs,
 }
 
 impl Table {
@@ -43,6 +46,7 @@ impl Table {
             Table::Bindings => "bindings",
             Table::Catalogs => "catalogs",
             Table::Leases => "leases",
+            Table::Logs => "logs",
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The shared store: four tables (instances, bindings, catalogs, leases) in a MySQL/MariaDB database that every broker process
+//! The shared store: five tables (instances, bindings, catalogs, leases, logs) in a MySQL/MariaDB database that every broker process
 //! behind a load balancer uses. The broker creates the database when it may, and migrates
 //! its tables under a named lock so processes starting together do not race.
 
@@ -48,6 +48,13 @@ const MIGRATIONS: &[&[&str]] = &[
          WHERE parent = ''
            AND COALESCE(JSON_TYPE(JSON_EXTRACT(CONVERT(doc USING utf8mb4), '$.upstream')), 'NULL') = 'NULL'",
     ],
+    // Application logs: each log instance's recent lines, and the apps that feed them.
+    &["CREATE TABLE IF NOT EXISTS brokerage_logs (
+        id VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+        parent VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL DEFAULT '',
+        version BIGINT UNSIGNED NOT NULL,
+        doc LONGBLOB NOT NULL
+    ) ENGINE=InnoDB"],
 ];
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,6 +70,7 @@ fn table(t: Table) -> &'static str {
         Table::Bindings => "brokerage_bindings",
         Table::Catalogs => "brokerage_catalogs",
         Table::Leases => "brokerage_leases",
+        Table::Logs => "brokerage_logs",
     }
 }
 

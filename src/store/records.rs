@@ -171,6 +171,22 @@ pub struct BindingRecord {
     pub upstream: Option<UpstreamRef>,
 }
 
+impl BindingRecord {
+    /// The app the binding is for: `app_guid`, or `bind_resource.app_guid`.
+    pub fn app_guid(&self) -> Option<&str> {
+        self.app_guid
+            .as_deref()
+            .filter(|a| !a.is_empty())
+            .or_else(|| {
+                self.bind_resource
+                    .as_ref()?
+                    .get("app_guid")?
+                    .as_str()
+                    .filter(|a| !a.is_empty())
+            })
+    }
+}
+
 /// Credentials never reach a log through `{:?}`.
 impl std::fmt::Debug for BindingRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -7,11 +7,14 @@
 //!   bearer, OAuth2 client credentials), times out, breaks the circuit, and checks that
 //!   what comes back is OSB.
 //! - [`bounded`]: every peer's answer is read with a cap, streamed and cut there.
+//! - [`versions`]: which answer fields each API version defines; answers are cut to the
+//!   caller's.
 
 pub mod bounded;
 pub mod client;
 pub mod osb;
 pub mod settings;
+pub mod versions;
 
 pub use client::{BreakerState, Observer, OsbRequest, OsbResponse, Upstream, UpstreamError};
 pub use reqwest::Method;

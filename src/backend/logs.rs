@@ -1,0 +1,159 @@
+//! The log backend (the seed's section 2.4): an instance is a log kept in the state store
+//! ([`crate::logs`]); a binding is a drain URL of its own on the broker's listener,
+//! `<external_url>/drains/<binding id>/<secret token>`, which the bind answers as
+//! `syslog_drain_url` (never among the credentials apps read). It needs no server.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rand::distr::{Alphanumeric, SampleString};
+use serde_json::{json, Map, Value};
+
+use super::{Backend, BackendError, Parameters};
+use crate::catalog::PlanLimits;
+use crate::logs::{Logs, Retention};
+use crate::store::records::{self};
+use crate::store::{BindingRecord, StateStore, StoreError};
+
+/// The key under which a backend's bind hands the broker a drain URL; the broker answers
+/// it as the bind's `syslog_drain_url` field.
+pub const DRAIN_URL: &str = "syslog_drain_url";
+
+pub struct LogsBackend {
+    logs: Arc<Logs>,
+    store: Arc<dyn StateStore>,
+    /// `broker.external_url` without a trailing slash.
+    base: String,
+}
+
+impl LogsBackend {
+    pub fn new(logs: Arc<Logs>, store: Arc<dyn StateStore>, external_url: &str) -> Self {
+        LogsBackend {
+            logs,
+            store,
+            base: external_url.trim_end_matches('/').to_string(),
+        }
+    }
+
+    async fn app_of(&self, binding_id: &str) -> Result<Option<String>, BackendError> {
+        let stored = records::load::<BindingRecord>(&*self.store, binding_id)
+            .await
+            .map_err(unavailable)?;
+        // Only app GUIDs that are safe store keys are indexed for the syslog listener.
+        let safe = |a: &&str| {
+            a.len() <= 128
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        };
+        Ok(stored.and_then(|s| s.record.app_guid().filter(safe).map(str::to_string)))
+    }
+}
+
+fn retention(limits: PlanLimits) -> Retention {
+    Retention {
+        lines: limits.max_log_lines,
+        bytes: limits.max_log_bytes,
+    }
+}
+
+fn unavailable(e: StoreError) -> BackendError {
+    BackendError::unavailable("the log store is unavailable", e)
+}
+
+#[async_trait]
+impl Backend for LogsBackend {
+    fn describe(&self) -> String {
+        "logs (kept in the state store)".into()
+    }
+
+    async fn check(&self) -> Result<(), BackendError> {
+        self.store.check().await.map_err(unavailable)
+    }
+
+    async fn provision(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+        _parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        self.logs
+            .open_book(instance_id, retention(limits))
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn update(
+        &self,
+        instance_id: &str,
+        _from: PlanLimits,
+        to: PlanLimits,
+        _parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        self.logs
+            .open_book(instance_id, retention(to))
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn deprovision(
+        &self,
+        instance_id: &str,
+        _limits: PlanLimits,
+    ) -> Result<(), BackendError> {
+        self.logs
+            .delete_book(instance_id)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn bind(
+        &self,
+        instance_id: &str,
+        binding_id: &str,
+        _limits: PlanLimits,
+        _parameters: Parameters<'_>,
+    ) -> Result<Map<String, Value>, BackendError> {
+        if let Some(app) = self.app_of(binding_id).await? {
+            self.logs
+                .add_app(&app, instance_id, binding_id)
+                .await
+                .map_err(unavailable)?;
+        }
+        let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
+        let url = format!("{}/drains/{binding_id}/{token}", self.base);
+        Ok(super::object(json!({ DRAIN_URL: url })))
+    }
+
+    async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+        self.logs.revoke(binding_id).await;
+        if let Some(app) = self.app_of(binding_id).await? {
+            self.logs
+                .remove_app(&app, binding_id)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn describe_instance(
+        &self,
+        instance_id: &str,
+        limits: PlanLimits,
+    ) -> Result<Vec<(String, String)>, BackendError> {
+        let book = self.logs.book(instance_id).await.map_err(unavailable)?;
+        let (kept, dropped) = book.map_or((0, 0), |b| {
+            (b.lines.len() as u64, b.dropped.values().sum::<u64>())
+        });
+        Ok(vec![
+            (
+                "Lines kept".into(),
+                format!(
+                    "{kept} of at most {} ({} KB)",
+                    limits.max_log_lines,
+                    limits.max_log_bytes / 1024
+                ),
+            ),
+            ("Lines dropped".into(), dropped.to_string()),
+        ])
+    }
+}
