@@ -125,11 +125,20 @@ fn the_whole_marketplace_example_offers_every_backend() {
             "redis",
             "mongodb",
             "object-storage",
-            "cubrid"
+            "cubrid",
+            "app-logs"
         ]
     );
     // Backend-only settings never reach the published catalog.
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("purge_on_deprovision"));
+    let published = String::from_utf8_lossy(&out.stdout);
+    for key in [
+        "purge_on_deprovision",
+        "max_log_lines",
+        "max_log_bytes",
+        "max_db_per_node",
+    ] {
+        assert!(!published.contains(key), "{key}");
+    }
 }
 
 #[test]

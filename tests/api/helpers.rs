@@ -397,13 +397,19 @@ impl TestClient {
             .header("X-Broker-API-Version", "2.17")
     }
 
-    /// A provision of the small MySQL plan that names the Cloud Controller it comes from
+    /// A provision that names the Cloud Controller it comes from
     /// (`X-Api-Info-Location`).
-    pub async fn provision_from(&self, id: &str, api_info_location: &str) -> Answer {
+    pub async fn provision_from(
+        &self,
+        id: &str,
+        service: &str,
+        plan: &str,
+        api_info_location: &str,
+    ) -> Answer {
         Answer::from(
             self.request(Method::PUT, &format!("/v2/service_instances/{id}"))
                 .header("X-Api-Info-Location", api_info_location)
-                .json(&provision_body(SERVICE, SMALL))
+                .json(&provision_body(service, plan))
                 .send()
                 .await
                 .unwrap(),

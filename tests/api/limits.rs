@@ -148,7 +148,7 @@ async fn a_host_named_by_the_caller_is_never_contacted() {
     let client = broker.client();
     let instance = unique("steer");
     let created = client
-        .provision_from(&instance, &format!("{elsewhere}/v2/info"))
+        .provision_from(&instance, SERVICE, SMALL, &format!("{elsewhere}/v2/info"))
         .await;
     created.expect(201);
     // Opening the dashboard makes the broker look for the login server: only at the

@@ -99,11 +99,30 @@ impl World {
 
     /// The world, with more Cloud Controller hosts the broker may be pointed at.
     pub async fn start_allowing(session_lifetime: u64, more: &[String]) -> World {
-        let port = free_port();
+        World::start_for(
+            TestConfig::new().with_port(free_port()),
+            session_lifetime,
+            more,
+            None,
+        )
+        .await
+    }
+
+    /// The world around a broker with `config` (its port set); the instance is of
+    /// `service` (service id, plan id, dashboard client id and secret), or of the MySQL
+    /// test service.
+    pub async fn start_for(
+        config: TestConfig,
+        session_lifetime: u64,
+        more: &[String],
+        service: Option<(&str, &str, &str, &str)>,
+    ) -> World {
+        let port = config.port;
         let dir = tempfile::tempdir().unwrap();
+        let (client_id, client_secret) = service.map_or((DASH_CLIENT, DASH_SECRET), |s| (s.2, s.3));
         let oauth = oauth_server(
             &json!([
-                {"client_id": DASH_CLIENT, "client_secret": DASH_SECRET,
+                {"client_id": client_id, "client_secret": client_secret,
                  "grant_types": ["authorization_code"], "response_types": ["code"],
                  "redirect_uris": [format!("http://127.0.0.1:{port}/dashboard/callback")],
                  "scope": "openid cloud_controller_service_permissions.read"},
@@ -129,8 +148,7 @@ impl World {
         let cc_address = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-        let config = TestConfig::new()
-            .with_port(port)
+        let config = config
             .with_session_lifetime(session_lifetime)
             .with_sso(&format!(
                 "allowed_cloud_controllers: [\"{cc_address}\"{}]",
@@ -142,8 +160,14 @@ impl World {
         let broker = BrokerProcess::start(&file, port, &config.dir.path().join("broker.log")).await;
         let instance = unique("dash");
         let client = broker.client();
+        let (service_id, plan_id) = service.map_or((SERVICE, SMALL), |s| (s.0, s.1));
         let created = client
-            .provision_from(&instance, &format!("{cc_address}/v2/info"))
+            .provision_from(
+                &instance,
+                service_id,
+                plan_id,
+                &format!("{cc_address}/v2/info"),
+            )
             .await;
         created.expect(201);
         let dashboard_url = created.body["dashboard_url"].as_str().unwrap().to_string();
@@ -381,7 +405,7 @@ async fn a_session_is_never_shown_to_another_cloud_controller() {
     let created = world
         .broker
         .client()
-        .provision_from(&elsewhere, &format!("{other}/v2/info"))
+        .provision_from(&elsewhere, SERVICE, SMALL, &format!("{other}/v2/info"))
         .await;
     created.expect(201);
 
@@ -643,4 +667,91 @@ async fn a_person_uses_the_dashboard_in_chromium() {
         std::fs::metadata(&screenshot).unwrap().len() > 1000,
         "a screenshot was taken"
     );
+}
+
+/// A person watches an app's logs in Chromium: the log instance's dashboard shows the
+/// lines a drain received, with app and process, and a line that arrives while the page
+/// is open appears without a click.
+#[tokio::test]
+async fn a_person_watches_an_apps_logs_on_the_dashboard_in_chromium() {
+    use crate::logs::{cf_message, logs_config, wait_for_lines, LOG_PLAN, LOG_SERVICE};
+    let world = World::start_for(
+        logs_config(None),
+        600,
+        &[],
+        Some((
+            LOG_SERVICE,
+            LOG_PLAN,
+            "logs-test-dashboard",
+            "logs-dashboard-secret",
+        )),
+    )
+    .await;
+    let client = world.broker.client();
+    let app = "5a1f0c2e-9b7d-4e3a-8c61-0d2f4b6a8e10";
+    let bound = client
+        .bind_with(
+            &world.instance,
+            "watched",
+            json!({"service_id": LOG_SERVICE, "plan_id": LOG_PLAN, "app_guid": app}),
+            false,
+        )
+        .await;
+    bound.expect(201);
+    let drain = bound.body["syslog_drain_url"].as_str().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let post = |text: &str| http.post(&drain).body(cf_message(app, text)).send();
+    assert_eq!(post("first line on the page").await.unwrap().status(), 200);
+    wait_for_lines(&client, &world.instance, 1).await;
+
+    let screenshot = std::env::var("BKG_TEST_SCREENSHOT_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| world.config.dir.path().to_path_buf())
+        .join("logs-dashboard.png");
+    let mut node = tokio::process::Command::new("node")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/dashboard_browser.mjs"
+        ))
+        .arg(&world.dashboard_url)
+        .arg("manager")
+        .arg(&screenshot)
+        .arg("arrived while watching")
+        .env(
+            "BKG_TEST_NODE_MODULES",
+            std::env::var("BKG_TEST_NODE_MODULES").unwrap(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut out = tokio::io::BufReader::new(node.stdout.take().unwrap()).lines();
+    let landed = tokio::time::timeout(std::time::Duration::from_secs(60), out.next_line())
+        .await
+        .expect("the browser lands on the dashboard")
+        .unwrap();
+    let Some(landed) = landed else {
+        let finished = node.wait_with_output().await.unwrap();
+        panic!("{}", String::from_utf8_lossy(&finished.stderr));
+    };
+    let landed: Value = serde_json::from_str(&landed).unwrap();
+    assert_eq!(landed["service"], "logs-test", "{landed}");
+    let rows = landed["logs"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{landed}");
+    assert_eq!(rows[0]["text"], "first line on the page");
+    assert_eq!(rows[0]["app"], "org.space.myapp");
+    assert_eq!(rows[0]["process"], "APP/PROC/WEB/0");
+
+    assert_eq!(post("arrived while watching").await.unwrap().status(), 200);
+    let updated = tokio::time::timeout(std::time::Duration::from_secs(60), out.next_line())
+        .await
+        .expect("the browser reports")
+        .unwrap()
+        .expect("a second report");
+    let updated: Value = serde_json::from_str(&updated).unwrap();
+    assert_eq!(updated["updated"], true, "{updated}");
+    assert_eq!(updated["logs"].as_array().unwrap().len(), 2, "{updated}");
+    assert!(node.wait().await.unwrap().success());
 }
