@@ -501,3 +501,96 @@ async fn a_flood_costs_the_flooding_app_its_oldest_lines_and_never_the_osb_calls
     assert_eq!(got["dropped"]["loud-app"], 4000 - 45, "{}", got["dropped"]);
     assert!(got["dropped"].get("quiet-app").is_none());
 }
+
+/// The hostile or broken sender: a body over the cap, a body that never finishes, an
+/// octet count past the message limit, garbage, more connections than allowed. Each is
+/// cut off; nothing it sent is kept, and honest senders still get through.
+#[tokio::test]
+async fn the_drains_and_the_syslog_listener_hold_their_limits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let syslog = free_port();
+    let mut config = logs_config(Some(syslog)).with_listen("body_timeout_secs: 2");
+    config.backends[0] = format!(
+        "logs: {{flush_interval_ms: 100, syslog_listen: \"127.0.0.1:{syslog}\", syslog_max_connections: 2}}"
+    );
+    let file = config.write();
+    let broker = BrokerProcess::start(&file, config.port, &config.dir.path().join("b.log")).await;
+    let client = broker.client();
+    let id = unique("limits");
+    let app = "limit-app";
+    let drains = log_instance(&client, &id, &[app]).await;
+    let http = reqwest::Client::new();
+
+    // Over broker.max_body_bytes (64 KiB in the tests): 413.
+    let huge = format!("{} {}", 100_000, "x".repeat(100_000));
+    let answer = http.post(&drains[0]).body(huge).send().await.unwrap();
+    assert_eq!(answer.status(), 413);
+    // A body that never finishes: 408 after listen.body_timeout_secs.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", config.port))
+        .await
+        .unwrap();
+    let path = drains[0].strip_prefix(&broker.base).unwrap();
+    slow.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n<14>1 - - ")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut head))
+        .await
+        .expect("the broker answers a stalled body")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 408"));
+
+    // Syslog: two connections at most; a third is closed at once.
+    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", syslog))
+        .await
+        .unwrap();
+    let mut second = tokio::net::TcpStream::connect(("127.0.0.1", syslog))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = tokio::net::TcpStream::connect(("127.0.0.1", syslog))
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), third.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a third connection is closed"
+    );
+    // Garbage is skipped and the connection goes on; a good message after it arrives.
+    let good = cf_message(app, "after garbage");
+    first
+        .write_all(format!("this is not syslog\n{} {good}", good.len()).as_bytes())
+        .await
+        .unwrap();
+    // An octet count past 64 KiB closes that connection before anything is read.
+    second.write_all(b"9999999 <14>1 ").await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(5), second.read(&mut byte)).await;
+    assert!(
+        matches!(cut, Ok(Ok(0)) | Ok(Err(_))),
+        "an oversized message closes the connection"
+    );
+    let got = wait_for_lines(&client, &id, 1).await;
+    let texts: Vec<&str> = got["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["after garbage"], "only the honest message is kept");
+    // With one connection freed, a new one is served again.
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = tokio::net::TcpStream::connect(("127.0.0.1", syslog))
+        .await
+        .unwrap();
+    let m = cf_message(app, "on a new connection");
+    again
+        .write_all(format!("{} {m}", m.len()).as_bytes())
+        .await
+        .unwrap();
+    wait_for_lines(&client, &id, 2).await;
+}

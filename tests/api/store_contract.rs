@@ -331,6 +331,18 @@ async fn grouped_after_upgrade(store: &dyn StateStore) {
         .await
         .unwrap()
         .is_some());
+    // The table the log service added since works in the upgraded store.
+    let inserted = store
+        .insert(Table::Logs, "old-local-a", Link::None, b"{}")
+        .await
+        .unwrap();
+    assert_eq!(inserted, Insert::Inserted);
+    let book = store
+        .get(Table::Logs, "old-local-a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((book.version, book.doc.as_slice()), (1, b"{}".as_slice()));
 }
 
 #[tokio::test]
