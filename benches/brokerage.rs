@@ -254,6 +254,69 @@ async fn changes(
     .await
 }
 
+/// Sequential catalog GETs and app-logs provisions against `base`: their p50 and p99.
+async fn osb_latency(base: &str, tag: &str) -> [(Duration, Duration); 2] {
+    let client = reqwest::Client::new();
+    let mut catalog = Vec::new();
+    for _ in 0..2000 {
+        catalog.push(timed(osb(client.get(format!("{base}/v2/catalog")))).await);
+    }
+    let mut provision = Vec::new();
+    for i in 0..300 {
+        let url = format!("{base}/v2/service_instances/{tag}-{i}");
+        let body = json!({"service_id": LOG_SERVICE, "plan_id": LOG_PLAN,
+            "organization_guid": "o", "space_guid": "s"});
+        provision.push(timed(osb(client.put(url)).json(&body)).await);
+    }
+    catalog.sort();
+    provision.sort();
+    [&catalog, &provision].map(|d| (percentile(d, 0.5), percentile(d, 0.99)))
+}
+
+/// The default catalog's log service and plan.
+const LOG_SERVICE: &str = "5b8e2d41-7c3a-4f9e-8a16-2d4c6e8f0a11";
+const LOG_PLAN: &str = "5b8e2d41-7c3a-4f9e-8a16-2d4c6e8f0a12";
+
+/// Posts `lines_per_sec` log lines to `drain` until `stop`, 50 lines every 10 ms: in one
+/// octet-counted POST (`batched`, as `https-batch` drains send) or as 50 POSTs of one
+/// message each (as `https` drains send). Returns the lines the broker accepted (200).
+async fn flood(drain: String, batched: bool, stop: tokio_util::sync::CancellationToken) -> u64 {
+    let client = reqwest::Client::new();
+    let message = |n: u64| {
+        format!("<14>1 2026-12-02T01:02:03Z org.space.flood flood-app [APP/PROC/WEB/0] - - flood line {n} with some text to it")
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut sent = 0u64;
+    while !stop.is_cancelled() {
+        tick.tick().await;
+        if batched {
+            let body: String = (0..50)
+                .map(|i| {
+                    let m = message(sent + i);
+                    format!("{} {m}", m.len())
+                })
+                .collect();
+            if client
+                .post(&drain)
+                .body(body)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                sent += 50;
+            }
+        } else {
+            let posts = (0..50).map(|i| client.post(&drain).body(message(sent + i)).send());
+            let answers = futures::future::join_all(posts).await;
+            sent += answers
+                .iter()
+                .filter(|r| r.as_ref().is_ok_and(|r| r.status() == 200))
+                .count() as u64;
+        }
+    }
+    sent
+}
+
 /// What one fsync of a small write costs on the disk the store lives on: the median of 200.
 fn fsync_cost(dir: &std::path::Path) -> Duration {
     use std::io::Write;
@@ -666,6 +729,7 @@ async fn main() {
              auth: {{credentials: [{{username: {USER}, password: {PASSWORD}}}]}}\n\
              store: {{kind: embedded, path: {:?}}}\n\
              log: {{format: text, level: warn}}\n\
+             broker: {{external_url: \"http://127.0.0.1:{port}\"}}\n\
              backends: {{mysql: {{url: \"{mysql}\", connect_timeout_secs: 5, max_connections: 20}}}}\n\
              federation: {{refresh_secs: 3600, catalog_ttl_secs: 3600}}\n\
              upstreams: [{}]\n",
@@ -1075,6 +1139,68 @@ async fn main() {
         rss_idle as f64 / 1024.0,
         rss_loaded as f64 / 1024.0
     );
+
+    // ---- OSB latency under a log drain flood ------------------------------------------------
+    let drain = {
+        let instance = format!("{base}/v2/service_instances/flood-target");
+        let body = json!({"service_id": LOG_SERVICE, "plan_id": LOG_PLAN,
+            "organization_guid": "o", "space_guid": "s"});
+        osb(client.put(&instance)).json(&body).send().await.unwrap();
+        let bound: Value = osb(client.put(format!("{instance}/service_bindings/flood-b")))
+            .json(&json!({"service_id": LOG_SERVICE, "plan_id": LOG_PLAN, "app_guid": "flood-app"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        bound["syslog_drain_url"].as_str().unwrap().to_string()
+    };
+    let quiet = osb_latency(&base, "quiet").await;
+    let mut flooded = Vec::new();
+    for batched in [true, false] {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let started = Instant::now();
+        let sender = tokio::spawn(flood(drain.clone(), batched, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let under = osb_latency(&base, if batched { "batched" } else { "single" }).await;
+        stop.cancel();
+        let lines = sender.await.unwrap();
+        flooded.push((
+            batched,
+            lines as f64 / started.elapsed().as_secs_f64(),
+            under,
+        ));
+    }
+    println!();
+    println!("OSB latency while one app floods its log drain (5,000 lines/s offered, 50 every 10 ms), against the same calls without it");
+    println!();
+    println!("| flood | lines/s accepted | catalog p50 / p99 ms | ratio | app-logs provision p50 / p99 ms | ratio | goal |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| none | 0 | {} / {} | | {} / {} | | |",
+        ms(quiet[0].0),
+        ms(quiet[0].1),
+        ms(quiet[1].0),
+        ms(quiet[1].1)
+    );
+    for (batched, rate, under) in &flooded {
+        let ratio = |i: usize| under[i].0.as_secs_f64() / quiet[i].0.as_secs_f64();
+        println!(
+            "| {} | {rate:.0} | {} / {} | {:.2} | {} / {} | {:.2} | p50 within 1.2x |",
+            if *batched {
+                "batched, 50 lines per POST (https-batch)"
+            } else {
+                "one line per POST (https)"
+            },
+            ms(under[0].0),
+            ms(under[0].1),
+            ratio(0),
+            ms(under[1].0),
+            ms(under[1].1),
+            ratio(1),
+        );
+    }
     drop(broker);
 
     // ---- a store of a million records ------------------------------------------------------

@@ -87,7 +87,12 @@ impl Book {
 /// Drops lines until `lines` is within `retention`: each time the oldest line of the app
 /// that holds the most, so one app's flood costs that app only.
 fn trim(lines: &mut VecDeque<Line>, retention: Retention, dropped: &mut BTreeMap<String, u64>) {
-    let mut total_bytes: u64 = lines.iter().map(Line::bytes).sum();
+    // Counted only where bytes are bounded: the queues bound lines alone, and summing a
+    // queue on every accept would cost a flood its length each time.
+    let mut total_bytes: u64 = match retention.bytes {
+        u64::MAX => 0,
+        _ => lines.iter().map(Line::bytes).sum(),
+    };
     let mut total_lines = lines.len() as u64;
     if total_lines <= retention.lines && total_bytes <= retention.bytes {
         return;
@@ -104,7 +109,7 @@ fn trim(lines: &mut VecDeque<Line>, retention: Retention, dropped: &mut BTreeMap
         let Some(i) = queue.pop_front() else { break };
         gone[i] = true;
         total_lines -= 1;
-        total_bytes -= lines[i].bytes();
+        total_bytes = total_bytes.saturating_sub(lines[i].bytes());
     }
     let mut i = 0;
     lines.retain(|line| {

@@ -29,6 +29,9 @@ async fn drain(
     let Some(logs) = state.broker.logs() else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    if crate::broker::check_id("binding_id", &binding_id).is_err() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
     let limit = state.limits.max_body_bytes;
     let body = tokio::time::timeout(
         state.limits.body_timeout,
@@ -69,6 +72,9 @@ async fn lines(
 ) -> Response {
     if !state.credentials.accepts(headers.get(AUTHORIZATION)) {
         return OsbError::Unauthorized.into_response();
+    }
+    if let Err(e) = crate::broker::check_id("instance_id", &instance_id) {
+        return e.into_response();
     }
     let Some(logs) = state.broker.logs() else {
         return OsbError::NotFound("this broker keeps no logs".into()).into_response();

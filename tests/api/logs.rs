@@ -228,6 +228,13 @@ async fn an_apps_logs_arrive_by_drain_and_syslog_and_unbind_and_deprovision_end_
     )
     .await;
     assert_eq!(unknown.status(), 404);
+    let hostile = post(
+        format!("{}/drains/%E2%98%83/{token}", broker.base),
+        "x".into(),
+    )
+    .await;
+    assert_eq!(hostile.status(), 404);
+    assert_eq!(hostile.text().await.unwrap(), "");
 
     // Debian's logger: RFC 5424 over TCP with octet counting, the app's GUID as APP-NAME.
     let sent = Command::new("logger")

@@ -143,6 +143,18 @@ async fn every_answer_carries_only_the_fields_of_the_callers_version() {
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
+            let dpath = format!(
+                "/v2/service_instances/{async_id}?accepts_incomplete=true&service_id={SERVICE}&plan_id={ASYNC}"
+            );
+            let deleting = answer(at(c, minor, Method::DELETE, &dpath), None).await;
+            deleting.expect(202);
+            defined(
+                &deleting.body,
+                "operation",
+                9,
+                minor,
+                "asynchronous deprovision",
+            );
         }
     }
 }
