@@ -559,6 +559,7 @@ impl Logs {
                 .map_err(|e: Arc<StoreError>| StoreError::Unavailable(e.to_string()))?;
             let mut instances: Vec<&str> =
                 targets.targets.iter().map(|(i, _)| i.as_str()).collect();
+            instances.sort_unstable();
             instances.dedup();
             for instance in instances {
                 delivered += lines.len();

@@ -39,14 +39,18 @@ impl LogsBackend {
         let stored = records::load::<BindingRecord>(&*self.store, binding_id)
             .await
             .map_err(unavailable)?;
-        // Only app GUIDs that are safe store keys are indexed for the syslog listener.
-        let safe = |a: &&str| {
-            a.len() <= 128
-                && a.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-        };
-        Ok(stored.and_then(|s| s.record.app_guid().filter(safe).map(str::to_string)))
+        Ok(stored.and_then(|s| indexed_app(&s.record).map(str::to_string)))
     }
+}
+
+/// The binding's app, when it is one the syslog listener can route to: only app GUIDs that
+/// are safe store keys are indexed.
+fn indexed_app(binding: &BindingRecord) -> Option<&str> {
+    binding.app_guid().filter(|a| {
+        a.len() <= 128
+            && a.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    })
 }
 
 fn retention(limits: PlanLimits) -> Retention {
@@ -95,11 +99,25 @@ impl Backend for LogsBackend {
             .map_err(unavailable)
     }
 
+    /// Deletes the log, and stops routing syslog messages here for bindings that go with
+    /// the instance (a service that lets deprovision take its bindings along).
     async fn deprovision(
         &self,
         instance_id: &str,
         _limits: PlanLimits,
     ) -> Result<(), BackendError> {
+        let bindings = records::bindings_of(&*self.store, instance_id)
+            .await
+            .map_err(unavailable)?;
+        for binding in bindings {
+            self.logs.revoke(&binding.record.id).await;
+            if let Some(app) = indexed_app(&binding.record) {
+                self.logs
+                    .remove_app(app, &binding.record.id)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
         self.logs
             .delete_book(instance_id)
             .await

@@ -203,8 +203,15 @@ async fn an_apps_logs_arrive_by_drain_and_syslog_and_unbind_and_deprovision_end_
                 .unwrap()
         }
     };
-    let posted = post(drain.clone(), cf_message(app, "hello from web")).await;
-    assert_eq!(posted.status(), 200);
+    // curl, as the agent posts: one message, text/plain.
+    let curl = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .args(["-H", "Content-Type: text/plain", "--data-binary"])
+        .arg(cf_message(app, "hello from web"))
+        .arg(&drain)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
     let (a, b) = (
         cf_message(app, "batched one"),
         "<14>1 2026-12-02T01:02:04Z org.space.myapp 3e0b1150-6e4c-4b3c-a1ba-3f6cc7b3a7c5 [RTR/1] - - GET / 200".to_string(),
@@ -527,6 +534,22 @@ async fn the_drains_and_the_syslog_listener_hold_their_limits() {
     let app = "limit-app";
     let drains = log_instance(&client, &id, &[app]).await;
     let http = reqwest::Client::new();
+
+    // An app GUID that cannot be a store key binds and unbinds (its drain URL works; only
+    // the syslog listener, which routes by app, does not know it).
+    let odd = client
+        .bind_with(
+            &id,
+            "odd-app",
+            body(LOG_SERVICE, LOG_PLAN, Some("☃ app/../x")),
+            false,
+        )
+        .await;
+    odd.expect(201);
+    client
+        .unbind_from(&id, "odd-app", LOG_SERVICE, LOG_PLAN)
+        .await
+        .expect(200);
 
     // Over broker.max_body_bytes (64 KiB in the tests): 413.
     let huge = format!("{} {}", 100_000, "x".repeat(100_000));
