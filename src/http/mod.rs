@@ -231,7 +231,7 @@ async fn trace_request(State(state): State<AppState>, req: Request, next: Next) 
     let span = tracing::info_span!(
         "request",
         method = %req.method(),
-        path = %req.uri().path(),
+        path = %loggable(req.uri().path()),
         request_id = request_id.as_deref().unwrap_or(""),
         user = user.as_deref().unwrap_or(""),
     );
@@ -253,6 +253,17 @@ async fn trace_request(State(state): State<AppState>, req: Request, next: Next) 
         started.elapsed(),
     );
     response
+}
+
+/// A request path as logged: a drain's token (its last segment) is a secret and is masked.
+fn loggable(path: &str) -> std::borrow::Cow<'_, str> {
+    match path
+        .strip_prefix("/drains/")
+        .and_then(|rest| rest.split_once('/'))
+    {
+        Some((binding, _token)) => format!("/drains/{binding}/***").into(),
+        None => path.into(),
+    }
 }
 
 /// `platform base64(json)` -> the user id only, never the rest of the identity.
@@ -686,6 +697,13 @@ mod tests {
         assert!(!creds.accepts(Some(&header("a:first-password "))));
         assert!(!creds.accepts(Some(&HeaderValue::from_static("Bearer x"))));
         assert!(!creds.accepts(None));
+    }
+
+    #[test]
+    fn a_drains_token_is_never_logged() {
+        assert_eq!(loggable("/drains/b-1/s3cr3t"), "/drains/b-1/***");
+        assert_eq!(loggable("/drains/b-1/s3cr3t/more"), "/drains/b-1/***");
+        assert_eq!(loggable("/v2/catalog"), "/v2/catalog");
     }
 
     #[test]

@@ -388,7 +388,7 @@ async fn an_apps_logs_arrive_by_drain_and_syslog_and_unbind_and_deprovision_end_
         .await
         .expect(200);
     assert_eq!(
-        post(other_drain, cf_message(other_app, "gone"))
+        post(other_drain.clone(), cf_message(other_app, "gone"))
             .await
             .status(),
         404
@@ -406,6 +406,16 @@ async fn an_apps_logs_arrive_by_drain_and_syslog_and_unbind_and_deprovision_end_
         "{}",
         String::from_utf8_lossy(&printed.stderr)
     );
+    // The broker logged every request at trace level, and never a drain's token.
+    let logged = std::fs::read_to_string(&broker.log).unwrap();
+    assert!(
+        logged.contains("/drains/b-one/***"),
+        "drain requests are logged"
+    );
+    for url in [&drain, &other_drain] {
+        let token = url.rsplit('/').next().unwrap();
+        assert!(!logged.contains(token), "a drain token reached the log");
+    }
 }
 
 #[tokio::test]
