@@ -511,8 +511,14 @@ async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) 
 }
 
 /// The merged catalog snapshot: never waits on an upstream.
-async fn catalog(State(state): State<AppState>, ctx: CallContext) -> Response {
-    let json: Bytes = state.broker.federation().snapshot().json_for(ctx.version());
+async fn catalog(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    // Only the version matters here (checked at the door, so it parses).
+    let version = headers
+        .get(&API_VERSION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ApiVersion::parse)
+        .unwrap_or(ApiVersion::CURRENT);
+    let json: Bytes = state.broker.federation().snapshot().json_for(version);
     (
         [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
         json,
