@@ -333,7 +333,7 @@ impl Dashboard {
             .to_lowercase(),
             OpState::Succeeded => "ready".into(),
         };
-        let details = match self.broker.backends().get(&service.backend) {
+        let mut details = match self.broker.backends().get(&service.backend) {
             Some(backend) => {
                 let described = async {
                     let mut rows = backend.describe_instance(&record.id, plan.limits).await?;
@@ -352,7 +352,11 @@ impl Dashboard {
         let logs = match (self.broker.logs(), service.backend.as_str()) {
             (Some(logs), "logs") => {
                 let book = logs.book(&record.id).await.ok().flatten();
-                let mut lines: Vec<_> = book.map(|b| b.lines.into()).unwrap_or_default();
+                let (mut lines, dropped): (Vec<_>, u64) = book.map_or((Vec::new(), 0), |b| {
+                    (b.lines.into(), b.dropped.values().sum())
+                });
+                details.push(("Lines kept".into(), lines.len().to_string()));
+                details.push(("Lines dropped".into(), dropped.to_string()));
                 let shown = lines.len().saturating_sub(SHOWN_LINES);
                 Some(lines.split_off(shown))
             }

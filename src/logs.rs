@@ -243,6 +243,13 @@ fn app_key(app_guid: &str) -> String {
     format!("app:{app_guid}")
 }
 
+/// What [`Logs::change`] does with a document.
+enum Change<T> {
+    Keep,
+    Put(T),
+    Delete,
+}
+
 /// The lines waiting for the next flush, per instance.
 #[derive(Default)]
 struct Pending {
@@ -338,12 +345,6 @@ impl Logs {
         trim(&mut queue.lines, cap, &mut queue.dropped);
     }
 
-    /// Lines waiting, over all instances (for tests and metrics).
-    pub fn waiting(&self) -> usize {
-        let pending = self.pending.lock().expect("log queue");
-        pending.values().map(|p| p.lines.len()).sum()
-    }
-
     /// Writes every queue to its book: one compare-and-swap per instance with lines waiting.
     /// Lines for an instance with no book (deprovisioned meanwhile) are discarded.
     pub async fn flush(&self) -> Result<(), StoreError> {
@@ -357,27 +358,19 @@ impl Logs {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Appends a queue to its book; lines for an instance with no book are discarded.
     async fn write(&self, instance_id: &str, queue: Pending) -> Result<(), StoreError> {
-        for _ in 0..20 {
-            let Some(stored) = self.store.get(Table::Logs, instance_id).await? else {
-                return Ok(());
+        self.change(instance_id, |book: Option<Book>| {
+            let Some(mut book) = book else {
+                return Change::Keep;
             };
-            let mut book = decode::<Book>(instance_id, &stored.doc)?;
             for (app, n) in &queue.dropped {
                 *book.dropped.entry(app.clone()).or_default() += n;
             }
             book.append(queue.lines.iter().cloned());
-            if self
-                .store
-                .replace(Table::Logs, instance_id, stored.version, &encode(&book))
-                .await?
-            {
-                return Ok(());
-            }
-        }
-        Err(StoreError::Unavailable(format!(
-            "the log of {instance_id} kept changing under 20 attempts"
-        )))
+            Change::Put(book)
+        })
+        .await
     }
 
     /// Runs [`Logs::flush`] every `every` until `stop`, and once more after it.
@@ -409,44 +402,23 @@ impl Logs {
         instance_id: &str,
         retention: Retention,
     ) -> Result<(), StoreError> {
-        loop {
-            match self.store.get(Table::Logs, instance_id).await? {
-                None => {
-                    let doc = encode(&Book::new(retention));
-                    match self
-                        .store
-                        .insert(Table::Logs, instance_id, Link::None, &doc)
-                        .await?
-                    {
-                        Insert::Inserted => return Ok(()),
-                        _ => continue,
-                    }
-                }
-                Some(stored) => {
-                    let mut book = decode::<Book>(instance_id, &stored.doc)?;
-                    if book.retention == retention {
-                        return Ok(());
-                    }
-                    book.retention = retention;
-                    let (lines, dropped) = (&mut book.lines, &mut book.dropped);
-                    trim(lines, retention, dropped);
-                    let doc = encode(&book);
-                    if self
-                        .store
-                        .replace(Table::Logs, instance_id, stored.version, &doc)
-                        .await?
-                    {
-                        return Ok(());
-                    }
-                }
+        self.change(instance_id, |book: Option<Book>| match book {
+            None => Change::Put(Book::new(retention)),
+            Some(book) if book.retention == retention => Change::Keep,
+            Some(mut book) => {
+                book.retention = retention;
+                book.append([]);
+                Change::Put(book)
             }
-        }
+        })
+        .await
     }
 
     /// Deletes an instance's book and whatever is queued for it.
     pub async fn delete_book(&self, instance_id: &str) -> Result<(), StoreError> {
         self.pending.lock().expect("log queue").remove(instance_id);
-        self.remove_where(instance_id, |_| None).await
+        self.change(instance_id, |_: Option<Book>| Change::Delete)
+            .await
     }
 
     /// The instance's book, or `None` when it has none.
@@ -466,83 +438,81 @@ impl Logs {
     ) -> Result<(), StoreError> {
         let key = app_key(app_guid);
         let target = (instance_id.to_string(), binding_id.to_string());
-        loop {
-            let done = match self.store.get(Table::Logs, &key).await? {
-                None => {
-                    let doc = encode(&AppTargets {
-                        targets: vec![target.clone()],
-                    });
-                    matches!(
-                        self.store
-                            .insert(Table::Logs, &key, Link::None, &doc)
-                            .await?,
-                        Insert::Inserted
-                    )
-                }
-                Some(stored) => {
-                    let mut targets = decode::<AppTargets>(&key, &stored.doc)?;
-                    if targets.targets.contains(&target) {
-                        true
-                    } else {
-                        targets.targets.push(target.clone());
-                        let doc = encode(&targets);
-                        self.store
-                            .replace(Table::Logs, &key, stored.version, &doc)
-                            .await?
-                    }
-                }
-            };
-            if done {
-                self.apps.invalidate(&key).await;
-                return Ok(());
+        self.change(&key, |apps: Option<AppTargets>| {
+            let mut apps = apps.unwrap_or_default();
+            if apps.targets.contains(&target) {
+                return Change::Keep;
             }
-        }
-    }
-
-    /// Stops delivering `app_guid`'s syslog messages for this binding.
-    pub async fn remove_app(&self, app_guid: &str, binding_id: &str) -> Result<(), StoreError> {
-        let key = app_key(app_guid);
-        self.remove_where(&key, |doc| {
-            let mut targets: AppTargets = serde_json::from_slice(doc).unwrap_or_default();
-            targets.targets.retain(|(_, b)| b != binding_id);
-            (!targets.targets.is_empty()).then(|| encode(&targets))
+            apps.targets.push(target.clone());
+            Change::Put(apps)
         })
         .await?;
         self.apps.invalidate(&key).await;
         Ok(())
     }
 
-    /// Removes `key`, or replaces it with what `keep` returns for its document.
-    async fn remove_where<F>(&self, key: &str, keep: F) -> Result<(), StoreError>
-    where
-        F: Fn(&[u8]) -> Option<Vec<u8>>,
-    {
-        loop {
-            let Some(stored) = self.store.get(Table::Logs, key).await? else {
-                return Ok(());
+    /// Stops delivering `app_guid`'s syslog messages for this binding.
+    pub async fn remove_app(&self, app_guid: &str, binding_id: &str) -> Result<(), StoreError> {
+        let key = app_key(app_guid);
+        self.change(&key, |apps: Option<AppTargets>| {
+            let Some(mut apps) = apps else {
+                return Change::Keep;
             };
-            let done = match keep(&stored.doc) {
-                Some(doc) if doc != stored.doc => {
+            apps.targets.retain(|(_, b)| b != binding_id);
+            match apps.targets.is_empty() {
+                true => Change::Delete,
+                false => Change::Put(apps),
+            }
+        })
+        .await?;
+        self.apps.invalidate(&key).await;
+        Ok(())
+    }
+
+    /// The one read-modify-write of a document in the logs table: `f` sees it (or `None`)
+    /// and says what becomes of it; a change lost to another writer is tried again on what
+    /// that writer left, at most 20 times.
+    async fn change<T, F>(&self, key: &str, mut f: F) -> Result<(), StoreError>
+    where
+        T: Serialize + for<'de> Deserialize<'de>,
+        F: FnMut(Option<T>) -> Change<T>,
+    {
+        for _ in 0..20 {
+            let stored = self.store.get(Table::Logs, key).await?;
+            let current = match &stored {
+                Some(s) => Some(decode::<T>(key, &s.doc)?),
+                None => None,
+            };
+            let done = match (f(current), stored) {
+                (Change::Keep, _) | (Change::Delete, None) => true,
+                (Change::Put(doc), None) => matches!(
                     self.store
-                        .replace(Table::Logs, key, stored.version, &doc)
+                        .insert(Table::Logs, key, Link::None, &encode(&doc))
+                        .await?,
+                    Insert::Inserted
+                ),
+                (Change::Put(doc), Some(s)) => {
+                    self.store
+                        .replace(Table::Logs, key, s.version, &encode(&doc))
                         .await?
                 }
-                Some(_) => true,
-                None => self.store.remove(Table::Logs, key, stored.version).await?,
+                (Change::Delete, Some(s)) => self.store.remove(Table::Logs, key, s.version).await?,
             };
             if done {
                 return Ok(());
             }
         }
+        Err(StoreError::Unavailable(format!(
+            "{key} in the logs table kept changing under 20 attempts"
+        )))
     }
 
     /// Queues syslog messages (already parsed) by their app: every instance bound to it.
-    pub async fn accept_by_app(&self, lines: Vec<Line>) -> Result<usize, StoreError> {
+    pub async fn accept_by_app(&self, lines: Vec<Line>) -> Result<(), StoreError> {
         let mut by_app: HashMap<String, Vec<Line>> = HashMap::new();
         for line in lines {
             by_app.entry(line.app.clone()).or_default().push(line);
         }
-        let mut delivered = 0;
         for (app, lines) in by_app {
             let key = app_key(&app);
             let store = self.store.clone();
@@ -562,11 +532,10 @@ impl Logs {
             instances.sort_unstable();
             instances.dedup();
             for instance in instances {
-                delivered += lines.len();
                 self.accept(instance, lines.clone());
             }
         }
-        Ok(delivered)
+        Ok(())
     }
 }
 

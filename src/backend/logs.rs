@@ -153,25 +153,19 @@ impl Backend for LogsBackend {
         Ok(())
     }
 
+    /// What the plan keeps; the dashboard reads the book itself for the lines and drops.
     async fn describe_instance(
         &self,
-        instance_id: &str,
+        _instance_id: &str,
         limits: PlanLimits,
     ) -> Result<Vec<(String, String)>, BackendError> {
-        let book = self.logs.book(instance_id).await.map_err(unavailable)?;
-        let (kept, dropped) = book.map_or((0, 0), |b| {
-            (b.lines.len() as u64, b.dropped.values().sum::<u64>())
-        });
-        Ok(vec![
-            (
-                "Lines kept".into(),
-                format!(
-                    "{kept} of at most {} ({} KB)",
-                    limits.max_log_lines,
-                    limits.max_log_bytes / 1024
-                ),
+        Ok(vec![(
+            "Keeps".into(),
+            format!(
+                "the last {} lines, at most {} KB",
+                limits.max_log_lines,
+                limits.max_log_bytes / 1024
             ),
-            ("Lines dropped".into(), dropped.to_string()),
-        ])
+        )])
     }
 }
