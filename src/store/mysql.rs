@@ -1,6 +1,14 @@
 //! The shared store: five tables (instances, bindings, catalogs, leases, logs) in a MySQL/MariaDB database that every broker process
 //! behind a load balancer uses. The broker creates the database when it may, and migrates
-//! its tables under a named lock so processes starting together do not race.
+//! its tables on start.
+//!
+//! On a Galera cluster (the seed's own MySQL) two things differ from one server, and both
+//! are handled here, once, for every statement:
+//! - a write that loses certification against another node's concurrent write is rolled
+//!   back and reported as error 1213; it is run again (bounded, with jitter), and then
+//!   meets the winner's row as it would on one server (a duplicate id, a version moved on);
+//! - `GET_LOCK` holds only on the node that takes it, so migrations do not rely on it:
+//!   every migration statement can run twice, also at once on two nodes.
 
 use std::time::Duration;
 
@@ -59,6 +67,35 @@ const MIGRATIONS: &[&[&str]] = &[
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a statement that lost certification (Galera's 1213) is run again.
+const CONFLICT_RETRIES: u32 = 8;
+
+/// Runs `attempt` until it is not refused with error 1213 (a deadlock on one server; on
+/// Galera, a lost certification: either way the statement was rolled back), at most
+/// [`CONFLICT_RETRIES`] more times, waiting a jittered, growing while in between.
+async fn certified<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, SqlError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SqlError>>,
+{
+    let mut retries = 0;
+    loop {
+        match attempt().await {
+            Err(SqlError::Server { code: 1213, .. }) if retries < CONFLICT_RETRIES => {
+                retries += 1;
+                let most = (2u64 << retries).min(200);
+                tracing::debug!(
+                    what,
+                    retries,
+                    "store write lost a conflict; running it again"
+                );
+                tokio::time::sleep(Duration::from_millis(rand::random_range(1..=most))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub struct MysqlStore {
     pool: Pool,
     describe: String,
@@ -110,6 +147,10 @@ impl MysqlStore {
     }
 }
 
+/// Brings the schema up to date. The named lock keeps processes on one server from doing
+/// the work twice; on a Galera cluster it holds per node only, so each statement is one
+/// that can run again (`IF NOT EXISTS`, an index already there, an `UPDATE` of rows not yet
+/// filled in, `INSERT IGNORE` of the version) and two nodes migrating at once both succeed.
 async fn migrate(conn: &mut Conn) -> Result<(), SqlError> {
     let locked: Option<i64> = conn
         .query_first("SELECT GET_LOCK('brokerage_schema', 30)")
@@ -119,37 +160,55 @@ async fn migrate(conn: &mut Conn) -> Result<(), SqlError> {
             "could not take the schema migration lock within 30 s".into(),
         ));
     }
-    let result = async {
-        conn.query_drop(
-            "CREATE TABLE IF NOT EXISTS brokerage_migrations (
-                version INT NOT NULL PRIMARY KEY,
-                applied_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP
-            ) ENGINE=InnoDB",
-        )
-        .await?;
-        let current: Option<i64> = conn
-            .query_first("SELECT COALESCE(MAX(version), 0) FROM brokerage_migrations")
-            .await?;
-        for (i, statements) in MIGRATIONS.iter().enumerate() {
-            let version = i as i64 + 1;
-            if version <= current.unwrap_or(0) {
-                continue;
-            }
-            for statement in *statements {
-                conn.query_drop(*statement).await?;
-            }
-            conn.exec_drop(
-                "INSERT INTO brokerage_migrations (version) VALUES (?)",
-                (version,),
-            )
-            .await?;
-        }
-        Ok::<_, SqlError>(())
-    }
-    .await;
+    let result = migrate_locked(conn).await;
     conn.query_drop("SELECT RELEASE_LOCK('brokerage_schema')")
         .await?;
     result
+}
+
+async fn migrate_locked(conn: &mut Conn) -> Result<(), SqlError> {
+    run_again(
+        conn,
+        "CREATE TABLE IF NOT EXISTS brokerage_migrations (
+            version INT NOT NULL PRIMARY KEY,
+            applied_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP
+        ) ENGINE=InnoDB",
+    )
+    .await?;
+    let current: Option<i64> = conn
+        .query_first("SELECT COALESCE(MAX(version), 0) FROM brokerage_migrations")
+        .await?;
+    for (i, statements) in MIGRATIONS.iter().enumerate() {
+        let version = i as i64 + 1;
+        if version <= current.unwrap_or(0) {
+            continue;
+        }
+        for statement in *statements {
+            run_again(conn, statement).await?;
+        }
+        run_again(
+            conn,
+            &format!("INSERT IGNORE INTO brokerage_migrations (version) VALUES ({version})"),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Runs a migration statement that another process may have run already, or may be
+/// running on another node: an index that exists (1061) is what it makes.
+async fn run_again(conn: &mut Conn, statement: &str) -> Result<(), SqlError> {
+    let mut retries = 0;
+    loop {
+        match conn.query_drop(statement).await.map_err(SqlError::from) {
+            Err(SqlError::Server { code: 1061, .. }) => return Ok(()),
+            Err(SqlError::Server { code: 1213, .. }) if retries < CONFLICT_RETRIES => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(rand::random_range(1..=50))).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 #[async_trait]
@@ -189,7 +248,7 @@ impl StateStore for MysqlStore {
         // place only from its instance at the version read (none selected: the parent
         // changed); a duplicate id is the server's error 1062.
         loop {
-            let inserted = {
+            let inserted = certified("insert", || async {
                 let mut conn = self.conn().await?;
                 let result = match link {
                     Link::Parent(pid, pversion) => conn
@@ -221,7 +280,8 @@ impl StateStore for MysqlStore {
                     }
                 };
                 result.map_err(SqlError::from)
-            };
+            })
+            .await;
             return match inserted {
                 Ok(1) => Ok(Insert::Inserted),
                 Ok(_) => Ok(Insert::ParentChanged),
@@ -242,21 +302,22 @@ impl StateStore for MysqlStore {
         version: u64,
         doc: &[u8],
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
-        conn.exec_drop(
-            format!(
-                "UPDATE {} SET version = version + 1, doc = ? WHERE id = ? AND version = ?",
-                table(t)
-            ),
-            (doc, id, version),
-        )
-        .await
-        .map_err(SqlError::from)?;
-        Ok(conn.affected_rows() == 1)
+        let statement = format!(
+            "UPDATE {} SET version = version + 1, doc = ? WHERE id = ? AND version = ?",
+            table(t)
+        );
+        let changed = certified("replace", || async {
+            let mut conn = self.conn().await?;
+            conn.exec_drop(statement.as_str(), (doc, id, version))
+                .await
+                .map_err(SqlError::from)?;
+            Ok(conn.affected_rows())
+        })
+        .await?;
+        Ok(changed == 1)
     }
 
     async fn remove(&self, t: Table, id: &str, version: u64) -> Result<bool, StoreError> {
-        let mut conn = self.conn().await?;
         // One statement: an instance goes with its bindings.
         let statement = match t {
             Table::Instances => "DELETE i, b FROM brokerage_instances i
@@ -265,10 +326,15 @@ impl StateStore for MysqlStore {
                 .to_string(),
             _ => format!("DELETE FROM {} WHERE id = ? AND version = ?", table(t)),
         };
-        conn.exec_drop(statement, (id, version))
-            .await
-            .map_err(SqlError::from)?;
-        Ok(conn.affected_rows() >= 1)
+        let removed = certified("remove", || async {
+            let mut conn = self.conn().await?;
+            conn.exec_drop(statement.as_str(), (id, version))
+                .await
+                .map_err(SqlError::from)?;
+            Ok(conn.affected_rows())
+        })
+        .await?;
+        Ok(removed >= 1)
     }
 
     async fn page(

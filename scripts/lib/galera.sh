@@ -1,0 +1,87 @@
+# Sourced after scripts/lib/servers.sh: a throwaway three-node MariaDB Galera cluster (the
+# seed's MySQL topology) from Debian's packages (galera-4, rsync), on free loopback ports.
+#
+# After `start_throwaway_galera LINK`, GALERA_URLS holds one admin URL per node
+# (mysql://root@127.0.0.1:PORT, space-separated) and GALERA_PIDS their processes; the nodes
+# stop and their data goes when the shell exits. `galera_node_start I` starts node I
+# (0-based) again after it was killed; it rejoins by IST.
+#
+# Under root the nodes run as the `mysql` user: rsync's state transfer cannot enter a
+# root-only directory, and a checkout may well live in one (a 0700 temporary directory).
+# The data therefore lives in a directory of its own that the mysql user can enter, and
+# LINK (under target/) points at it, so the nodes' logs can be read where the checkout is.
+
+GALERA_DATA=""
+GALERA_URLS=""
+GALERA_PIDS=()
+GALERA_PORTS=()
+GALERA_GCOMM=()
+GALERA_IST=()
+GALERA_SST=()
+
+galera_node_start() {
+  local i=$1 dir=$GALERA_DATA/node$1 peers="" j user mariadbd
+  mariadbd=$(command -v mariadbd || echo /usr/sbin/mariadbd)
+  user=$(id -un)
+  [ "$(id -u)" -ne 0 ] || user=mysql
+  for j in 0 1 2; do peers+="${peers:+,}127.0.0.1:${GALERA_GCOMM[$j]}"; done
+  local extra=()
+  if [ "${2:-}" = new ]; then extra+=(--wsrep-new-cluster); fi
+  "$mariadbd" --no-defaults --user="$user" --datadir="$dir/db" --port="${GALERA_PORTS[$i]}" \
+    --socket="$dir/sock" --pid-file="$dir/pid" --bind-address=127.0.0.1 --skip-name-resolve \
+    --log-error="$dir/error.log" --max-connections=1000 \
+    --wsrep-on=ON --wsrep-provider=/usr/lib/galera/libgalera_smm.so \
+    --wsrep-cluster-name=brokerage-test --wsrep-cluster-address="gcomm://$peers" \
+    --wsrep-node-name="node$i" --wsrep-node-address="127.0.0.1:${GALERA_GCOMM[$i]}" \
+    --wsrep-provider-options="gmcast.listen_addr=tcp://127.0.0.1:${GALERA_GCOMM[$i]};ist.recv_addr=127.0.0.1:${GALERA_IST[$i]};gcache.size=256M" \
+    --wsrep-sst-receive-address="127.0.0.1:${GALERA_SST[$i]}" --wsrep-sst-method=rsync \
+    --binlog-format=ROW --innodb-autoinc-lock-mode=2 --default-storage-engine=InnoDB \
+    "${extra[@]}" 2>>"$dir/stderr.log" &
+  GALERA_PIDS[$i]=$!
+  stop_on_exit "${GALERA_PIDS[$i]}"
+  # Joined: the node answers and reports itself synced with the cluster.
+  local deadline=$((SECONDS + 90)) state=""
+  while [ $SECONDS -lt $deadline ]; do
+    if ! kill -0 "${GALERA_PIDS[$i]}" 2>/dev/null; then
+      server_failed "Galera node $i" "its process exited" "$dir/error.log"
+    fi
+    state=$(mariadb --no-defaults --socket="$dir/sock" -uroot -N -e \
+      "SHOW STATUS LIKE 'wsrep_local_state_comment'" 2>/dev/null | cut -f2) || true
+    [ "$state" = Synced ] && return 0
+    sleep 0.3
+  done
+  server_failed "Galera node $i" "not synced after 90 s (state: ${state:-no answer})" "$dir/error.log"
+}
+
+start_throwaway_galera() {
+  local link=$1 i
+  ensure_packages mariadb-server galera-4 rsync
+  GALERA_DATA=$(mktemp -d /tmp/brokerage-galera.XXXXXX)
+  chmod 0755 "$GALERA_DATA"
+  SERVER_DIRS+=("$GALERA_DATA")
+  trap stop_servers EXIT
+  rm -rf "$link"
+  mkdir -p "$(dirname "$link")"
+  ln -s "$GALERA_DATA" "$link"
+  for i in 0 1 2; do
+    mkdir -p "$GALERA_DATA/node$i/db"
+    GALERA_PORTS[$i]=$(free_port)
+    GALERA_GCOMM[$i]=$(free_port)
+    GALERA_IST[$i]=$(free_port)
+    GALERA_SST[$i]=$(free_port)
+  done
+  mariadb-install-db --no-defaults --datadir="$GALERA_DATA/node0/db" --user="$(id -un)" \
+    --auth-root-authentication-method=normal --skip-test-db >"$GALERA_DATA/install.log" 2>&1 \
+    || server_failed "Galera node 0" "mariadb-install-db failed" "$GALERA_DATA/install.log"
+  [ "$(id -u)" -ne 0 ] || chown -R mysql:mysql "$GALERA_DATA"
+  galera_node_start 0 new
+  # Any client over TCP may act as root: the cluster is loopback-only and throwaway.
+  mariadb --no-defaults --socket="$GALERA_DATA/node0/sock" -uroot -e \
+    "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'; GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION" \
+    || server_failed "Galera node 0" "creating the TCP root user failed" "$GALERA_DATA/node0/error.log"
+  galera_node_start 1
+  galera_node_start 2
+  GALERA_URLS=""
+  for i in 0 1 2; do GALERA_URLS+="${GALERA_URLS:+ }mysql://root@127.0.0.1:${GALERA_PORTS[$i]}"; done
+  echo "== throwaway Galera cluster: $GALERA_URLS (data in $GALERA_DATA, linked from $link)"
+}
