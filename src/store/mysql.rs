@@ -70,28 +70,49 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a statement that lost certification (Galera's 1213) is run again.
 const CONFLICT_RETRIES: u32 = 8;
 
-/// Runs `attempt` until it is not refused with error 1213 (a deadlock on one server; on
-/// Galera, a lost certification: either way the statement was rolled back), at most
-/// [`CONFLICT_RETRIES`] more times, waiting a jittered, growing while in between.
-async fn certified<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, SqlError>
+/// Whether a statement refused with error 1213 (a deadlock on one server; on Galera, a lost
+/// certification: either way it was rolled back) is run again: at most [`CONFLICT_RETRIES`]
+/// times, after a jittered, growing wait. The one retry policy for every store statement.
+struct Conflicts {
+    what: &'static str,
+    retries: u32,
+}
+
+impl Conflicts {
+    fn new(what: &'static str) -> Self {
+        Conflicts { what, retries: 0 }
+    }
+
+    /// Waits and answers true when `result` lost a conflict that may be retried.
+    async fn again<T>(&mut self, result: &Result<T, SqlError>) -> bool {
+        if !matches!(result, Err(SqlError::Server { code: 1213, .. }))
+            || self.retries >= CONFLICT_RETRIES
+        {
+            return false;
+        }
+        self.retries += 1;
+        let most = (2u64 << self.retries).min(200);
+        tracing::debug!(
+            what = self.what,
+            retries = self.retries,
+            "store write lost a conflict; running it again"
+        );
+        tokio::time::sleep(Duration::from_millis(rand::random_range(1..=most))).await;
+        true
+    }
+}
+
+/// Runs `attempt` (one statement on a pooled connection) under [`Conflicts`].
+async fn certified<T, F, Fut>(what: &'static str, mut attempt: F) -> Result<T, SqlError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, SqlError>>,
 {
-    let mut retries = 0;
+    let mut conflicts = Conflicts::new(what);
     loop {
-        match attempt().await {
-            Err(SqlError::Server { code: 1213, .. }) if retries < CONFLICT_RETRIES => {
-                retries += 1;
-                let most = (2u64 << retries).min(200);
-                tracing::debug!(
-                    what,
-                    retries,
-                    "store write lost a conflict; running it again"
-                );
-                tokio::time::sleep(Duration::from_millis(rand::random_range(1..=most))).await;
-            }
-            other => return other,
+        let result = attempt().await;
+        if !conflicts.again(&result).await {
+            return result;
         }
     }
 }
@@ -198,16 +219,16 @@ async fn migrate_locked(conn: &mut Conn) -> Result<(), SqlError> {
 /// Runs a migration statement that another process may have run already, or may be
 /// running on another node: an index that exists (1061) is what it makes.
 async fn run_again(conn: &mut Conn, statement: &str) -> Result<(), SqlError> {
-    let mut retries = 0;
+    let mut conflicts = Conflicts::new("migration");
     loop {
-        match conn.query_drop(statement).await.map_err(SqlError::from) {
-            Err(SqlError::Server { code: 1061, .. }) => return Ok(()),
-            Err(SqlError::Server { code: 1213, .. }) if retries < CONFLICT_RETRIES => {
-                retries += 1;
-                tokio::time::sleep(Duration::from_millis(rand::random_range(1..=50))).await;
-            }
-            other => return other,
+        let result = conn.query_drop(statement).await.map_err(SqlError::from);
+        if conflicts.again(&result).await {
+            continue;
         }
+        return match result {
+            Err(SqlError::Server { code: 1061, .. }) => Ok(()),
+            other => other,
+        };
     }
 }
 
@@ -371,5 +392,60 @@ impl StateStore for MysqlStore {
             .into_iter()
             .map(|(id, version, doc)| (id, Versioned { version, doc }))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conflict() -> SqlError {
+        SqlError::Server {
+            code: 1213,
+            message: "Deadlock found when trying to get lock".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_conflict_is_run_again_a_bounded_number_of_times() {
+        let mut calls = 0;
+        let result = certified("test", || {
+            calls += 1;
+            let answer = if calls < 3 {
+                Err(conflict())
+            } else {
+                Ok(calls)
+            };
+            async move { answer }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 3, "won on the third attempt");
+
+        let mut calls = 0;
+        let result: Result<(), _> = certified("test", || {
+            calls += 1;
+            async { Err(conflict()) }
+        })
+        .await;
+        assert!(matches!(result, Err(SqlError::Server { code: 1213, .. })));
+        assert_eq!(
+            calls,
+            1 + CONFLICT_RETRIES,
+            "then the conflict is the answer"
+        );
+
+        let mut calls = 0;
+        let result: Result<(), _> = certified("test", || {
+            calls += 1;
+            async {
+                Err(SqlError::Server {
+                    code: 1062,
+                    message: "Duplicate".into(),
+                })
+            }
+        })
+        .await;
+        assert!(matches!(result, Err(SqlError::Server { code: 1062, .. })));
+        assert_eq!(calls, 1, "other refusals are not retried");
     }
 }

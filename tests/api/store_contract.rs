@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use mysql_async::prelude::*;
+
 use brokerage::config::StoreConfig;
 use brokerage::store::{self, Insert, Link, StateStore, Table};
 
@@ -285,6 +287,27 @@ async fn mysql_store_migrates_concurrently_and_idempotently() {
         database_exists(&db).await,
         "the broker created its database"
     );
+    // A process on another Galera node may have run a migration's statements without yet
+    // recording its version (GET_LOCK holds per node): running them again must succeed.
+    let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    conn.query_drop("DELETE FROM brokerage_migrations WHERE version >= 4")
+        .await
+        .unwrap();
+    let config = StoreConfig::Mysql {
+        url: brokerage::config::Secret::new(url.clone()),
+        path: None,
+        cache_mb: None,
+    };
+    store::open(&config)
+        .await
+        .expect("migrations whose work is already done run again");
+    let versions: Vec<i64> = conn
+        .query("SELECT version FROM brokerage_migrations ORDER BY version")
+        .await
+        .unwrap();
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
 }
 
 /// Instance documents as every earlier version wrote them: a local one and one an upstream
