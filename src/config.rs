@@ -718,10 +718,13 @@ pub fn vcap_mysql_url(vcap: &str) -> anyhow::Result<Option<String>> {
     Ok(None)
 }
 
+/// One server, or the nodes of a Galera cluster: `mysql://user:password@h1:p1,h2:p2/db`.
 fn check_mysql_url(key: &str, url: &Secret) -> anyhow::Result<()> {
-    let parsed = Url::parse(url.expose()).map_err(|e| anyhow::anyhow!("{key}: not a URL ({e})"))?;
-    if parsed.scheme() != "mysql" || parsed.host_str().is_none() {
-        bail!("{key}: must look like mysql://user:password@host:port/database");
+    for node in crate::mysql::node_urls(url.expose()) {
+        let parsed = Url::parse(&node).map_err(|e| anyhow::anyhow!("{key}: not a URL ({e})"))?;
+        if parsed.scheme() != "mysql" || parsed.host_str().is_none() {
+            bail!("{key}: must look like mysql://user:password@host:port/database (or host1:port1,host2:port2 for a cluster's nodes)");
+        }
     }
     Ok(())
 }

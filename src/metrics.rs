@@ -36,6 +36,28 @@ pub struct UpstreamLabels {
     pub upstream: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatementLabels {
+    pub statement: &'static str,
+}
+
+/// What the MySQL store and backend count, process-wide: they are built before (and apart
+/// from) a broker's registry, which registers these.
+pub struct MysqlCounters {
+    /// Store writes lost to a conflict (Galera's lost certification, a deadlock) and run again.
+    pub conflicts: Family<StatementLabels, Counter>,
+    /// Connections lost during a store write, whose outcome was then read back.
+    pub lost_writes: Counter,
+    /// Moves off a MySQL node that stopped answering or serving.
+    pub failovers: Counter,
+}
+
+pub static MYSQL: std::sync::LazyLock<MysqlCounters> = std::sync::LazyLock::new(|| MysqlCounters {
+    conflicts: Family::default(),
+    lost_writes: Counter::default(),
+    failovers: Counter::default(),
+});
+
 #[derive(Clone)]
 pub struct Seconds;
 
@@ -124,6 +146,21 @@ impl Metrics {
             "operations_in_flight",
             "Backend and upstream operations running now",
             operations_in_flight.clone(),
+        );
+        registry.register(
+            "store_conflicts",
+            "Store writes lost to a conflict with another node or process and run again",
+            MYSQL.conflicts.clone(),
+        );
+        registry.register(
+            "store_lost_writes",
+            "Store writes whose connection broke, decided by reading the record back",
+            MYSQL.lost_writes.clone(),
+        );
+        registry.register(
+            "mysql_failovers",
+            "Moves to another MySQL node after the one in use failed",
+            MYSQL.failovers.clone(),
         );
         Arc::new(Metrics {
             registry,

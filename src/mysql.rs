@@ -1,6 +1,13 @@
 //! What the MySQL store and the MySQL backend share: pools built from a URL, connections
 //! that never hang past a deadline, and errors that say what failed without secrets.
+//!
+//! A URL may name one server or the nodes of a Galera cluster,
+//! `mysql://user:password@host1:3306,host2:3306,host3:3306/database`: [`Nodes`] keeps a
+//! lazy pool for each and uses one at a time (as cf-mysql's proxy sends every client to
+//! one node, so writes never race between nodes), moving to the next when it stops
+//! answering or stops serving (a node outside the cluster's primary component).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mysql_async::prelude::*;
@@ -14,6 +21,9 @@ pub enum SqlError {
     Server { code: u16, message: String },
     #[error("cannot reach the server: {0}")]
     Unreachable(String),
+    /// The connection failed after a statement was sent: it may or may not have run.
+    #[error("the connection was lost during a statement: {0}")]
+    Lost(String),
     #[error("{0}")]
     Other(String),
 }
@@ -21,7 +31,31 @@ pub enum SqlError {
 impl SqlError {
     /// The server could not be reached at all, as opposed to refusing a statement.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, SqlError::Timeout(_) | SqlError::Unreachable(_))
+        matches!(
+            self,
+            SqlError::Timeout(_) | SqlError::Unreachable(_) | SqlError::Lost(_)
+        )
+    }
+
+    /// The node refused the statement without running it because it cannot serve now:
+    /// 1047 (a Galera node not in the primary component, or not yet synced), 1053 (shutting
+    /// down), 1927 (its connection was killed, as a shutdown does).
+    pub fn node_cannot_serve(&self) -> bool {
+        matches!(
+            self,
+            SqlError::Server {
+                code: 1047 | 1053 | 1927,
+                ..
+            }
+        )
+    }
+
+    /// The error of a statement sent on a connection: a broken connection is [`SqlError::Lost`].
+    pub fn of_statement(e: mysql_async::Error) -> SqlError {
+        match SqlError::from(e) {
+            SqlError::Unreachable(why) => SqlError::Lost(why),
+            other => other,
+        }
     }
 }
 
@@ -39,13 +73,50 @@ impl From<mysql_async::Error> for SqlError {
     }
 }
 
+/// The URL of each node a URL names: one for a single host, one per host of
+/// `host1:port1,host2:port2`, each with the same user, password, database and options.
+pub fn node_urls(url: &str) -> Vec<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return vec![url.to_string()];
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (user, hosts) = match authority.rfind('@') {
+        Some(at) => authority.split_at(at + 1),
+        None => ("", authority),
+    };
+    hosts
+        .split(',')
+        .map(|host| format!("{scheme}://{user}{host}{tail}"))
+        .collect()
+}
+
+/// A URL for messages: its password (if any) replaced by `***`, its hosts kept.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(not a URL)".into();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let tail = tail.split_once('?').map_or(tail, |(path, _)| path);
+    match authority.rfind('@') {
+        Some(at) => {
+            let (user, hosts) = authority.split_at(at);
+            let name = user.split_once(':').map_or(user, |(name, _)| name);
+            let password = if user.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{name}{password}{hosts}{tail}")
+        }
+        None => format!("{scheme}://{authority}{tail}"),
+    }
+}
+
 fn opts(url: &str) -> Result<Opts, SqlError> {
     Opts::from_url(url).map_err(|e| SqlError::Other(format!("bad MySQL URL: {e}")))
 }
 
 /// A pool that opens connections lazily: building it needs no server. With `ca_pem`, every
 /// connection uses TLS and checks the server's certificate against that CA.
-pub fn pool(url: &str, max: usize, ca_pem: Option<&[u8]>) -> Result<Pool, SqlError> {
+fn pool(url: &str, max: usize, ca_pem: Option<&[u8]>) -> Result<Pool, SqlError> {
     let constraints = PoolConstraints::new(0, max.max(1)).expect("0 <= max");
     let opts = OptsBuilder::from_opts(opts(url)?)
         // No COM_RESET_CONNECTION round trip each time a connection goes back to the pool:
@@ -63,6 +134,96 @@ pub fn pool(url: &str, max: usize, ca_pem: Option<&[u8]>) -> Result<Pool, SqlErr
         .prefer_socket(false)
         .ssl_opts(ca_pem.map(|pem| SslOpts::default().with_root_certs(vec![pem.to_vec().into()])));
     Ok(Pool::new(opts))
+}
+
+/// The node a connection came from, to report its failure to [`Nodes::failed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeId(usize);
+
+/// One server, or the nodes of a Galera cluster: a lazy pool per node, and the node in use.
+pub struct Nodes {
+    nodes: Vec<(String, Pool)>,
+    current: AtomicUsize,
+}
+
+impl Nodes {
+    /// Pools for every node `url` names; no server is contacted.
+    pub fn new(url: &str, max: usize, ca_pem: Option<&[u8]>) -> Result<Self, SqlError> {
+        let nodes = node_urls(url)
+            .into_iter()
+            .map(|node| {
+                let address = redact(&node);
+                let pool = pool(&node, max, ca_pem)?;
+                Ok((address, pool))
+            })
+            .collect::<Result<Vec<_>, SqlError>>()?;
+        Ok(Nodes {
+            nodes,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// How many nodes there are.
+    pub fn count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// A connection to the node in use or, when it cannot give one, to the next node that
+    /// can (which is then the node in use). The error is the last node's.
+    pub async fn conn(&self, timeout: Duration) -> Result<(NodeId, Conn), SqlError> {
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for step in 0..self.nodes.len() {
+            let i = (start + step) % self.nodes.len();
+            match conn(&self.nodes[i].1, timeout).await {
+                Ok(conn) => {
+                    if step > 0 {
+                        self.move_to(start, i);
+                    }
+                    return Ok((NodeId(i), conn));
+                }
+                Err(e) if self.nodes.len() > 1 && (e.is_unreachable() || e.node_cannot_serve()) => {
+                    tracing::warn!(node = %self.nodes[i].0, error = %e, "MySQL node does not answer");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| SqlError::Other("no MySQL node is configured".into())))
+    }
+
+    /// Notes that a statement on `node` failed with `e`: a node that is gone or cannot serve
+    /// is left for the next one. Answers `e`.
+    pub fn failed(&self, node: NodeId, e: SqlError) -> SqlError {
+        if self.nodes.len() > 1 && (e.is_unreachable() || e.node_cannot_serve()) {
+            let next = (node.0 + 1) % self.nodes.len();
+            tracing::warn!(node = %self.nodes[node.0].0, error = %e, "MySQL node failed a statement");
+            self.move_to(node.0, next);
+        }
+        e
+    }
+
+    fn move_to(&self, from: usize, to: usize) {
+        if self
+            .current
+            .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            crate::metrics::MYSQL.failovers.inc();
+            tracing::warn!(
+                from = %self.nodes[from].0,
+                to = %self.nodes[to].0,
+                "MySQL: now using another node"
+            );
+        }
+    }
+
+    /// Every node's address (password hidden) and pool: for what holds per node only.
+    pub fn each(&self) -> impl Iterator<Item = (&str, &Pool)> {
+        self.nodes
+            .iter()
+            .map(|(address, pool)| (address.as_str(), pool))
+    }
 }
 
 /// A connection from the pool, or an error once `timeout` has passed.
@@ -96,5 +257,37 @@ pub async fn create_database_of(url: &str, timeout: Duration) -> Result<(), SqlE
     match tokio::time::timeout(timeout, connect).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(SqlError::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{node_urls, redact};
+
+    #[test]
+    fn a_url_names_one_node_or_several() {
+        assert_eq!(
+            node_urls("mysql://u:p@db:3306/brokerage?ssl-mode=required"),
+            ["mysql://u:p@db:3306/brokerage?ssl-mode=required"]
+        );
+        assert_eq!(
+            node_urls("mysql://u:p,w@a:1,b:2,c/brokerage"),
+            [
+                "mysql://u:p,w@a:1/brokerage",
+                "mysql://u:p,w@b:2/brokerage",
+                "mysql://u:p,w@c/brokerage"
+            ]
+        );
+        assert_eq!(node_urls("mysql://a,b"), ["mysql://a", "mysql://b"]);
+    }
+
+    #[test]
+    fn a_redacted_url_keeps_hosts_and_hides_the_password() {
+        assert_eq!(
+            redact("mysql://u:s3cret@a:1,b:2/db?password=x"),
+            "mysql://u:***@a:1,b:2/db"
+        );
+        assert_eq!(redact("mysql://a/db"), "mysql://a/db");
+        assert!(!redact("mysql://u:p@ss@a/db").contains("p@ss"));
     }
 }

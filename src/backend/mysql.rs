@@ -8,7 +8,7 @@
 
 use async_trait::async_trait;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Pool};
+use mysql_async::Conn;
 use rand::distr::{Alphanumeric, SampleString};
 use serde_json::{json, Map, Value};
 use tracing::instrument;
@@ -17,10 +17,11 @@ pub use super::{database_name, user_name};
 use super::{scrub, Backend, BackendError, Endpoint, Parameters, QuotaChange};
 use crate::catalog::{ParametersOf, PlanLimits};
 use crate::config::MysqlBackendConfig;
-use crate::mysql::{self, SqlError};
+use crate::mysql::{self, Nodes, SqlError};
 
 pub struct MysqlBackend {
-    pool: Pool,
+    /// One server, or a Galera cluster's nodes (one in use at a time).
+    nodes: Nodes,
     at: Endpoint,
     capacity_mb: Option<u64>,
     /// The CA of the server's TLS certificate, when the server is reached over TLS.
@@ -36,9 +37,11 @@ const GROW: &str = "INSERT, UPDATE, CREATE, ALTER, INDEX, CREATE TEMPORARY TABLE
 
 impl MysqlBackend {
     pub fn new(config: &MysqlBackendConfig) -> anyhow::Result<Self> {
+        // Apps are handed the first node, unless `public_host` names the cluster's proxy.
+        let first = mysql::node_urls(config.url.expose()).swap_remove(0);
         let at = Endpoint::of(
             "backends.mysql.url",
-            config.url.expose(),
+            &first,
             "mysql",
             3306,
             config.public_host.as_ref(),
@@ -51,7 +54,7 @@ impl MysqlBackend {
             .map(|path| super::read_ca("backends.mysql.ca_certificate", path))
             .transpose()?;
         Ok(MysqlBackend {
-            pool: mysql::pool(
+            nodes: Nodes::new(
                 config.url.expose(),
                 config.max_connections,
                 ca_certificate.as_deref().map(str::as_bytes),
@@ -63,9 +66,14 @@ impl MysqlBackend {
         })
     }
 
+    /// A connection to the node in use. Statements that fail on it make the call fail
+    /// (Cloud Controller retries, or the orphan cleanup does), and the next call goes to
+    /// the next node.
     async fn conn(&self) -> Result<Conn, BackendError> {
-        mysql::conn(&self.pool, self.at.timeout)
+        self.nodes
+            .conn(self.at.timeout)
             .await
+            .map(|(_, conn)| conn)
             .map_err(|e| self.error(e))
     }
 
@@ -149,8 +157,26 @@ impl MysqlBackend {
         self.kill_sessions(conn, user).await
     }
 
-    /// Ends a user's open connections: privilege changes reach them only this way.
+    /// Ends a user's open connections: privilege changes reach them only this way. A
+    /// session lives on one server, so on a cluster every node's are ended; a node that
+    /// cannot be reached holds none (its sessions ended with it).
     async fn kill_sessions(&self, conn: &mut Conn, user: &str) -> Result<(), BackendError> {
+        if self.nodes.count() == 1 {
+            return self.kill_sessions_on(conn, user).await;
+        }
+        for (address, pool) in self.nodes.each() {
+            match mysql::conn(pool, self.at.timeout).await {
+                Ok(mut conn) => self.kill_sessions_on(&mut conn, user).await?,
+                Err(e) if e.is_unreachable() || e.node_cannot_serve() => {
+                    tracing::warn!(node = %address, error = %e, "cannot end a user's sessions on a MySQL node that does not answer");
+                }
+                Err(e) => return Err(self.error(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn kill_sessions_on(&self, conn: &mut Conn, user: &str) -> Result<(), BackendError> {
         let sessions: Vec<u64> = conn
             .exec(
                 "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ?",
