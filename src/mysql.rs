@@ -50,10 +50,15 @@ impl SqlError {
         )
     }
 
-    /// The error of a statement sent on a connection: a broken connection is [`SqlError::Lost`].
+    /// The error of a statement sent on a connection. A broken connection, or one the
+    /// server ended (a shutdown, a kill) while the statement ran, is [`SqlError::Lost`]:
+    /// the statement may have committed.
     pub fn of_statement(e: mysql_async::Error) -> SqlError {
         match SqlError::from(e) {
             SqlError::Unreachable(why) => SqlError::Lost(why),
+            e @ SqlError::Server {
+                code: 1053 | 1927, ..
+            } => SqlError::Lost(e.to_string()),
             other => other,
         }
     }
@@ -73,17 +78,20 @@ impl From<mysql_async::Error> for SqlError {
     }
 }
 
+/// A URL's parts: scheme, user information with its `@` (or empty), hosts, and the rest
+/// (path and query). `None` when the text has no scheme.
+fn parts(url: &str) -> Option<(&str, &str, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let (user, hosts) = authority.split_at(authority.rfind('@').map_or(0, |at| at + 1));
+    Some((scheme, user, hosts, tail))
+}
+
 /// The URL of each node a URL names: one for a single host, one per host of
 /// `host1:port1,host2:port2`, each with the same user, password, database and options.
 pub fn node_urls(url: &str) -> Vec<String> {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let Some((scheme, user, hosts, tail)) = parts(url) else {
         return vec![url.to_string()];
-    };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let (user, hosts) = match authority.rfind('@') {
-        Some(at) => authority.split_at(at + 1),
-        None => ("", authority),
     };
     hosts
         .split(',')
@@ -91,23 +99,18 @@ pub fn node_urls(url: &str) -> Vec<String> {
         .collect()
 }
 
-/// A URL for messages: its password (if any) replaced by `***`, its hosts kept.
+/// A URL for messages: its password (if any) replaced by `***`, its hosts and path kept,
+/// its query (which may carry a password) left out.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let Some((scheme, user, hosts, tail)) = parts(url) else {
         return "(not a URL)".into();
     };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let tail = tail.split_once('?').map_or(tail, |(path, _)| path);
-    match authority.rfind('@') {
-        Some(at) => {
-            let (user, hosts) = authority.split_at(at);
-            let name = user.split_once(':').map_or(user, |(name, _)| name);
-            let password = if user.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{name}{password}{hosts}{tail}")
-        }
-        None => format!("{scheme}://{authority}{tail}"),
-    }
+    let path = tail.split_once('?').map_or(tail, |(path, _)| path);
+    let user = match user.split_once(':') {
+        Some((name, _)) => format!("{name}:***@"),
+        None => user.to_string(),
+    };
+    format!("{scheme}://{user}{hosts}{path}")
 }
 
 fn opts(url: &str) -> Result<Opts, SqlError> {
@@ -140,6 +143,25 @@ fn pool(url: &str, max: usize, ca_pem: Option<&[u8]>) -> Result<Pool, SqlError> 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeId(usize);
 
+/// A connection and the node it is to; used as a [`Conn`].
+pub struct NodeConn {
+    pub node: NodeId,
+    pub conn: Conn,
+}
+
+impl std::ops::Deref for NodeConn {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for NodeConn {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+}
+
 /// One server, or the nodes of a Galera cluster: a lazy pool per node, and the node in use.
 pub struct Nodes {
     nodes: Vec<(String, Pool)>,
@@ -170,7 +192,7 @@ impl Nodes {
 
     /// A connection to the node in use or, when it cannot give one, to the next node that
     /// can (which is then the node in use). The error is the last node's.
-    pub async fn conn(&self, timeout: Duration) -> Result<(NodeId, Conn), SqlError> {
+    pub async fn conn(&self, timeout: Duration) -> Result<NodeConn, SqlError> {
         let start = self.current.load(Ordering::Relaxed);
         let mut last = None;
         for step in 0..self.nodes.len() {
@@ -180,7 +202,10 @@ impl Nodes {
                     if step > 0 {
                         self.move_to(start, i);
                     }
-                    return Ok((NodeId(i), conn));
+                    return Ok(NodeConn {
+                        node: NodeId(i),
+                        conn,
+                    });
                 }
                 Err(e) if self.nodes.len() > 1 && (e.is_unreachable() || e.node_cannot_serve()) => {
                     tracing::warn!(node = %self.nodes[i].0, error = %e, "MySQL node does not answer");
@@ -218,11 +243,12 @@ impl Nodes {
         }
     }
 
-    /// Every node's address (password hidden) and pool: for what holds per node only.
-    pub fn each(&self) -> impl Iterator<Item = (&str, &Pool)> {
+    /// Every node with its address (password hidden) and pool: for what holds per node only.
+    pub fn each(&self) -> impl Iterator<Item = (NodeId, &str, &Pool)> {
         self.nodes
             .iter()
-            .map(|(address, pool)| (address.as_str(), pool))
+            .enumerate()
+            .map(|(i, (address, pool))| (NodeId(i), address.as_str(), pool))
     }
 }
 

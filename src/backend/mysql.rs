@@ -17,7 +17,7 @@ pub use super::{database_name, user_name};
 use super::{scrub, Backend, BackendError, Endpoint, Parameters, QuotaChange};
 use crate::catalog::{ParametersOf, PlanLimits};
 use crate::config::MysqlBackendConfig;
-use crate::mysql::{self, Nodes, SqlError};
+use crate::mysql::{self, NodeConn, Nodes, SqlError};
 
 pub struct MysqlBackend {
     /// One server, or a Galera cluster's nodes (one in use at a time).
@@ -66,14 +66,13 @@ impl MysqlBackend {
         })
     }
 
-    /// A connection to the node in use. Statements that fail on it make the call fail
-    /// (Cloud Controller retries, or the orphan cleanup does), and the next call goes to
-    /// the next node.
-    async fn conn(&self) -> Result<Conn, BackendError> {
+    /// A connection to the node in use, or to the next when the node gives none. A statement
+    /// that fails on it fails the call (Cloud Controller retries, or the orphan cleanup
+    /// does); the backend moves to another node only when it cannot connect.
+    async fn conn(&self) -> Result<NodeConn, BackendError> {
         self.nodes
             .conn(self.at.timeout)
             .await
-            .map(|(_, conn)| conn)
             .map_err(|e| self.error(e))
     }
 
@@ -148,7 +147,7 @@ impl MysqlBackend {
         Ok(users.into_iter().filter(|u| is_binding_user(u)).collect())
     }
 
-    async fn drop_user(&self, conn: &mut Conn, user: &str) -> Result<(), BackendError> {
+    async fn drop_user(&self, conn: &mut NodeConn, user: &str) -> Result<(), BackendError> {
         assert!(is_binding_user(user), "only derived names are ever dropped");
         conn.query_drop(format!("DROP USER IF EXISTS '{user}'@'%'"))
             .await
@@ -158,15 +157,18 @@ impl MysqlBackend {
     }
 
     /// Ends a user's open connections: privilege changes reach them only this way. A
-    /// session lives on one server, so on a cluster every node's are ended; a node that
-    /// cannot be reached holds none (its sessions ended with it).
-    async fn kill_sessions(&self, conn: &mut Conn, user: &str) -> Result<(), BackendError> {
-        if self.nodes.count() == 1 {
-            return self.kill_sessions_on(conn, user).await;
-        }
-        for (address, pool) in self.nodes.each() {
+    /// session lives on one server, so on a cluster every node's are ended: through `conn`
+    /// on its own node (a second connection from a full pool would wait for itself), a
+    /// connection of their own on the others. A node that cannot be reached holds none
+    /// (its sessions ended with it).
+    async fn kill_sessions(&self, conn: &mut NodeConn, user: &str) -> Result<(), BackendError> {
+        for (node, address, pool) in self.nodes.each() {
+            if node == conn.node {
+                self.kill_sessions_on(conn, user).await?;
+                continue;
+            }
             match mysql::conn(pool, self.at.timeout).await {
-                Ok(mut conn) => self.kill_sessions_on(&mut conn, user).await?,
+                Ok(mut other) => self.kill_sessions_on(&mut other, user).await?,
                 Err(e) if e.is_unreachable() || e.node_cannot_serve() => {
                     tracing::warn!(node = %address, error = %e, "cannot end a user's sessions on a MySQL node that does not answer");
                 }

@@ -73,7 +73,9 @@ const CONFLICT_RETRIES: u32 = 8;
 /// Whether a statement that failed is run again: one refused with error 1213 (a deadlock
 /// on one server; on Galera, a lost certification: either way it was rolled back) at most
 /// [`CONFLICT_RETRIES`] times after a jittered, growing wait; one a node refused because it
-/// cannot serve, or a read whose connection broke, at once on the next node, once per node.
+/// cannot serve, or a read whose connection broke, at once on the next node, as many times
+/// as there are nodes (so the last try is on the node that failed first: on one server, a
+/// stale pooled connection is followed by another).
 /// The one retry policy for every store statement.
 struct Retry {
     what: &'static str,
@@ -150,9 +152,6 @@ impl From<SqlError> for StoreError {
     }
 }
 
-/// A statement's answer: rows changed, or rows read.
-type Run<T> = Result<T, SqlError>;
-
 impl MysqlStore {
     /// Connects, creates the database if it is missing, and migrates the schema.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
@@ -163,13 +162,14 @@ impl MysqlStore {
             fresh: "",
         };
         let migrate = async {
-            let (node, mut conn) = match store.nodes.conn(TIMEOUT).await {
+            let mut conn = match store.nodes.conn(TIMEOUT).await {
                 Err(SqlError::Server { code: 1049, .. }) => {
                     create_database(url).await?;
                     store.nodes.conn(TIMEOUT).await?
                 }
                 other => other?,
             };
+            let node = conn.node;
             let galera = is_galera(&mut conn)
                 .await
                 .map_err(|e| store.nodes.failed(node, e))?;
@@ -193,7 +193,12 @@ impl MysqlStore {
 
     /// Runs one statement under [`Retry`] on a connection from the node in use; `attempt`
     /// is given the connection and answers the statement's result.
-    async fn run<T, F, Fut>(&self, what: &'static str, write: bool, mut attempt: F) -> Run<T>
+    async fn run<T, F, Fut>(
+        &self,
+        what: &'static str,
+        write: bool,
+        mut attempt: F,
+    ) -> Result<T, SqlError>
     where
         F: FnMut(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, mysql_async::Error>>,
@@ -201,9 +206,12 @@ impl MysqlStore {
         let mut retry = Retry::new(what, self.nodes.count());
         loop {
             let result = match self.nodes.conn(TIMEOUT).await {
-                Ok((node, conn)) => attempt(conn)
-                    .await
-                    .map_err(|e| self.nodes.failed(node, SqlError::of_statement(e))),
+                Ok(conn) => {
+                    let node = conn.node;
+                    attempt(conn.conn)
+                        .await
+                        .map_err(|e| self.nodes.failed(node, SqlError::of_statement(e)))
+                }
                 Err(e) => Err(e),
             };
             if !retry.again(&result, write).await {
