@@ -446,7 +446,7 @@ pub struct CatalogConfig {
     pub services: Vec<ServiceConfig>,
 }
 
-pub use upstreams::settings::{redact_url, Secret};
+pub use upstreams::settings::Secret;
 
 impl Config {
     /// Loads the layers in order and validates the result.
