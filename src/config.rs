@@ -161,6 +161,9 @@ pub struct Listen {
     pub max_connections: usize,
     /// On SIGTERM: seconds requests in flight and background operations get to finish.
     pub shutdown_deadline_secs: u64,
+    /// On SIGTERM, first: seconds `/ready` answers 503 while everything is still served, so
+    /// that a load balancer takes this process out of rotation before it stops accepting.
+    pub shutdown_delay_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -221,6 +221,14 @@ pub async fn serve(
         },
     );
     shutdown.await;
+    broker.announce_stop();
+    if l.shutdown_delay_secs > 0 {
+        tracing::info!(
+            seconds = l.shutdown_delay_secs,
+            "stopping: /ready answers 503 while requests are still served, so that load balancers move away"
+        );
+        tokio::time::sleep(Duration::from_secs(l.shutdown_delay_secs)).await;
+    }
     // One deadline for everything still running: requests in flight, then background
     // operations (which record their own end).
     let grace = Duration::from_secs(l.shutdown_deadline_secs);

@@ -2,9 +2,10 @@
 # seed's MySQL topology) from Debian's packages (galera-4, rsync), on free loopback ports.
 #
 # After `start_throwaway_galera LINK`, GALERA_URLS holds one admin URL per node
-# (mysql://root@127.0.0.1:PORT, space-separated) and GALERA_PIDS their processes; the nodes
-# stop and their data goes when the shell exits. `galera_node_start I` starts node I
-# (0-based) again after it was killed; it rejoins by IST.
+# (mysql://root@127.0.0.1:PORT, space-separated), GALERA_PORTS their ports, GALERA_PIDS their
+# processes and GALERA_DATA the directory with node0..node2 (each with run.sh, pid, sock,
+# error.log); the nodes stop and their data goes when the shell exits. `galera_node_start I`
+# starts node I (0-based) again after it was killed; it rejoins by IST.
 #
 # Under root the nodes run as the `mysql` user: rsync's state transfer cannot enter a
 # root-only directory, and a checkout may well live in one (a 0700 temporary directory).
@@ -27,16 +28,23 @@ galera_node_start() {
   for j in 0 1 2; do peers+="${peers:+,}127.0.0.1:${GALERA_GCOMM[$j]}"; done
   local extra=()
   if [ "${2:-}" = new ]; then extra+=(--wsrep-new-cluster); fi
-  "$mariadbd" --no-defaults --user="$user" --datadir="$dir/db" --port="${GALERA_PORTS[$i]}" \
-    --socket="$dir/sock" --pid-file="$dir/pid" --bind-address=127.0.0.1 --skip-name-resolve \
-    --log-error="$dir/error.log" --max-connections=1000 \
-    --wsrep-on=ON --wsrep-provider=/usr/lib/galera/libgalera_smm.so \
-    --wsrep-cluster-name=brokerage-test --wsrep-cluster-address="gcomm://$peers" \
-    --wsrep-node-name="node$i" --wsrep-node-address="127.0.0.1:${GALERA_GCOMM[$i]}" \
-    --wsrep-provider-options="gmcast.listen_addr=tcp://127.0.0.1:${GALERA_GCOMM[$i]};ist.recv_addr=127.0.0.1:${GALERA_IST[$i]};gcache.size=256M" \
-    --wsrep-sst-receive-address="127.0.0.1:${GALERA_SST[$i]}" --wsrep-sst-method=rsync \
-    --binlog-format=ROW --innodb-autoinc-lock-mode=2 --default-storage-engine=InnoDB \
-    "${extra[@]}" 2>>"$dir/stderr.log" &
+  # The node's command, written out so that a test can start the node again after killing it
+  # (`bash node$i/run.sh`); it rejoins by IST.
+  {
+    echo '#!/usr/bin/env bash'
+    printf 'exec %q' "$mariadbd"
+    printf ' %q' --no-defaults --user="$user" --datadir="$dir/db" --port="${GALERA_PORTS[$i]}" \
+      --socket="$dir/sock" --pid-file="$dir/pid" --bind-address=127.0.0.1 --skip-name-resolve \
+      --log-error="$dir/error.log" --max-connections=1000 \
+      --wsrep-on=ON --wsrep-provider=/usr/lib/galera/libgalera_smm.so \
+      --wsrep-cluster-name=brokerage-test --wsrep-cluster-address="gcomm://$peers" \
+      --wsrep-node-name="node$i" --wsrep-node-address="127.0.0.1:${GALERA_GCOMM[$i]}" \
+      --wsrep-provider-options="gmcast.listen_addr=tcp://127.0.0.1:${GALERA_GCOMM[$i]};ist.recv_addr=127.0.0.1:${GALERA_IST[$i]};gcache.size=256M" \
+      --wsrep-sst-receive-address="127.0.0.1:${GALERA_SST[$i]}" --wsrep-sst-method=rsync \
+      --binlog-format=ROW --innodb-autoinc-lock-mode=2 --default-storage-engine=InnoDB
+    echo ' "$@"'
+  } >"$dir/run.sh"
+  bash "$dir/run.sh" "${extra[@]}" 2>>"$dir/stderr.log" &
   GALERA_PIDS[$i]=$!
   stop_on_exit "${GALERA_PIDS[$i]}"
   # Joined: the node answers and reports itself synced with the cluster.
@@ -53,13 +61,28 @@ galera_node_start() {
   server_failed "Galera node $i" "not synced after 90 s (state: ${state:-no answer})" "$dir/error.log"
 }
 
+# Stops every node by its pid file: a test may have started a node again itself, as a process
+# this shell does not know. Waits until they are gone, before their data is removed.
+stop_galera() {
+  local f pids=() p deadline=$((SECONDS + 60))
+  for f in "$GALERA_DATA"/node*/pid; do
+    [ -f "$f" ] && pids+=("$(cat "$f")")
+  done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+    kill -9 "$p" 2>/dev/null || true
+  done
+  stop_servers
+}
+
 start_throwaway_galera() {
   local link=$1 i
   ensure_packages mariadb-server galera-4 rsync
   GALERA_DATA=$(mktemp -d /tmp/brokerage-galera.XXXXXX)
   chmod 0755 "$GALERA_DATA"
   SERVER_DIRS+=("$GALERA_DATA")
-  trap stop_servers EXIT
+  trap stop_galera EXIT
   rm -rf "$link"
   mkdir -p "$(dirname "$link")"
   ln -s "$GALERA_DATA" "$link"
@@ -81,6 +104,7 @@ start_throwaway_galera() {
     || server_failed "Galera node 0" "creating the TCP root user failed" "$GALERA_DATA/node0/error.log"
   galera_node_start 1
   galera_node_start 2
+  trap stop_galera EXIT
   GALERA_URLS=""
   for i in 0 1 2; do GALERA_URLS+="${GALERA_URLS:+ }mysql://root@127.0.0.1:${GALERA_PORTS[$i]}"; done
   echo "== throwaway Galera cluster: $GALERA_URLS (data in $GALERA_DATA, linked from $link)"

@@ -87,6 +87,8 @@ struct Inner {
     federation: Arc<Federation>,
     metrics: Arc<crate::metrics::Metrics>,
     held: Arc<operation::Held>,
+    /// Set on SIGTERM: the process is about to stop, and says so on `/ready`.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// The longest an id may be; Cloud Foundry's are 36-character GUIDs.
@@ -167,6 +169,7 @@ impl Broker {
                 links,
                 timing,
                 background: TaskTracker::new(),
+                stopping: Default::default(),
                 federation,
                 metrics,
                 held: Arc::default(),
@@ -206,6 +209,19 @@ impl Broker {
 
     pub fn backends(&self) -> &Backends {
         &self.inner.backends
+    }
+
+    /// Marks the process as about to stop (`/ready` then answers 503).
+    pub fn announce_stop(&self) {
+        self.inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.inner
+            .stopping
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits for background operations to record their outcome (graceful shutdown).

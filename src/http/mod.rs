@@ -443,8 +443,9 @@ impl Readiness {
 /// Readiness: the store and every backend answer, probed at most once per
 /// `broker.ready_interval_secs` whatever the request rate. Upstream breaker states are shown
 /// but do not make the broker unready (one dead upstream must not take the rest out of
-/// rotation). Anyone learns ready or not per system; why not (which may name hosts and
-/// users) only with the metrics credentials.
+/// rotation). A process that got SIGTERM is not ready (`stopping`). Anyone learns ready or
+/// not per system; why not (which may name hosts and users) only with the metrics
+/// credentials.
 async fn ready(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let probed = state
         .readiness
@@ -463,13 +464,15 @@ async fn ready(State(state): State<AppState>, headers: axum::http::HeaderMap) ->
         .iter()
         .map(|(name, status)| (name.clone(), show(status)))
         .collect();
+    let ready = probed.ready() && !state.broker.stopping();
     let body = json!({
-        "ready": probed.ready(),
+        "ready": ready,
+        "stopping": state.broker.stopping(),
         "store": show(&probed.store),
         "backends": backends,
         "upstreams": state.broker.federation().health().await,
     });
-    let status = if probed.ready() {
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

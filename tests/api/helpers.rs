@@ -753,6 +753,26 @@ impl BrokerProcess {
     }
 }
 
+/// Sends SIGTERM and waits (at most 20 s) for the process to exit.
+pub async fn sigterm_and_wait(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still running 20 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -894,4 +914,92 @@ pub async fn wait_for_service(client: &TestClient, name: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the catalog never offered {name}");
+}
+
+// ---- the log service ------------------------------------------------------------------
+
+pub const LOG_SERVICE: &str = "svc-logs-test";
+pub const LOG_PLAN: &str = "plan-logs-recent";
+
+/// A configuration with the log service (50 lines kept per instance) and, on `syslog`, the
+/// TCP listener.
+pub fn logs_config(syslog: Option<u16>) -> TestConfig {
+    let listener = syslog
+        .map(|p| format!(", syslog_listen: \"127.0.0.1:{p}\""))
+        .unwrap_or_default();
+    TestConfig::new().with_port(free_port()).with_backend(
+        format!("logs: {{flush_interval_ms: 100{listener}}}"),
+        vec![format!(
+            "{{id: {LOG_SERVICE}, name: logs-test, backend: logs, description: app logs, \
+             bindable: true, bindings_retrievable: true, \
+             dashboard_client: {{id: logs-test-dashboard, secret: logs-dashboard-secret}}, \
+             plans: [{{id: {LOG_PLAN}, name: recent, description: r, max_log_lines: 50, \
+             max_log_bytes: 65536}}]}}"
+        )],
+    )
+}
+
+/// A bind (or provision) body of the log service, with an app when given.
+pub fn bind_body(service: &str, plan: &str, app: Option<&str>) -> Value {
+    let mut b = json!({"service_id": service, "plan_id": plan});
+    if let Some(app) = app {
+        b["app_guid"] = app.into();
+    }
+    b
+}
+
+/// Provisions a log instance and binds `apps` to it; the drain URL of each.
+pub async fn log_instance(client: &TestClient, id: &str, apps: &[&str]) -> Vec<String> {
+    client
+        .provision_with(id, provision_body(LOG_SERVICE, LOG_PLAN), false)
+        .await
+        .expect(201);
+    let mut drains = Vec::new();
+    for (i, app) in apps.iter().enumerate() {
+        let bound = client
+            .bind_with(
+                id,
+                &format!("{id}-b{i}"),
+                bind_body(LOG_SERVICE, LOG_PLAN, Some(app)),
+                false,
+            )
+            .await;
+        bound.expect(201);
+        drains.push(bound.body["syslog_drain_url"].as_str().unwrap().to_string());
+    }
+    drains
+}
+
+/// What the syslog agent posts for one line of an app's web process.
+pub fn cf_message(app: &str, text: &str) -> String {
+    format!("<14>1 2026-12-02T01:02:03.456789Z org.space.myapp {app} [APP/PROC/WEB/0] - - {text}")
+}
+
+/// The instance's lines as the broker's operator endpoint shows them (`brokerage logs`
+/// reads the same).
+pub async fn read_lines(client: &TestClient, id: &str) -> Value {
+    let answer = client
+        .client
+        .get(format!("{}/logs/instances/{id}", client.base))
+        .basic_auth(USER, Some(PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    answer.json().await.unwrap()
+}
+
+/// Waits until the instance holds `n` lines (the flusher writes every 100 ms).
+pub async fn wait_for_lines(client: &TestClient, id: &str, n: usize) -> Value {
+    for _ in 0..100 {
+        let got = read_lines(client, id).await;
+        if got["lines"].as_array().unwrap().len() >= n {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "fewer than {n} lines arrived: {}",
+        read_lines(client, id).await
+    );
 }

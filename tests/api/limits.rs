@@ -261,26 +261,6 @@ async fn a_connection_cap_makes_newcomers_wait_not_fail() {
     drop(hogs);
 }
 
-/// Sends SIGTERM and waits (at most 20 s) for the process to exit.
-async fn sigterm_and_wait(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "still running 20 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn sigterm_with_idle_and_half_open_connections_exits_within_the_deadline() {
     let config = TestConfig::new()
@@ -597,4 +577,53 @@ async fn tls_handshakes_that_never_start_are_closed_while_https_is_served() {
     println!("200 stalled TLS handshakes: all closed {last:.2} s after the first (header_timeout_secs: 2)");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// With `shutdown_delay_secs`, SIGTERM first takes the process out of a load balancer's
+/// rotation: `/ready` answers 503 ("stopping") while OSB calls are still served, and only
+/// then does it stop accepting and exit.
+#[tokio::test]
+async fn sigterm_with_a_shutdown_delay_turns_ready_off_while_calls_are_still_served() {
+    let config = TestConfig::new()
+        .with_port(free_port())
+        .with_listen("shutdown_delay_secs: 2");
+    let mut broker = start(&config).await;
+    let client = broker.client();
+    let ready = || async {
+        client
+            .client
+            .get(format!("{}/ready", client.base))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    };
+    assert_eq!(ready().await.unwrap(), 200);
+    let started = Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &broker.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ready().await.unwrap(), 503, "unready once SIGTERM came");
+    let stopping = client
+        .client
+        .get(format!("{}/ready", client.base))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(stopping["stopping"], true, "{stopping}");
+    client.catalog().await.expect(200);
+    let id = unique("draining");
+    client.provision(&id, SMALL).await.expect(201);
+    client.deprovision(&id, SERVICE, SMALL).await.expect(200);
+    let status = sigterm_and_wait(&mut broker.child).await;
+    let took = started.elapsed().as_secs_f64();
+    println!("SIGTERM with a 2 s shutdown delay: served meanwhile, exited after {took:.2} s");
+    assert!(status.success(), "{status}");
+    assert!(took >= 2.0, "the delay was kept: {took:.2} s");
+    assert!(ready().await.is_err(), "nothing listens any more");
 }

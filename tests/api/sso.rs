@@ -674,7 +674,7 @@ async fn a_person_uses_the_dashboard_in_chromium() {
 /// is open appears without a click.
 #[tokio::test]
 async fn a_person_watches_an_apps_logs_on_the_dashboard_in_chromium() {
-    use crate::logs::{cf_message, logs_config, wait_for_lines, LOG_PLAN, LOG_SERVICE};
+    use crate::helpers::{cf_message, logs_config, wait_for_lines, LOG_PLAN, LOG_SERVICE};
     let world = World::start_for(
         logs_config(None),
         600,

@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-use crate::logs::{logs_config, LOG_PLAN, LOG_SERVICE};
+use crate::helpers::{logs_config, LOG_PLAN, LOG_SERVICE};
 
 /// What a client of `minor` sends and reads.
 fn at(client: &TestClient, minor: u32, method: Method, path: &str) -> reqwest::RequestBuilder {

@@ -3,6 +3,9 @@
 //! `./scripts/test`; `BKG_LONG=1` runs them for minutes.
 
 #[allow(dead_code)]
+#[path = "../cluster/galera.rs"]
+mod galera;
+#[allow(dead_code)]
 #[path = "../api/helpers.rs"]
 mod helpers;
 
@@ -12,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use brokerage::backend::mysql::database_name;
+use brokerage::backend::{database_name, user_name};
 use helpers::*;
 use reqwest::Method;
 use serde_json::json;
@@ -37,6 +40,28 @@ fn rss_kb(pid: u32) -> u64 {
 
 /// What each instance was acknowledged as, and the credentials of a bound one.
 type Acks = Arc<Mutex<HashMap<String, (Ack, Option<serde_json::Value>)>>>;
+
+/// What the clients saw: answers by status, each 5xx with when it came, and every
+/// instance id a lifecycle started with (acknowledged or not).
+#[derive(Default)]
+struct Tally {
+    statuses: HashMap<u16, u64>,
+    failures: Vec<(Instant, u16, String)>,
+    attempted: Vec<String>,
+}
+
+type Tallies = Arc<Mutex<Tally>>;
+
+impl Tally {
+    fn record(&mut self, answer: &Answer, what: &str) {
+        let status = answer.status.as_u16();
+        *self.statuses.entry(status).or_default() += 1;
+        if status >= 500 {
+            self.failures
+                .push((Instant::now(), status, format!("{what}: {}", answer.raw)));
+        }
+    }
+}
 
 /// One client's view of a lifecycle step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +120,7 @@ async fn lifecycles(
     offering: (String, String),
     until: Instant,
     acks: Acks,
-    statuses: Arc<Mutex<HashMap<u16, u64>>>,
+    tally: Tallies,
 ) {
     let (service, plan) = (offering.0.as_str(), offering.1.as_str());
     while Instant::now() < until {
@@ -105,7 +130,8 @@ async fn lifecycles(
         let id = unique("load");
         let b = format!("{id}-b");
         let deadline = Instant::now() + Duration::from_secs(40);
-        let record = |status: u16| *statuses.lock().unwrap().entry(status).or_default() += 1;
+        let record = |a: &Answer, what: &str| tally.lock().unwrap().record(a, what);
+        tally.lock().unwrap().attempted.push(id.clone());
         let a = step(
             &clients,
             Method::PUT,
@@ -114,7 +140,7 @@ async fn lifecycles(
             deadline,
         )
         .await;
-        record(a.status.as_u16());
+        record(&a, &format!("provision {id}"));
         if a.status != 201 && a.status != 200 {
             continue;
         }
@@ -132,7 +158,7 @@ async fn lifecycles(
             deadline,
         )
         .await;
-        record(a.status.as_u16());
+        record(&a, &format!("bind {id}"));
         if a.status == 201 || a.status == 200 {
             acks.lock().unwrap().insert(
                 id.clone(),
@@ -150,7 +176,7 @@ async fn lifecycles(
             deadline,
         )
         .await;
-        record(a.status.as_u16());
+        record(&a, &format!("unbind {id}"));
         if a.status == 200 || a.status == 410 {
             acks.lock()
                 .unwrap()
@@ -164,7 +190,7 @@ async fn lifecycles(
             deadline,
         )
         .await;
-        record(a.status.as_u16());
+        record(&a, &format!("deprovision {id}"));
         if a.status == 200 || a.status == 410 {
             acks.lock()
                 .unwrap()
@@ -173,11 +199,7 @@ async fn lifecycles(
     }
 }
 
-async fn catalog_reads(
-    clients: Arc<Vec<TestClient>>,
-    until: Instant,
-    statuses: Arc<Mutex<HashMap<u16, u64>>>,
-) {
+async fn catalog_reads(clients: Arc<Vec<TestClient>>, until: Instant, tally: Tallies) {
     while Instant::now() < until {
         let client = &clients[rand_index(clients.len())];
         if let Ok(r) = client
@@ -188,9 +210,10 @@ async fn catalog_reads(
             .send()
             .await
         {
-            *statuses
+            *tally
                 .lock()
                 .unwrap()
+                .statuses
                 .entry(r.status().as_u16())
                 .or_default() += 1;
             let _ = r.bytes().await;
@@ -283,7 +306,7 @@ async fn load_scenario() {
     let duration = seconds(8, 120);
     let until = Instant::now() + duration;
     let acks = Arc::new(Mutex::new(HashMap::new()));
-    let statuses = Arc::new(Mutex::new(HashMap::new()));
+    let tally = Tallies::default();
     let mut tasks = Vec::new();
     for i in 0..200 {
         if i % 4 == 0 {
@@ -292,13 +315,13 @@ async fn load_scenario() {
                 (SERVICE.to_string(), LARGE.to_string()),
                 until,
                 acks.clone(),
-                statuses.clone(),
+                tally.clone(),
             )));
         } else {
             tasks.push(tokio::spawn(catalog_reads(
                 clients.clone(),
                 until,
-                statuses.clone(),
+                tally.clone(),
             )));
         }
     }
@@ -316,7 +339,7 @@ async fn load_scenario() {
         .iter()
         .map(|p| rss_kb(p.child.id()))
         .collect();
-    let statuses = statuses.lock().unwrap().clone();
+    let statuses = tally.lock().unwrap().statuses.clone();
     let acks = acks.lock().unwrap().clone();
     let (present, gone, bound) = verify(&clients, &acks).await;
     println!("load: {statuses:?}; {} lifecycles ({gone} complete, {present} partial, {bound} bound); RSS {early:?} -> {late:?} kB", acks.len());
@@ -342,7 +365,7 @@ async fn crash_scenario() {
     let duration = seconds(10, 120);
     let until = Instant::now() + duration;
     let acks = Arc::new(Mutex::new(HashMap::new()));
-    let statuses = Arc::new(Mutex::new(HashMap::new()));
+    let tally = Tallies::default();
     let tasks: Vec<_> = (0..40)
         .map(|_| {
             tokio::spawn(lifecycles(
@@ -350,7 +373,7 @@ async fn crash_scenario() {
                 (SERVICE.to_string(), LARGE.to_string()),
                 until,
                 acks.clone(),
-                statuses.clone(),
+                tally.clone(),
             ))
         })
         .collect();
@@ -367,7 +390,7 @@ async fn crash_scenario() {
         t.await.unwrap();
     }
     let acks = acks.lock().unwrap().clone();
-    let statuses = statuses.lock().unwrap().clone();
+    let statuses = tally.lock().unwrap().statuses.clone();
     let checked = verify(&clients, &acks).await;
     crash_checked("crash", kills, &statuses, acks.len(), checked);
 }
@@ -574,7 +597,7 @@ async fn forwarded_crash_scenario() {
     );
     let until = Instant::now() + seconds(10, 120);
     let acks = Arc::new(Mutex::new(HashMap::new()));
-    let statuses = Arc::new(Mutex::new(HashMap::new()));
+    let tally = Tallies::default();
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             tokio::spawn(lifecycles(
@@ -582,7 +605,7 @@ async fn forwarded_crash_scenario() {
                 offering.clone(),
                 until,
                 acks.clone(),
-                statuses.clone(),
+                tally.clone(),
             ))
         })
         .collect();
@@ -597,10 +620,19 @@ async fn forwarded_crash_scenario() {
         t.await.unwrap();
     }
     let acks = acks.lock().unwrap().clone();
-    let statuses = statuses.lock().unwrap().clone();
-    let client = broker.client();
+    let statuses = tally.lock().unwrap().statuses.clone();
+    let checked = verify_forwarded(&broker.client(), &acks).await;
+    crash_checked("forwarded crash", kills, &statuses, acks.len(), checked);
+}
+
+/// Everything acknowledged of a forwarded service is as acknowledged, here and upstream
+/// (fetches are forwarded): instances present or gone, bindings with their credentials.
+async fn verify_forwarded(
+    client: &TestClient,
+    acks: &HashMap<String, (Ack, Option<serde_json::Value>)>,
+) -> (usize, usize, usize) {
     let (mut present, mut gone, mut bound) = (0, 0, 0);
-    for (id, (ack, creds)) in &acks {
+    for (id, (ack, creds)) in acks {
         let fetched = client
             .call(Method::GET, &format!("/v2/service_instances/{id}"), None)
             .await;
@@ -632,8 +664,307 @@ async fn forwarded_crash_scenario() {
             bound += 1;
         }
     }
-    let checked = (present, gone, bound);
-    crash_checked("forwarded crash", kills, &statuses, acks.len(), checked);
+    (present, gone, bound)
+}
+
+/// Debian's haproxy in front of the brokers: round robin; `/ready` checked every 500 ms
+/// (out after 2 failures, back after 2 successes); a refused connection or an empty answer
+/// is retried on another broker, which OSB allows (PUT and DELETE are idempotent by id).
+struct Balancer {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Balancer {
+    fn start(brokers: &[u16]) -> Balancer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let servers: String = brokers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("  server broker{i} 127.0.0.1:{p} check\n"))
+            .collect();
+        let file = dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &file,
+            format!(
+                "global\n  maxconn 2000\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  retries 3\n  option redispatch 1\n  retry-on conn-failure empty-response\nfrontend osb\n  bind 127.0.0.1:{port}\n  default_backend brokers\nbackend brokers\n  balance roundrobin\n  option httpchk GET /ready\n  http-check expect status 200\n  default-server inter 500 fall 2 rise 2\n{servers}"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
+            .spawn()
+            .expect("haproxy starts (./scripts/test installs it)");
+        let balancer = Balancer {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return balancer;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("haproxy did not listen");
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fleet: three brokers, each on its own Galera node, sharing one store, with a real
+/// upstream broker; each restarts from its own configuration file.
+struct Fleet {
+    processes: Vec<BrokerProcess>,
+    files: Vec<(std::path::PathBuf, u16, std::path::PathBuf)>,
+    _configs: Vec<TestConfig>,
+}
+
+impl Fleet {
+    async fn start(cluster: &galera::Cluster, upstream: &str) -> Fleet {
+        let store = format!("bkgstore_{}", uuid::Uuid::new_v4().simple());
+        let (mut files, mut configs) = (Vec::new(), Vec::new());
+        for node in 0..3 {
+            let port = free_port();
+            let config = TestConfig::new()
+                .with_port(port)
+                .with_store(StoreKind::Url(cluster.url(node, &store)))
+                .with_backend_url(&cluster.url(node, ""))
+                .with_listen("shutdown_delay_secs: 2")
+                .with_upstream(format!(
+                    "{{alias: up, url: \"{upstream}\", auth: {{kind: basic, username: up-user, password: up-password}}, request_timeout_secs: 10}}"
+                ));
+            let file = config.write();
+            let text = std::fs::read_to_string(&file)
+                .unwrap()
+                .replace("operation_timeout_secs: 10", "operation_timeout_secs: 3");
+            std::fs::write(&file, text).unwrap();
+            files.push((
+                file,
+                port,
+                config.dir.path().join(format!("broker{node}.log")),
+            ));
+            configs.push(config);
+        }
+        let starts = files
+            .iter()
+            .map(|(file, port, log)| BrokerProcess::start(file, *port, log));
+        Fleet {
+            processes: futures::future::join_all(starts).await,
+            files,
+            _configs: configs,
+        }
+    }
+
+    async fn restart(&mut self, i: usize) {
+        let (file, port, log) = self.files[i].clone();
+        self.processes[i] = BrokerProcess::start(&file, port, &log).await;
+    }
+}
+
+/// When each disturbance of the chaos scenario began and ended.
+#[derive(Default)]
+struct Windows {
+    broker_kill: Option<(Instant, Instant)>,
+    node_kill: Option<(Instant, Instant)>,
+    rolling: Option<(Instant, Instant)>,
+}
+
+/// Kills a broker, then a Galera node, then rolls a SIGTERM restart through the brokers,
+/// spread over `duration`.
+async fn disturb(
+    fleet: &mut Fleet,
+    cluster: &galera::Cluster,
+    duration: Duration,
+) -> (Windows, Duration) {
+    let mut w = Windows::default();
+    tokio::time::sleep(duration / 8).await;
+    let at = Instant::now();
+    fleet.processes[1].kill9();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.restart(1).await;
+    w.broker_kill = Some((at, Instant::now()));
+    tokio::time::sleep(duration / 8).await;
+    // The node under broker 2: only calls in flight on it may fail.
+    let at = Instant::now();
+    cluster.kill(2);
+    tokio::time::sleep(duration / 6).await;
+    let rejoin = cluster.start(2).await;
+    w.node_kill = Some((at, Instant::now() + Duration::from_secs(2)));
+    tokio::time::sleep(duration / 8).await;
+    let at = Instant::now();
+    for i in 0..3 {
+        let status = sigterm_and_wait(&mut fleet.processes[i].child).await;
+        assert!(status.success(), "broker {i} stopped cleanly: {status}");
+        fleet.restart(i).await;
+        // Back in rotation (two good checks) before the next one goes.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    w.rolling = Some((at, Instant::now()));
+    (w, rejoin)
+}
+
+/// What the cluster holds of the scenario's instances and bindings: belonging to a live
+/// record, or left by an unfinished claim (then removed by an orphan DELETE through the
+/// balancer). Returns (live, orphans, orphans left after their DELETE).
+async fn orphans(
+    client: &TestClient,
+    cluster: &galera::Cluster,
+    attempted: &[String],
+) -> (usize, usize, usize) {
+    let (mut live, mut orphaned, mut left) = (0, 0, 0);
+    for id in attempted {
+        let b = format!("{id}-b");
+        let has_db = cluster.has_database(0, &database_name(id)).await;
+        let has_user = cluster.has_user(0, &user_name(&b)).await;
+        if !has_db && !has_user {
+            continue;
+        }
+        let instance = client
+            .call(Method::GET, &format!("/v2/service_instances/{id}"), None)
+            .await;
+        let binding = client
+            .call(
+                Method::GET,
+                &format!("/v2/service_instances/{id}/service_bindings/{b}"),
+                None,
+            )
+            .await;
+        let db_live = !has_db || instance.status == 200;
+        let user_live = !has_user || binding.status == 200;
+        live += usize::from(has_db && db_live) + usize::from(has_user && user_live);
+        if db_live && user_live {
+            continue;
+        }
+        orphaned += usize::from(!db_live) + usize::from(!user_live);
+        let q = format!("service_id={SERVICE}&plan_id={LARGE}");
+        if !user_live {
+            let path = format!("/v2/service_instances/{id}/service_bindings/{b}?{q}");
+            client.call(Method::DELETE, &path, None).await;
+        }
+        if !db_live {
+            let path = format!("/v2/service_instances/{id}?{q}");
+            client.call(Method::DELETE, &path, None).await;
+        }
+        left += usize::from(!db_live && cluster.has_database(0, &database_name(id)).await)
+            + usize::from(!user_live && cluster.has_user(0, &user_name(&b)).await);
+    }
+    (live, orphaned, left)
+}
+
+/// The fleet on the seed's database, through everything an operator's week brings: 20
+/// clients run lifecycles through haproxy on `mysql-db` and a forwarded service while a
+/// broker is SIGKILLed, a Galera node is SIGKILLed and rejoins, and a rolling SIGTERM restart
+/// goes through all three brokers. Nothing acknowledged is lost, no 5xx comes but from calls
+/// in flight on the dead node, and nothing the cluster holds is unaccounted for.
+async fn galera_fleet_chaos() {
+    let cluster = galera::Cluster::from_env();
+    let upstream = python_upstream("up-user", "up-password");
+    let mut fleet = Fleet::start(&cluster, &upstream.base).await;
+    let ports: Vec<u16> = fleet.files.iter().map(|f| f.1).collect();
+    let balancer = Balancer::start(&ports);
+    let clients = Arc::new(vec![TestClient::new(balancer.base.clone())]);
+    let db = wait_for_service(&clients[0], "up-db").await;
+    let small = db["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "small");
+    let forwarded = (
+        db["id"].as_str().unwrap().to_string(),
+        small.unwrap()["id"].as_str().unwrap().to_string(),
+    );
+    let duration = seconds(60, 300);
+    let until = Instant::now() + duration;
+    let (local_acks, forwarded_acks) = (Acks::default(), Acks::default());
+    let (local_tally, forwarded_tally) = (Tallies::default(), Tallies::default());
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (offering, acks, tally) = if i % 2 == 0 {
+            let local = (SERVICE.to_string(), LARGE.to_string());
+            (local, local_acks.clone(), local_tally.clone())
+        } else {
+            (
+                forwarded.clone(),
+                forwarded_acks.clone(),
+                forwarded_tally.clone(),
+            )
+        };
+        tasks.push(tokio::spawn(lifecycles(
+            clients.clone(),
+            offering,
+            until,
+            acks,
+            tally,
+        )));
+    }
+    let (windows, rejoin) = disturb(&mut fleet, &cluster, duration).await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let client = &clients[0];
+    let local = local_acks.lock().unwrap().clone();
+    let remote = forwarded_acks.lock().unwrap().clone();
+    let (lp, lg, lb) = verify(&clients, &local).await;
+    let (fp, fg, fb) = verify_forwarded(client, &remote).await;
+    let attempted = local_tally.lock().unwrap().attempted.clone();
+    let (live, orphaned, left) = orphans(client, &cluster, &attempted).await;
+    let within =
+        |w: Option<(Instant, Instant)>, t: Instant| w.is_some_and(|(a, b)| a <= t && t <= b);
+    let (mut calls, mut failures) = (0, Vec::new());
+    for tally in [&local_tally, &forwarded_tally] {
+        let t = tally.lock().unwrap();
+        calls += t.statuses.values().sum::<u64>();
+        failures.extend(t.failures.iter().cloned());
+    }
+    let on_node = failures
+        .iter()
+        .filter(|f| within(windows.node_kill, f.0))
+        .count();
+    let rolling = failures
+        .iter()
+        .filter(|f| within(windows.rolling, f.0))
+        .count();
+    println!(
+        "galera chaos: {calls} calls through haproxy in {duration:?} (1 broker SIGKILL, 1 node SIGKILL rejoined in {} ms, rolling SIGTERM of 3); acknowledgements checked: {} local ({lg} deleted and gone, {lp} present, {lb} bound), {} forwarded ({fg} gone, {fp} present, {fb} bound); lost: 0; 5xx: {} ({on_node} while the node was down, {rolling} in the rolling restart); cluster: {live} databases and users of live records, {orphaned} of unfinished claims, {left} left after their orphan DELETE",
+        rejoin.as_millis(),
+        local.len(),
+        remote.len(),
+        failures.len(),
+    );
+    assert_eq!(
+        rolling, 0,
+        "the rolling restart fails no call: {failures:?}"
+    );
+    assert_eq!(
+        on_node,
+        failures.len(),
+        "5xx only from the dead node: {failures:?}"
+    );
+    assert!(failures.iter().all(|f| f.1 == 503), "{failures:?}");
+    assert_eq!(left, 0, "every orphan DELETE removed what it named");
+    assert!(
+        lg > 0 && lp > 0 && lb > 0 && fg > 0 && fp > 0 && fb > 0,
+        "every kind was checked"
+    );
+}
+
+/// The chaos scenario on the Galera cluster `./scripts/test` starts for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the Galera cluster that ./scripts/test starts for the cluster tests"]
+async fn fleet_on_galera_through_kills_node_loss_and_rolling_restarts() {
+    galera_fleet_chaos().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
