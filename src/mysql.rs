@@ -118,8 +118,14 @@ fn opts(url: &str) -> Result<Opts, SqlError> {
 }
 
 /// A pool that opens connections lazily: building it needs no server. With `ca_pem`, every
-/// connection uses TLS and checks the server's certificate against that CA.
-fn pool(url: &str, max: usize, ca_pem: Option<&[u8]>) -> Result<Pool, SqlError> {
+/// connection uses TLS and checks the server's certificate against that CA. `session` runs
+/// on each new connection.
+fn pool(
+    url: &str,
+    max: usize,
+    ca_pem: Option<&[u8]>,
+    session: &[String],
+) -> Result<Pool, SqlError> {
     let constraints = PoolConstraints::new(0, max.max(1)).expect("0 <= max");
     let opts = OptsBuilder::from_opts(opts(url)?)
         // No COM_RESET_CONNECTION round trip each time a connection goes back to the pool:
@@ -133,6 +139,7 @@ fn pool(url: &str, max: usize, ca_pem: Option<&[u8]>) -> Result<Pool, SqlError> 
                 .with_inactive_connection_ttl(Duration::from_secs(60))
                 .with_reset_connection(false),
         )
+        .init(session.to_vec())
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .prefer_socket(false)
         .ssl_opts(ca_pem.map(|pem| SslOpts::default().with_root_certs(vec![pem.to_vec().into()])));
@@ -169,13 +176,19 @@ pub struct Nodes {
 }
 
 impl Nodes {
-    /// Pools for every node `url` names; no server is contacted.
-    pub fn new(url: &str, max: usize, ca_pem: Option<&[u8]>) -> Result<Self, SqlError> {
+    /// Pools for every node `url` names; no server is contacted. `session` (statements)
+    /// runs on every new connection.
+    pub fn new(
+        url: &str,
+        max: usize,
+        ca_pem: Option<&[u8]>,
+        session: &[String],
+    ) -> Result<Self, SqlError> {
         let nodes = node_urls(url)
             .into_iter()
             .map(|node| {
                 let address = redact(&node);
-                let pool = pool(&node, max, ca_pem)?;
+                let pool = pool(&node, max, ca_pem, session)?;
                 Ok((address, pool))
             })
             .collect::<Result<Vec<_>, SqlError>>()?;

@@ -20,6 +20,19 @@ GALERA_GCOMM=()
 GALERA_IST=()
 GALERA_SST=()
 
+# A free port below the kernel's ephemeral range (32768 and up): a node restarted after a
+# kill gets its ports back, which an outgoing connection could otherwise have taken.
+galera_port() {
+  python3 -c 'import random, socket
+while True:
+    p = random.randrange(20000, 32000)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); print(p); break
+    except OSError:
+        pass'
+}
+
 galera_node_start() {
   local i=$1 dir=$GALERA_DATA/node$1 peers="" j user mariadbd
   mariadbd=$(command -v mariadbd || echo /usr/sbin/mariadbd)
@@ -32,7 +45,8 @@ galera_node_start() {
   # (`bash node$i/run.sh`); it rejoins by IST.
   {
     echo '#!/usr/bin/env bash'
-    printf 'exec %q' "$mariadbd"
+    printf 'mariadbd=%q dir=%q\n' "$mariadbd" "$dir"
+    printf 'args=('
     printf ' %q' --no-defaults --user="$user" --datadir="$dir/db" --port="${GALERA_PORTS[$i]}" \
       --socket="$dir/sock" --pid-file="$dir/pid" --bind-address=127.0.0.1 --skip-name-resolve \
       --log-error="$dir/error.log" --max-connections=1000 \
@@ -42,7 +56,24 @@ galera_node_start() {
       --wsrep-provider-options="gmcast.listen_addr=tcp://127.0.0.1:${GALERA_GCOMM[$i]};ist.recv_addr=127.0.0.1:${GALERA_IST[$i]};gcache.size=256M" \
       --wsrep-sst-receive-address="127.0.0.1:${GALERA_SST[$i]}" --wsrep-sst-method=rsync \
       --binlog-format=ROW --innodb-autoinc-lock-mode=2 --default-storage-engine=InnoDB
-    echo ' "$@"'
+    echo ' )'
+    # After a crash the node's position is unknown (seqno -1): it is recovered from InnoDB
+    # first, as Debian's galera_recovery does, so that the node rejoins by IST. Without it
+    # the node asks for a full state transfer, and an rsync donor blocks writes meanwhile.
+    cat <<'RECOVER'
+if grep -q '^seqno: *-1' "$dir/db/grastate.dat" 2>/dev/null; then
+  "$mariadbd" "${args[@]}" --wsrep-recover --log-error="$dir/recover.log" >/dev/null 2>&1 || true
+  pos=$(sed -n 's/.*WSREP: Recovered position: *//p' "$dir/recover.log" | tail -n 1)
+  if [ -n "$pos" ]; then
+    # The saved state is what the node asks the cluster for: rewritten in place (its owner,
+    # the server's user, stays).
+    state=$(sed "s/^uuid:.*/uuid:    ${pos%:*}/; s/^seqno:.*/seqno:   ${pos##*:}/" "$dir/db/grastate.dat")
+    printf '%s\n' "$state" >"$dir/db/grastate.dat"
+    args+=(--wsrep-start-position="$pos")
+  fi
+fi
+exec "$mariadbd" "${args[@]}" "$@"
+RECOVER
   } >"$dir/run.sh"
   bash "$dir/run.sh" "${extra[@]}" 2>>"$dir/stderr.log" &
   GALERA_PIDS[$i]=$!
@@ -88,10 +119,10 @@ start_throwaway_galera() {
   ln -s "$GALERA_DATA" "$link"
   for i in 0 1 2; do
     mkdir -p "$GALERA_DATA/node$i/db"
-    GALERA_PORTS[$i]=$(free_port)
-    GALERA_GCOMM[$i]=$(free_port)
-    GALERA_IST[$i]=$(free_port)
-    GALERA_SST[$i]=$(free_port)
+    GALERA_PORTS[$i]=$(galera_port)
+    GALERA_GCOMM[$i]=$(galera_port)
+    GALERA_IST[$i]=$(galera_port)
+    GALERA_SST[$i]=$(galera_port)
   done
   mariadb-install-db --no-defaults --datadir="$GALERA_DATA/node0/db" --user="$(id -un)" \
     --auth-root-authentication-method=normal --skip-test-db >"$GALERA_DATA/install.log" 2>&1 \

@@ -78,6 +78,14 @@ pub struct QuotaChange {
     pub restored: u32,
 }
 
+/// The longest a backend's work may go on after the broker stopped waiting for it (the
+/// operation timeout): a statement already sent keeps running on its server. An
+/// operation's lease outlasts the timeout by this much, so that a process taking over an
+/// abandoned operation does not run beside its first holder's last statement. Backends
+/// bound their waits by it (MySQL: lock waits, which a node donating a state transfer or a
+/// long DDL can make endless).
+pub const LINGER_SECS: u64 = 5;
+
 #[async_trait]
 pub trait Backend: Send + Sync {
     /// Names the backend and where it lives, without secrets.

@@ -58,6 +58,12 @@ impl MysqlBackend {
                 config.url.expose(),
                 config.max_connections,
                 ca_certificate.as_deref().map(str::as_bytes),
+                // No statement waits for a lock past the operation's lease (both variables
+                // exist on MariaDB and MySQL).
+                &[format!(
+                    "SET SESSION lock_wait_timeout = {0}, innodb_lock_wait_timeout = {0}",
+                    super::LINGER_SECS
+                )],
             )
             .map_err(|e| anyhow::anyhow!("backends.mysql.url: {e}"))?,
             at,

@@ -237,7 +237,7 @@ impl Broker {
     fn lease(&self) -> chrono::Duration {
         chrono::Duration::from_std(self.inner.timing.operation_timeout)
             .unwrap_or(chrono::Duration::MAX)
-            + chrono::Duration::seconds(5)
+            + chrono::Duration::seconds(crate::backend::LINGER_SECS as i64)
     }
 
     fn start(&self, kind: OpKind, asynchronous: bool) -> OperationRecord {

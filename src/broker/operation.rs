@@ -389,10 +389,15 @@ impl Broker {
         if done {
             Ok(())
         } else {
-            Err(OsbError::Internal(format!(
-                "{}/{id} changed while its operation ran",
-                R::TABLE.name()
-            )))
+            // The lease ran out while the work ran (a stalled backend or store) and another
+            // process took the operation over: it finishes it, and the caller's retry sees
+            // its outcome.
+            tracing::warn!(
+                table = R::TABLE.name(),
+                id,
+                "the record changed while its operation ran: another process took it over"
+            );
+            Err(OsbError::concurrency())
         }
     }
 

@@ -157,7 +157,7 @@ impl MysqlStore {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let describe = format!("mysql store {}", mysql::redact(url));
         let mut store = MysqlStore {
-            nodes: Nodes::new(url, 20, None)?,
+            nodes: Nodes::new(url, 20, None, &[])?,
             describe,
             fresh: "",
         };

@@ -281,7 +281,7 @@ async fn verify(
                 assert!(exists);
                 connect_as(creds.as_ref().unwrap())
                     .await
-                    .expect("acknowledged credentials work");
+                    .unwrap_or_else(|e| panic!("{id}'s acknowledged credentials work: {e}"));
                 bound += 1;
             }
             Ack::Provisioned | Ack::Unbound => {
@@ -667,6 +667,18 @@ async fn verify_forwarded(
     (present, gone, bound)
 }
 
+/// A free port below the kernel's ephemeral range (which starts at 32768): a process
+/// restarted on it gets it back, where an outgoing connection could have taken an ephemeral
+/// one meanwhile.
+pub fn restartable_port() -> u16 {
+    loop {
+        let port = 20000 + (uuid::Uuid::new_v4().as_u128() % 12000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Debian's haproxy in front of the brokers: round robin; `/ready` checked every 500 ms
 /// (out after 2 failures, back after 2 successes); a refused connection or an empty answer
 /// is retried on another broker, which OSB allows (PUT and DELETE are idempotent by id).
@@ -736,7 +748,7 @@ impl Fleet {
         let store = format!("bkgstore_{}", uuid::Uuid::new_v4().simple());
         let (mut files, mut configs) = (Vec::new(), Vec::new());
         for node in 0..3 {
-            let port = free_port();
+            let port = restartable_port();
             let config = TestConfig::new()
                 .with_port(port)
                 .with_store(StoreKind::Url(cluster.url(node, &store)))
