@@ -105,6 +105,7 @@ stop_galera() {
     kill -9 "$p" 2>/dev/null || true
   done
   stop_servers
+  return 0
 }
 
 start_throwaway_galera() {

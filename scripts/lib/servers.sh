@@ -37,7 +37,8 @@ SERVER_PIDS=()
 SERVER_DIRS=()
 stop_servers() {
   local p
-  for p in "${SERVER_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  # A server a test killed is gone already.
+  for p in "${SERVER_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for p in "${SERVER_DIRS[@]}"; do rm -rf "$p"; done
 }
