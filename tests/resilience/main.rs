@@ -66,6 +66,9 @@ impl Tally {
 /// One client's view of a lifecycle step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ack {
+    /// A delete failed with 5xx: what it named may be half gone, and Cloud Controller
+    /// deletes it again; verification does the same.
+    InDoubt,
     Provisioned,
     Bound,
     Unbound,
@@ -177,6 +180,12 @@ async fn lifecycles(
         )
         .await;
         record(&a, &format!("unbind {id}"));
+        if a.status.as_u16() >= 500 {
+            acks.lock()
+                .unwrap()
+                .insert(id.clone(), (Ack::InDoubt, None));
+            continue;
+        }
         if a.status == 200 || a.status == 410 {
             acks.lock()
                 .unwrap()
@@ -191,6 +200,11 @@ async fn lifecycles(
         )
         .await;
         record(&a, &format!("deprovision {id}"));
+        if a.status.as_u16() >= 500 {
+            acks.lock()
+                .unwrap()
+                .insert(id.clone(), (Ack::InDoubt, None));
+        }
         if a.status == 200 || a.status == 410 {
             acks.lock()
                 .unwrap()
@@ -255,6 +269,33 @@ async fn two_brokers(store: StoreKind, backend: Option<&str>) -> Brokers {
     }
 }
 
+/// What Cloud Controller does after a delete failed: deletes the binding and the instance
+/// again, until each answers 200 or 410; then the instance is gone.
+async fn redo_delete(client: &TestClient, id: &str) {
+    let path = format!("/v2/service_instances/{id}");
+    let fetched = client.call(Method::GET, &path, None).await;
+    if fetched.status == 404 {
+        return;
+    }
+    let q = format!(
+        "service_id={}&plan_id={}",
+        fetched.body["service_id"].as_str().unwrap(),
+        fetched.body["plan_id"].as_str().unwrap()
+    );
+    for target in [
+        format!("{path}/service_bindings/{id}-b?{q}"),
+        format!("{path}?{q}"),
+    ] {
+        let again = client.call(Method::DELETE, &target, None).await;
+        assert!(
+            again.status == 200 || again.status == 410,
+            "{target} deleted again: {}",
+            again.raw
+        );
+    }
+    client.call(Method::GET, &path, None).await.expect(404);
+}
+
 /// Everything acknowledged is as acknowledged: in the store and in MySQL.
 async fn verify(
     clients: &[TestClient],
@@ -267,6 +308,14 @@ async fn verify(
             .await;
         let exists = database_exists(&database_name(id)).await;
         match ack {
+            Ack::InDoubt => {
+                redo_delete(&clients[0], id).await;
+                assert!(
+                    !database_exists(&database_name(id)).await,
+                    "{id}'s database is gone"
+                );
+                gone += 1;
+            }
             Ack::Deprovisioned => {
                 assert_eq!(
                     fetched.status, 404,
@@ -636,6 +685,11 @@ async fn verify_forwarded(
         let fetched = client
             .call(Method::GET, &format!("/v2/service_instances/{id}"), None)
             .await;
+        if *ack == Ack::InDoubt {
+            redo_delete(client, id).await;
+            gone += 1;
+            continue;
+        }
         match ack {
             Ack::Deprovisioned => {
                 assert_eq!(
@@ -645,6 +699,7 @@ async fn verify_forwarded(
                 );
                 gone += 1;
             }
+            Ack::InDoubt => {}
             Ack::Provisioned | Ack::Unbound | Ack::Bound => {
                 // Recorded here, and there upstream: the fetch is forwarded.
                 assert_eq!(fetched.status, 200, "{id} is provisioned: {}", fetched.raw);
