@@ -271,17 +271,9 @@ async fn two_brokers(store: StoreKind, backend: Option<&str>) -> Brokers {
 
 /// What Cloud Controller does after a delete failed: deletes the binding and the instance
 /// again, until each answers 200 or 410; then the instance is gone.
-async fn redo_delete(client: &TestClient, id: &str) {
+async fn redo_delete(client: &TestClient, id: &str, (service, plan): (&str, &str)) {
     let path = format!("/v2/service_instances/{id}");
-    let fetched = client.call(Method::GET, &path, None).await;
-    if fetched.status == 404 {
-        return;
-    }
-    let q = format!(
-        "service_id={}&plan_id={}",
-        fetched.body["service_id"].as_str().unwrap(),
-        fetched.body["plan_id"].as_str().unwrap()
-    );
+    let q = format!("service_id={service}&plan_id={plan}");
     for target in [
         format!("{path}/service_bindings/{id}-b?{q}"),
         format!("{path}?{q}"),
@@ -309,7 +301,7 @@ async fn verify(
         let exists = database_exists(&database_name(id)).await;
         match ack {
             Ack::InDoubt => {
-                redo_delete(&clients[0], id).await;
+                redo_delete(&clients[0], id, (SERVICE, LARGE)).await;
                 assert!(
                     !database_exists(&database_name(id)).await,
                     "{id}'s database is gone"
@@ -670,7 +662,7 @@ async fn forwarded_crash_scenario() {
     }
     let acks = acks.lock().unwrap().clone();
     let statuses = tally.lock().unwrap().statuses.clone();
-    let checked = verify_forwarded(&broker.client(), &acks).await;
+    let checked = verify_forwarded(&broker.client(), &acks, &offering).await;
     crash_checked("forwarded crash", kills, &statuses, acks.len(), checked);
 }
 
@@ -679,6 +671,7 @@ async fn forwarded_crash_scenario() {
 async fn verify_forwarded(
     client: &TestClient,
     acks: &HashMap<String, (Ack, Option<serde_json::Value>)>,
+    offering: &(String, String),
 ) -> (usize, usize, usize) {
     let (mut present, mut gone, mut bound) = (0, 0, 0);
     for (id, (ack, creds)) in acks {
@@ -686,7 +679,7 @@ async fn verify_forwarded(
             .call(Method::GET, &format!("/v2/service_instances/{id}"), None)
             .await;
         if *ack == Ack::InDoubt {
-            redo_delete(client, id).await;
+            redo_delete(client, id, (&offering.0, &offering.1)).await;
             gone += 1;
             continue;
         }
@@ -984,7 +977,7 @@ async fn galera_fleet_chaos() {
     let local = local_acks.lock().unwrap().clone();
     let remote = forwarded_acks.lock().unwrap().clone();
     let (lp, lg, lb) = verify(&clients, &local).await;
-    let (fp, fg, fb) = verify_forwarded(client, &remote).await;
+    let (fp, fg, fb) = verify_forwarded(client, &remote, &forwarded).await;
     let attempted = local_tally.lock().unwrap().attempted.clone();
     let (live, orphaned, left) = orphans(client, &cluster, &attempted).await;
     let within =
