@@ -464,10 +464,11 @@ async fn ready(State(state): State<AppState>, headers: axum::http::HeaderMap) ->
         .iter()
         .map(|(name, status)| (name.clone(), show(status)))
         .collect();
-    let ready = probed.ready() && !state.broker.stopping();
+    let stopping = state.broker.stopping();
+    let ready = probed.ready() && !stopping;
     let body = json!({
         "ready": ready,
-        "stopping": state.broker.stopping(),
+        "stopping": stopping,
         "store": show(&probed.store),
         "backends": backends,
         "upstreams": state.broker.federation().health().await,

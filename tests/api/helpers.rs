@@ -669,7 +669,15 @@ pub async fn admin() -> mysql_async::Conn {
 }
 
 pub async fn database_exists(name: &str) -> bool {
-    let mut conn = admin().await;
+    has_database(&mut admin().await, name).await
+}
+
+pub async fn user_exists(name: &str) -> bool {
+    has_user(&mut admin().await, name).await
+}
+
+/// Whether the server behind `conn` holds the database `name`.
+pub async fn has_database(conn: &mut mysql_async::Conn, name: &str) -> bool {
     let found: Option<String> = conn
         .exec_first(
             "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
@@ -680,13 +688,80 @@ pub async fn database_exists(name: &str) -> bool {
     found.is_some()
 }
 
-pub async fn user_exists(name: &str) -> bool {
-    let mut conn = admin().await;
+/// Whether the server behind `conn` holds the user `name`.
+pub async fn has_user(conn: &mut mysql_async::Conn, name: &str) -> bool {
     let n: Option<i64> = conn
         .exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (name,))
         .await
         .unwrap();
     n.unwrap_or(0) > 0
+}
+
+/// As the app bound with `conn`: a `notes` table holding 'kept', and a `blobs` table.
+pub async fn quota_tables(conn: &mut mysql_async::Conn) {
+    for statement in [
+        "CREATE TABLE notes (body VARCHAR(20)) ENGINE=InnoDB",
+        "CREATE TABLE blobs (id INT PRIMARY KEY, data LONGBLOB) ENGINE=InnoDB",
+        "INSERT INTO notes VALUES ('kept')",
+    ] {
+        conn.query_drop(statement).await.unwrap();
+    }
+}
+
+/// Puts 1.8 MB into `blobs`: over a 1 MB plan's quota.
+pub async fn fill_blobs(conn: &mut mysql_async::Conn) {
+    for i in 0..3 {
+        conn.exec_drop("INSERT INTO blobs VALUES (?, REPEAT('x', 600000))", (i,))
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until an INSERT into `notes` as the binding's user is refused (or allowed, per
+/// `refused`); how long that took.
+pub async fn wait_for_insert(credentials: &Value, refused: bool) -> Duration {
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let mut conn = connect_as(credentials).await.unwrap();
+        let result = conn.query_drop("INSERT INTO notes VALUES ('probe')").await;
+        match (&result, refused) {
+            (Err(mysql_async::Error::Server(e)), true) if e.code == 1142 => {
+                return started.elapsed()
+            }
+            (Ok(()), false) => {
+                conn.query_drop("DELETE FROM notes WHERE body = 'probe'")
+                    .await
+                    .unwrap();
+                return started.elapsed();
+            }
+            _ => {}
+        }
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!(
+        "INSERT as {} on port {} never became {}",
+        credentials["username"],
+        credentials["port"],
+        if refused { "refused" } else { "allowed" }
+    );
+}
+
+/// The sum of every sample of the metric `name` (all label sets) a broker at `base` reports.
+pub async fn metric(base: &str, name: &str) -> f64 {
+    let text = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .basic_auth("metrics", Some("brokerage-dev-metrics-password"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Connects exactly as an app would, from a binding's credentials.
@@ -1002,4 +1077,36 @@ pub async fn wait_for_lines(client: &TestClient, id: &str, n: usize) -> Value {
         "fewer than {n} lines arrived: {}",
         read_lines(client, id).await
     );
+}
+
+/// A flood from `app`: `posters` posters at once, poster `i` posting to `drains[i % len]`,
+/// each `batches` octet-counted batches of 20 lines, as https-batch sends. Each post must
+/// be accepted.
+pub fn flood(
+    drains: &[String],
+    app: &str,
+    posters: usize,
+    batches: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let http = reqwest::Client::new();
+    (0..posters)
+        .map(|poster| {
+            let (http, url, app) = (
+                http.clone(),
+                drains[poster % drains.len()].clone(),
+                app.to_string(),
+            );
+            tokio::spawn(async move {
+                for batch in 0..batches {
+                    let mut body = String::new();
+                    for n in 0..20 {
+                        let m = cf_message(&app, &format!("loud {poster}-{batch}-{n}"));
+                        body.push_str(&format!("{} {m}", m.len()));
+                    }
+                    let answer = http.post(&url).body(body).send().await.unwrap();
+                    assert_eq!(answer.status(), 200);
+                }
+            })
+        })
+        .collect()
 }

@@ -403,22 +403,7 @@ async fn a_flood_costs_the_flooding_app_its_oldest_lines_and_never_the_osb_calls
     }
     wait_for_lines(&client, &id, 5).await;
     // 4,000 lines from one app, 8 posters at once, in batches of 20 as https-batch sends.
-    let flood: Vec<_> = (0..8)
-        .map(|poster| {
-            let (http, url) = (http.clone(), drains[1].clone());
-            tokio::spawn(async move {
-                for batch in 0..25 {
-                    let mut body = String::new();
-                    for n in 0..20 {
-                        let m = cf_message("loud-app", &format!("loud {poster}-{batch}-{n}"));
-                        body.push_str(&format!("{} {m}", m.len()));
-                    }
-                    let answer = http.post(&url).body(body).send().await.unwrap();
-                    assert_eq!(answer.status(), 200);
-                }
-            })
-        })
-        .collect();
+    let flood = flood(&drains[1..], "loud-app", 8, 25);
     // Meanwhile OSB calls are answered as usual.
     for i in 0..20 {
         client.catalog().await.expect(200);

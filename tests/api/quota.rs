@@ -8,48 +8,6 @@ use mysql_async::prelude::*;
 
 use crate::helpers::*;
 
-async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .basic_auth("metrics", Some("brokerage-dev-metrics-password"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Waits until an INSERT as the binding's user is refused (or allowed, per `refused`).
-async fn wait_for_insert(creds: &serde_json::Value, refused: bool) {
-    for _ in 0..100 {
-        let mut conn = connect_as(creds).await.unwrap();
-        let result = conn.query_drop("INSERT INTO notes VALUES ('probe')").await;
-        match (&result, refused) {
-            (Err(mysql_async::Error::Server(e)), true) if e.code == 1142 => return,
-            (Ok(()), false) => {
-                conn.query_drop("DELETE FROM notes WHERE body = 'probe'")
-                    .await
-                    .unwrap();
-                return;
-            }
-            _ => {}
-        }
-        drop(conn);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!(
-        "INSERT never became {}",
-        if refused { "refused" } else { "allowed" }
-    );
-}
-
 #[tokio::test]
 async fn a_full_database_loses_writes_until_data_is_deleted_enforced_once_by_two_brokers() {
     let store = StoreKind::fresh_mysql();
@@ -61,24 +19,8 @@ async fn a_full_database_loses_writes_until_data_is_deleted_enforced_once_by_two
     let creds = two.bind(&id, &b, SMALL).await.body["credentials"].clone();
 
     let mut writer = connect_as(&creds).await.unwrap();
-    writer
-        .query_drop("CREATE TABLE notes (body VARCHAR(20)) ENGINE=InnoDB")
-        .await
-        .unwrap();
-    writer
-        .query_drop("CREATE TABLE blobs (id INT PRIMARY KEY, data LONGBLOB) ENGINE=InnoDB")
-        .await
-        .unwrap();
-    writer
-        .query_drop("INSERT INTO notes VALUES ('kept')")
-        .await
-        .unwrap();
-    for i in 0..3 {
-        writer
-            .exec_drop("INSERT INTO blobs VALUES (?, REPEAT('x', 600000))", (i,))
-            .await
-            .unwrap();
-    }
+    quota_tables(&mut writer).await;
+    fill_blobs(&mut writer).await;
     // Over 1 MB now: within a few passes writes are refused...
     wait_for_insert(&creds, true).await;
     // ...the connection that filled it was cut...
@@ -97,13 +39,13 @@ async fn a_full_database_loses_writes_until_data_is_deleted_enforced_once_by_two
 
     // Both brokers ran passes; one user was revoked once and restored once, in total.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let revoked = metric(&one, "brokerage_quota_revocations_total").await
-        + metric(&two, "brokerage_quota_revocations_total").await;
-    let restored = metric(&one, "brokerage_quota_restorations_total").await
-        + metric(&two, "brokerage_quota_restorations_total").await;
+    let revoked = metric(&one.base, "brokerage_quota_revocations_total").await
+        + metric(&two.base, "brokerage_quota_revocations_total").await;
+    let restored = metric(&one.base, "brokerage_quota_restorations_total").await
+        + metric(&two.base, "brokerage_quota_restorations_total").await;
     assert_eq!((revoked, restored), (1.0, 1.0));
-    let cycles = metric(&one, "brokerage_quota_cycles_total").await
-        + metric(&two, "brokerage_quota_cycles_total").await;
+    let cycles = metric(&one.base, "brokerage_quota_cycles_total").await
+        + metric(&two.base, "brokerage_quota_cycles_total").await;
     assert!(cycles >= 2.0, "passes ran: {cycles}");
 
     two.unbind(&id, &b, SMALL).await.expect(200);

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
 
+use crate::helpers::{StoreKind, TestConfig};
+
 pub struct Cluster {
     dir: PathBuf,
     ports: Vec<u16>,
@@ -46,6 +48,14 @@ impl Cluster {
             .map(|k| format!("127.0.0.1:{}", self.ports[(first + k) % 3]))
             .collect();
         format!("mysql://root@{}/{db}", hosts.join(","))
+    }
+
+    /// `config` with its store (the database `store`) and its MySQL backend on the
+    /// cluster, `node` first.
+    pub fn config(&self, node: usize, store: &str, config: TestConfig) -> TestConfig {
+        config
+            .with_store(StoreKind::Url(self.url(node, store)))
+            .with_backend_url(&self.url(node, ""))
     }
 
     pub async fn admin(&self, node: usize) -> mysql_async::Conn {
@@ -119,26 +129,11 @@ impl Cluster {
 
     /// Whether `node` holds the database `name`.
     pub async fn has_database(&self, node: usize, name: &str) -> bool {
-        let found: Option<String> = self
-            .admin(node)
-            .await
-            .exec_first(
-                "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
-                (name,),
-            )
-            .await
-            .unwrap();
-        found.is_some()
+        crate::helpers::has_database(&mut self.admin(node).await, name).await
     }
 
     /// Whether `node` holds the user `name`.
     pub async fn has_user(&self, node: usize, name: &str) -> bool {
-        let n: Option<i64> = self
-            .admin(node)
-            .await
-            .exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (name,))
-            .await
-            .unwrap();
-        n.unwrap_or(0) > 0
+        crate::helpers::has_user(&mut self.admin(node).await, name).await
     }
 }

@@ -20,31 +20,11 @@ use mysql_async::prelude::*;
 use reqwest::Method;
 use serde_json::Value;
 
-/// The sum of every sample of the metric `name` (all label sets) a broker reports.
-async fn metric(base: &str, name: &str) -> f64 {
-    let text = reqwest::Client::new()
-        .get(format!("{base}/metrics"))
-        .basic_auth("metrics", Some("brokerage-dev-metrics-password"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A broker process whose store (the database `store`) and MySQL backend are the cluster,
 /// `node` first.
 async fn broker_on(cluster: &Cluster, node: usize, store: &str, config: TestConfig) -> Broker {
     let port = free_port();
-    let config = config
-        .with_port(port)
-        .with_store(StoreKind::Url(cluster.url(node, store)))
-        .with_backend_url(&cluster.url(node, ""));
+    let config = cluster.config(node, store, config.with_port(port));
     let file = config.write();
     let log = config.dir.path().join("broker.log");
     let process = BrokerProcess::start(&file, port, &log).await;
@@ -76,35 +56,6 @@ fn on_node(credentials: &Value, cluster: &Cluster, node: usize) -> Value {
     c
 }
 
-/// Waits until an INSERT as the binding's user on that node is refused (or allowed).
-async fn wait_for_insert(credentials: &Value, refused: bool) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
-        let mut conn = connect_as(credentials).await.unwrap();
-        let result = conn.query_drop("INSERT INTO notes VALUES ('probe')").await;
-        match (&result, refused) {
-            (Err(mysql_async::Error::Server(e)), true) if e.code == 1142 => {
-                return started.elapsed()
-            }
-            (Ok(()), false) => {
-                conn.query_drop("DELETE FROM notes WHERE body = 'probe'")
-                    .await
-                    .unwrap();
-                return started.elapsed();
-            }
-            _ => {}
-        }
-        drop(conn);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!(
-        "INSERT as {} on port {} never became {}",
-        credentials["username"],
-        credentials["port"],
-        if refused { "refused" } else { "allowed" }
-    );
-}
-
 /// What the MySQL backend makes through one node holds on every node: the database, the
 /// user and its password, its grants, the quota pass's revoke and its restoration; the
 /// connection limit holds per node (documented in the README); unbind and deprovision
@@ -125,18 +76,7 @@ async fn what_the_backend_makes_through_one_node_holds_on_every_node() {
     }
     // Written as the app through node 0, read through node 2.
     let mut writer = connect_as(&on_node(&creds, &cluster, 0)).await.unwrap();
-    writer
-        .query_drop("CREATE TABLE notes (body VARCHAR(20)) ENGINE=InnoDB")
-        .await
-        .unwrap();
-    writer
-        .query_drop("CREATE TABLE blobs (id INT PRIMARY KEY, data LONGBLOB) ENGINE=InnoDB")
-        .await
-        .unwrap();
-    writer
-        .query_drop("INSERT INTO notes VALUES ('kept')")
-        .await
-        .unwrap();
+    quota_tables(&mut writer).await;
     let mut reader = connect_as(&on_node(&creds, &cluster, 2)).await.unwrap();
     let kept: Option<String> = reader
         .query_first("SET STATEMENT wsrep_sync_wait = 1 FOR SELECT body FROM notes")
@@ -164,12 +104,7 @@ async fn what_the_backend_makes_through_one_node_holds_on_every_node() {
     drop(held);
 
     // Over the 1 MB quota through node 0: the revoke is seen on node 1 and node 2.
-    for i in 0..3 {
-        writer
-            .exec_drop("INSERT INTO blobs VALUES (?, REPEAT('x', 600000))", (i,))
-            .await
-            .unwrap();
-    }
+    fill_blobs(&mut writer).await;
     drop(writer);
     let revoked = wait_for_insert(&on_node(&creds, &cluster, 1), true).await;
     wait_for_insert(&on_node(&creds, &cluster, 2), true).await;
@@ -299,23 +234,11 @@ async fn a_drain_flood_through_three_brokers_on_three_nodes_keeps_what_the_plan_
     }
     wait_for_lines(&c.client(), &id, 6).await;
     // 4,800 lines from one app: 4 posters per broker, batches of 20.
-    let flood: Vec<_> = (0..12)
-        .map(|poster| {
-            let url = format!("{}{}", brokers[poster % 3].process.base, paths[1]);
-            let http = http.clone();
-            tokio::spawn(async move {
-                for batch in 0..20 {
-                    let mut body = String::new();
-                    for n in 0..20 {
-                        let m = cf_message("loud-app", &format!("loud {poster}-{batch}-{n}"));
-                        body.push_str(&format!("{} {m}", m.len()));
-                    }
-                    let answer = http.post(&url).body(body).send().await.unwrap();
-                    assert_eq!(answer.status(), 200);
-                }
-            })
-        })
+    let loud: Vec<String> = brokers
+        .iter()
+        .map(|b| format!("{}{}", b.process.base, paths[1]))
         .collect();
+    let flood = flood(&loud, "loud-app", 12, 20);
     for poster in flood {
         poster.await.unwrap();
     }
