@@ -21,7 +21,7 @@
 //! The upstreams are minimal axum brokers in this process: they answer at once. With two
 //! cores and `taskset`, the broker and nginx run on core 0 and this process on core 1.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,9 @@ use axum::{Json, Router};
 use brokerage::federation::merge::{self, UpstreamCatalog};
 use mysql_async::prelude::*;
 use serde_json::{json, Value};
+
+mod common;
+use common::{cpu_secs, free_port, Killed};
 
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-password";
@@ -463,22 +466,6 @@ async fn read_profile(conn: &mut mysql_async::Conn) -> ServerProfile {
     }
 }
 
-/// CPU seconds a process has used (user + system).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 struct StoreScale {
     kind: &'static str,
     filled: Duration,
@@ -638,14 +625,6 @@ fn pin_self_to_core_1() -> bool {
             .is_ok_and(|s| s.success())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_up(url: &str) {
     for _ in 0..400 {
         if reqwest::get(url).await.is_ok() {
@@ -654,14 +633,6 @@ async fn wait_up(url: &str) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("{url} never answered");
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::main]

@@ -2,6 +2,7 @@
 //! MariaDB. They run one after the other (each loads the whole machine), in a short form in
 //! `./scripts/test`; `BKG_LONG=1` runs them for minutes.
 
+mod balancer;
 #[allow(dead_code)]
 #[path = "../cluster/galera.rs"]
 mod galera;
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use balancer::Balancer;
 use brokerage::backend::{database_name, user_name};
 use helpers::*;
 use reqwest::Method;
@@ -730,62 +732,6 @@ pub fn restartable_port() -> u16 {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
-    }
-}
-
-/// Debian's haproxy in front of the brokers: round robin; `/ready` checked every 500 ms
-/// (out after 2 failures, back after 2 successes); a refused connection or an empty answer
-/// is retried on another broker, which OSB allows (PUT and DELETE are idempotent by id).
-struct Balancer {
-    child: Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Balancer {
-    fn start(brokers: &[u16]) -> Balancer {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let servers: String = brokers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("  server broker{i} 127.0.0.1:{p} check\n"))
-            .collect();
-        let file = dir.path().join("haproxy.cfg");
-        std::fs::write(
-            &file,
-            format!(
-                "global\n  maxconn 2000\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  retries 3\n  option redispatch 1\n  retry-on conn-failure empty-response\nfrontend osb\n  bind 127.0.0.1:{port}\n  default_backend brokers\nbackend brokers\n  balance roundrobin\n  option httpchk GET /ready\n  http-check expect status 200\n  default-server inter 500 fall 2 rise 2\n{servers}"
-            ),
-        )
-        .unwrap();
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
-            .spawn()
-            .expect("haproxy starts (./scripts/test installs it)");
-        let balancer = Balancer {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return balancer;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("haproxy did not listen");
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
