@@ -215,6 +215,108 @@ fn the_brokerage_job_renders_for_default_and_full_properties_and_the_broker_acce
     assert!(err.contains("brokerage.sso.session_secret"), "{err}");
 }
 
+/// The minimal properties of a broker whose store and backend come from the cluster links.
+fn linked_props(store: &str) -> Value {
+    json!({"brokerage": {
+        "external_url": "https://brokerage.sys.example.com",
+        "credentials": [{"username": "broker", "password": "generated-broker-password"}],
+        "sso": {"session_secret": "generated-session-secret-of-48-characters-xxxxxx"},
+        "listen": {"limits": {"shutdown_delay_secs": 3, "shutdown_deadline_secs": 15}},
+        "store": {"kind": "mysql", "username": "root", "password": "", "database": store},
+        "backends": {"mysql": {"username": "root", "password": ""}},
+    }})
+}
+
+#[test]
+fn a_fleet_renders_from_the_cluster_links_each_instance_its_own_node_first() {
+    let dir = tempfile::tempdir().unwrap();
+    // The test server is node a; nodes b and c are names that never resolve, so a rendered
+    // configuration is accepted only if it reaches the server through its first node.
+    let server = mysql_url();
+    let (host, port) = server
+        .trim_start_matches("mysql://")
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .unwrap();
+    let nodes = [host, "node-b.invalid", "node-c.invalid"];
+    let cluster = json!({"port": port.parse::<u16>().unwrap(),
+        "$instances": nodes.iter().map(|a| json!({"address": a})).collect::<Vec<_>>()});
+    let store = format!("bkgstore_{}", uuid::Uuid::new_v4().simple());
+    let props = linked_props(&store);
+    for index in 0..3 {
+        let links = json!({"store": cluster, "service-mysql": cluster, "$spec": {"index": index}});
+        let config = render(
+            "brokerage",
+            "brokerage.yml.erb",
+            &props,
+            Some(&links),
+            dir.path(),
+        )
+        .unwrap();
+        let rendered: Value = serde_yaml::from_str(&config).unwrap();
+        let hosts: Vec<String> = (0..3)
+            .map(|k| format!("{}:{port}", nodes[(index + k) % 3]))
+            .collect();
+        assert_eq!(
+            rendered["store"]["url"],
+            format!("mysql://root:@{}/{store}", hosts.join(",")),
+            "instance {index}: every node, its own first"
+        );
+        assert_eq!(
+            rendered["backends"]["mysql"]["url"],
+            format!("mysql://root:@{}", hosts.join(","))
+        );
+        assert_eq!(rendered["listen"]["shutdown_delay_secs"], 3);
+        if index == 0 {
+            let file = dir.path().join("linked.yml");
+            std::fs::write(&file, &config).unwrap();
+            let (ok, said) = check(&file, dir.path());
+            assert!(ok, "{said}");
+            assert!(said.contains("ok    store"), "{said}");
+        }
+    }
+
+    // Credentials are URL-encoded; an explicit URL wins over the link.
+    let mut odd = props.clone();
+    odd["brokerage"]["store"]["password"] = json!("p@ss:w/rd");
+    let links = json!({"store": cluster});
+    let rendered = |props: &Value| -> Value {
+        let config = render(
+            "brokerage",
+            "brokerage.yml.erb",
+            props,
+            Some(&links),
+            dir.path(),
+        );
+        serde_yaml::from_str(&config.unwrap()).unwrap()
+    };
+    let rendered_odd = rendered(&odd);
+    assert!(rendered_odd["store"]["url"]
+        .as_str()
+        .unwrap()
+        .starts_with("mysql://root:p%40ss%3Aw%2Frd@"));
+    assert!(
+        rendered_odd["backends"]["mysql"].is_null(),
+        "no backend without its link or URL"
+    );
+    odd["brokerage"]["store"]["url"] = json!("mysql://u:p@db.example.com:3306/s");
+    let rendered_odd = rendered(&odd);
+    assert_eq!(
+        rendered_odd["store"]["url"],
+        "mysql://u:p@db.example.com:3306/s"
+    );
+
+    // Neither a URL nor the link: the rendering fails and says what is missing.
+    let err = render("brokerage", "brokerage.yml.erb", &props, None, dir.path()).unwrap_err();
+    assert!(
+        err.contains("brokerage.store.url or the store link"),
+        "{err}"
+    );
+}
+
 #[test]
 fn the_errands_render_valid_scripts() {
     let dir = tempfile::tempdir().unwrap();
@@ -272,12 +374,29 @@ fn the_errands_render_valid_scripts() {
     assert!(script.contains("delete-service-broker"));
 }
 
-/// Dotted property names a job's spec declares.
-fn declared(job: &str) -> BTreeSet<String> {
-    let spec: serde_yaml::Value = serde_yaml::from_str(
+fn job_spec(job: &str) -> serde_yaml::Value {
+    serde_yaml::from_str(
         &std::fs::read_to_string(release().join(format!("jobs/{job}/spec"))).unwrap(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// The links a job's spec consumes.
+fn consumed(job: &str) -> BTreeSet<String> {
+    job_spec(job)["consumes"]
+        .as_sequence()
+        .map(|links| {
+            links
+                .iter()
+                .filter_map(|l| l["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Dotted property names a job's spec declares.
+fn declared(job: &str) -> BTreeSet<String> {
+    let spec = job_spec(job);
     spec["properties"]
         .as_mapping()
         .map(|m| {
@@ -327,6 +446,12 @@ fn check_job(job: &serde_yaml::Value, where_: &str, problems: &mut Vec<String>) 
     undeclared("", &job["properties"], &declared(name), &mut missing);
     for m in missing.into_iter().filter(|m| !m.is_empty()) {
         problems.push(format!("{where_}: {name} sets undeclared property {m}"));
+    }
+    for link in job["consumes"].as_mapping().into_iter().flatten() {
+        let link = link.0.as_str().unwrap();
+        if !consumed(name).contains(link) {
+            problems.push(format!("{where_}: {name} consumes undeclared link {link}"));
+        }
     }
 }
 
@@ -388,7 +513,16 @@ fn manifests_and_ops_files_are_v2_and_reference_only_what_the_release_has() {
         .collect();
     assert!(variables.contains("broker_password"));
 
-    for ops in ["external-mysql-store.yml", "route-registrar.yml", "tls.yml"] {
+    assert_eq!(
+        brokers["jobs"][1]["consumes"]["store"]["from"], "mysql",
+        "the store's nodes come from pxc-mysql's link"
+    );
+    for ops in [
+        "external-mysql-store.yml",
+        "galera-fleet.yml",
+        "route-registrar.yml",
+        "tls.yml",
+    ] {
         let text =
             std::fs::read_to_string(release().join("manifests/operations").join(ops)).unwrap();
         let ops_list: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
@@ -398,6 +532,14 @@ fn manifests_and_ops_files_are_v2_and_reference_only_what_the_release_has() {
             assert!(matches!(kind, "replace" | "remove"), "{ops}: {kind}");
             assert!(path.starts_with('/'), "{ops}: {path}");
             assert_eq!(kind == "replace", !op["value"].is_null(), "{ops}: {path}");
+            // Links our job consumes must be declared by it.
+            let consumes = "/instance_groups/name=brokerage/jobs/name=brokerage/consumes/";
+            if let Some(link) = path.strip_prefix(consumes) {
+                let link = link.trim_end_matches('?');
+                if !consumed("brokerage").contains(link) {
+                    problems.push(format!("{ops}: undeclared link {link}"));
+                }
+            }
             // Properties set on our job must be declared by it.
             let prefix = "/instance_groups/name=brokerage/jobs/name=brokerage/properties/";
             if let Some(rest) = path.strip_prefix(prefix) {
