@@ -9,7 +9,7 @@ use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use upstreams::osb;
 
-use crate::config::{is_cli_name, ServiceConfig};
+use crate::config::{is_cli_name, PlanConfig, ServiceConfig};
 
 /// What a backend may use of a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,8 +58,11 @@ pub struct LocalPlan {
     pub limits: PlanLimits,
     pub asynchronous: bool,
     /// The JSON Schemas the catalog publishes for parameters, compiled once.
-    schemas: Arc<HashMap<ParametersOf, (jsonschema::Validator, Vec<String>)>>,
+    schemas: Arc<HashMap<ParametersOf, Schema>>,
 }
+
+/// A compiled parameter schema and the parameters it declares.
+type Schema = (jsonschema::Validator, Vec<String>);
 
 impl std::fmt::Debug for LocalPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -164,6 +167,104 @@ const BACKENDS: &[&str] = &[
     "logs",
 ];
 
+/// One service's own checks: ids and names fit for the CLI, a description, a known and
+/// configured backend, and a dashboard client no other service uses.
+fn check_service(
+    key: &str,
+    s: &ServiceConfig,
+    configured_backends: &[&str],
+    dashboard_ids: &mut HashSet<String>,
+) -> anyhow::Result<()> {
+    let w = &s.service;
+    check_id(&format!("{key}.id"), &w.id)?;
+    check_name(&format!("{key}.name"), &w.name)?;
+    if w.description.trim().is_empty() {
+        bail!("{key}.description: must not be empty");
+    }
+    if !BACKENDS.contains(&s.backend.as_str()) {
+        bail!(
+            "{key}.backend: {:?} is not a backend Brokerage has (known: {})",
+            s.backend,
+            BACKENDS.join(", ")
+        );
+    }
+    if !configured_backends.contains(&s.backend.as_str()) {
+        bail!(
+            "{key}.backend: {0} is used but backends.{0} is not configured",
+            s.backend
+        );
+    }
+    if let Some(dc) = &w.dashboard_client {
+        if dc.id.is_empty() || dc.secret.is_empty() {
+            bail!("{key}.dashboard_client: id and secret must not be empty");
+        }
+        if !dashboard_ids.insert(dc.id.clone()) {
+            bail!("{key}.dashboard_client.id: {:?} is used twice", dc.id);
+        }
+    }
+    Ok(())
+}
+
+/// A plan's limits, each required where its backend enforces it.
+fn plan_limits(pkey: &str, p: &PlanConfig, backend: &str) -> anyhow::Result<PlanLimits> {
+    let logs = backend == "logs";
+    let max_storage_mb = match p.max_storage_mb.filter(|v| *v > 0) {
+        Some(mb) => mb,
+        None if logs => 0,
+        None => bail!("{pkey}.max_storage_mb: required, a positive number of megabytes"),
+    };
+    let positive = |value: Option<u64>, key: &str| match value {
+        Some(v) if v > 0 => Ok(v),
+        _ if !logs => Ok(0),
+        _ => Err(anyhow::anyhow!(
+            "{pkey}.{key}: required by logs, a positive number"
+        )),
+    };
+    let max_log_lines = positive(p.max_log_lines, "max_log_lines")?;
+    let max_log_bytes = positive(p.max_log_bytes, "max_log_bytes")?;
+    let max_user_connections = match p.max_user_connections {
+        Some(n) if n > 0 => n,
+        Some(_) => bail!("{pkey}.max_user_connections: must be positive"),
+        None if backend == "mysql" => {
+            bail!("{pkey}.max_user_connections: required by mysql, a positive number")
+        }
+        None => 0,
+    };
+    Ok(PlanLimits {
+        max_storage_mb,
+        max_user_connections,
+        purge_on_deprovision: p.purge_on_deprovision,
+        max_log_lines,
+        max_log_bytes,
+    })
+}
+
+/// A plan's parameter schemas, compiled, each with the parameters it declares.
+fn plan_schemas(pkey: &str, p: &PlanConfig) -> anyhow::Result<HashMap<ParametersOf, Schema>> {
+    let mut schemas = HashMap::new();
+    for of in ParametersOf::ALL {
+        let [a, b, c] = of.path();
+        let Some(schema) = p
+            .plan
+            .schemas
+            .as_ref()
+            .and_then(|s| s.get(a)?.get(b)?.get(c))
+        else {
+            continue;
+        };
+        let validator = jsonschema::validator_for(schema).map_err(|e| {
+            anyhow::anyhow!("{pkey}.schemas.{a}.{b}.{c}: not a valid JSON Schema: {e}")
+        })?;
+        let declared = schema
+            .get("properties")
+            .and_then(|p| p.as_object())
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        schemas.insert(of, (validator, declared));
+    }
+    Ok(schemas)
+}
+
 impl LocalCatalog {
     /// Validates the configured services: unique ids and names, CLI-friendly names, every
     /// plan's limits present, a known backend that is configured.
@@ -180,37 +281,12 @@ impl LocalCatalog {
         for (i, s) in services.iter().enumerate() {
             let key = format!("catalog.services[{i}]");
             let w = &s.service;
-            check_id(&format!("{key}.id"), &w.id)?;
-            check_name(&format!("{key}.name"), &w.name)?;
+            check_service(&key, s, &configured_backends, &mut dashboard_ids)?;
             if !ids.insert(w.id.clone()) {
                 bail!("{key}.id: {:?} is used twice", w.id);
             }
             if !names.insert(w.name.clone()) {
                 bail!("{key}.name: {:?} is used twice", w.name);
-            }
-            if w.description.trim().is_empty() {
-                bail!("{key}.description: must not be empty");
-            }
-            if !BACKENDS.contains(&s.backend.as_str()) {
-                bail!(
-                    "{key}.backend: {:?} is not a backend Brokerage has (known: {})",
-                    s.backend,
-                    BACKENDS.join(", ")
-                );
-            }
-            if !configured_backends.contains(&s.backend.as_str()) {
-                bail!(
-                    "{key}.backend: {0} is used but backends.{0} is not configured",
-                    s.backend
-                );
-            }
-            if let Some(dc) = &w.dashboard_client {
-                if dc.id.is_empty() || dc.secret.is_empty() {
-                    bail!("{key}.dashboard_client: id and secret must not be empty");
-                }
-                if !dashboard_ids.insert(dc.id.clone()) {
-                    bail!("{key}.dashboard_client.id: {:?} is used twice", dc.id);
-                }
             }
             if s.plans.is_empty() {
                 bail!("{key}.plans: a service needs at least one plan");
@@ -227,63 +303,11 @@ impl LocalCatalog {
                 if !plan_names.insert(p.plan.name.clone()) {
                     bail!("{pkey}.name: {:?} is used twice in {}", p.plan.name, w.name);
                 }
-                let logs = s.backend == "logs";
-                let max_storage_mb = match p.max_storage_mb.filter(|v| *v > 0) {
-                    Some(mb) => mb,
-                    None if logs => 0,
-                    None => {
-                        bail!("{pkey}.max_storage_mb: required, a positive number of megabytes")
-                    }
-                };
-                let positive = |value: Option<u64>, key: &str| match value {
-                    Some(v) if v > 0 => Ok(v),
-                    _ if !logs => Ok(0),
-                    _ => Err(anyhow::anyhow!(
-                        "{pkey}.{key}: required by logs, a positive number"
-                    )),
-                };
-                let max_log_lines = positive(p.max_log_lines, "max_log_lines")?;
-                let max_log_bytes = positive(p.max_log_bytes, "max_log_bytes")?;
-                let max_user_connections = match p.max_user_connections {
-                    Some(n) if n > 0 => n,
-                    Some(_) => bail!("{pkey}.max_user_connections: must be positive"),
-                    None if s.backend == "mysql" => {
-                        bail!("{pkey}.max_user_connections: required by mysql, a positive number")
-                    }
-                    None => 0,
-                };
-                let mut schemas = HashMap::new();
-                for of in ParametersOf::ALL {
-                    let [a, b, c] = of.path();
-                    let Some(schema) = p
-                        .plan
-                        .schemas
-                        .as_ref()
-                        .and_then(|s| s.get(a)?.get(b)?.get(c))
-                    else {
-                        continue;
-                    };
-                    let validator = jsonschema::validator_for(schema).map_err(|e| {
-                        anyhow::anyhow!("{pkey}.schemas.{a}.{b}.{c}: not a valid JSON Schema: {e}")
-                    })?;
-                    let declared = schema
-                        .get("properties")
-                        .and_then(|p| p.as_object())
-                        .map(|p| p.keys().cloned().collect())
-                        .unwrap_or_default();
-                    schemas.insert(of, (validator, declared));
-                }
                 plans.push(LocalPlan {
                     wire: p.plan.clone(),
-                    limits: PlanLimits {
-                        max_storage_mb,
-                        max_user_connections,
-                        purge_on_deprovision: p.purge_on_deprovision,
-                        max_log_lines,
-                        max_log_bytes,
-                    },
+                    limits: plan_limits(&pkey, p, &s.backend)?,
                     asynchronous: p.asynchronous,
-                    schemas: Arc::new(schemas),
+                    schemas: Arc::new(plan_schemas(&pkey, p)?),
                 });
             }
             let mut wire = w.clone();

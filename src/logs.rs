@@ -18,9 +18,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::logs::DRAIN_URL;
 use crate::store::records;
 use crate::store::{BindingRecord, Insert, Link, StateStore, StoreError, Table};
+
+/// The key under which the log backend's bind hands the broker a drain URL; the broker
+/// answers it as the bind's `syslog_drain_url` field.
+pub const DRAIN_URL: &str = "syslog_drain_url";
 
 /// One log line as shown: where it came from and what it said.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -312,7 +312,7 @@ impl Backend for CubridBackend {
         .await
         .map_err(|e| scrub(e, &password))?;
         let (host, port) = (&self.public_host, self.public_port);
-        Ok(object(json!({
+        object(json!({
             "hostname": host,
             "port": port,
             "name": db,
@@ -320,7 +320,7 @@ impl Backend for CubridBackend {
             "password": password,
             "uri": format!("cubrid://{user}:{password}@{host}:{port}/{db}"),
             "jdbcUrl": format!("jdbc:cubrid:{host}:{port}:{db}:::"),
-        })))
+        }))
     }
 
     #[instrument(skip(self), fields(backend = "cubrid"))]

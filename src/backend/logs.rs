@@ -11,13 +11,9 @@ use serde_json::{json, Map, Value};
 
 use super::{Backend, BackendError, Parameters};
 use crate::catalog::PlanLimits;
-use crate::logs::{Logs, Retention};
+use crate::logs::{Logs, Retention, DRAIN_URL};
 use crate::store::records::{self};
 use crate::store::{BindingRecord, StateStore, StoreError};
-
-/// The key under which a backend's bind hands the broker a drain URL; the broker answers
-/// it as the bind's `syslog_drain_url` field.
-pub const DRAIN_URL: &str = "syslog_drain_url";
 
 pub struct LogsBackend {
     logs: Arc<Logs>,
@@ -139,7 +135,7 @@ impl Backend for LogsBackend {
         }
         let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
         let url = format!("{}/drains/{binding_id}/{token}", self.base);
-        Ok(super::object(json!({ DRAIN_URL: url })))
+        super::object(json!({ DRAIN_URL: url }))
     }
 
     async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {

@@ -346,11 +346,14 @@ impl Endpoint {
     }
 }
 
-/// A `json!({...})` literal as the map credentials are.
-pub(crate) fn object(value: Value) -> Map<String, Value> {
+/// Credentials built as JSON, as the map a binding holds; anything but an object is the
+/// backend's own failure.
+pub(crate) fn object(value: Value) -> Result<Map<String, Value>, BackendError> {
     match value {
-        Value::Object(map) => map,
-        _ => unreachable!("credentials are built from object literals"),
+        Value::Object(map) => Ok(map),
+        _ => Err(BackendError::Failed(
+            "the backend built credentials that are not a JSON object".into(),
+        )),
     }
 }
 

@@ -210,7 +210,7 @@ impl Backend for MongodbBackend {
             "username": user,
             "password": password,
         });
-        Ok(object(credentials))
+        object(credentials)
     }
 
     #[instrument(skip(self), fields(backend = "mongodb"))]

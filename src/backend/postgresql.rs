@@ -388,7 +388,7 @@ impl Backend for PostgresqlBackend {
             "jdbcUrl": format!(
                 "jdbc:postgresql://{host}:{port}/{db}?user={user}&password={password}{jdbc_tls}"
             ),
-        }));
+        }))?;
         if let Some(ca) = &self.at.ca_certificate {
             credentials.insert("ca_certificate".into(), json!(ca));
         }

@@ -602,7 +602,7 @@ impl Backend for RedisBackend {
             "key_prefix": prefix,
             "tls": self.tls,
             "uri": format!("{scheme}://{user}:{password}@{host}:{port}"),
-        }));
+        }))?;
         if let Some(ca) = &self.at.ca_certificate {
             credentials.insert("ca_certificate".into(), json!(ca));
         }

@@ -481,7 +481,7 @@ impl Backend for SwiftBackend {
             "account": account,
             "uri": uri,
         });
-        Ok(object(credentials))
+        object(credentials)
     }
 
     #[instrument(skip(self), fields(backend = "swift"))]

@@ -2,19 +2,20 @@
 //! answer path as instances ([`super::operation`]). A binding is inserted only while its
 //! instance is still at the version the binder read, so it cannot race a deprovision.
 
-use upstreams::osb::{BindRequest, BindingResponse};
+use serde_json::Value;
+use upstreams::osb::{BindRequest, BindingResponse, DeleteResponse};
 use upstreams::Method;
 
-use super::operation::{failed, in_flight, At, Outcome, Reply};
+use super::operation::{failed, in_flight, to_value, At, Outcome, Reply, Resource};
 use super::{check_id, check_parameters, required, BackendRef, Broker, CallContext};
-use crate::backend::logs::DRAIN_URL;
 use crate::backend::BackendError;
 use crate::catalog::ParametersOf;
 use crate::error::OsbError;
+use crate::logs::DRAIN_URL;
 use crate::store::records::{self, Stored};
 use crate::store::{BindingRecord, OpKind, OpState, StateStore};
 
-pub(super) fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
+fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
     e.instance_id == r.instance_id
         && e.service_id == r.service_id
         && e.plan_id == r.plan_id
@@ -24,7 +25,7 @@ pub(super) fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
 }
 
 /// The answer to a local bind: the credentials the backend handed out.
-pub(super) fn bound(record: &BindingRecord, status: u16) -> Option<Reply> {
+fn bound(record: &BindingRecord, status: u16) -> Option<Reply> {
     let answer = handed_out(record.credentials.clone()?);
     Some(Reply::of(status, &answer))
 }
@@ -40,6 +41,27 @@ fn handed_out(mut credentials: serde_json::Map<String, serde_json::Value>) -> Bi
         credentials: Some(credentials),
         syslog_drain_url,
         ..Default::default()
+    }
+}
+
+impl Resource for BindingRecord {
+    fn same_request(&self, other: &Self) -> bool {
+        same_binding(self, other)
+    }
+
+    fn done(&self) -> Option<Reply> {
+        bound(self, 200)
+    }
+
+    fn accepted_body(&self, operation: String) -> Value {
+        let operation = Some(operation);
+        match self.operation.kind {
+            OpKind::Unbind => to_value(&DeleteResponse { operation }),
+            _ => to_value(&BindingResponse {
+                operation,
+                ..Default::default()
+            }),
+        }
     }
 }
 

@@ -2,11 +2,12 @@
 //! claims, acts and records through [`super::operation`]; the act is the local backend's
 //! work or, for an upstream-owned service, [`Broker::forward`].
 
-use upstreams::osb::{InstanceDetails, InstanceResponse, MaintenanceInfo};
+use serde_json::Value;
+use upstreams::osb::{DeleteResponse, InstanceDetails, InstanceResponse, MaintenanceInfo};
 use upstreams::osb::{ProvisionRequest, UpdateRequest};
 use upstreams::Method;
 
-use super::operation::{failed, in_flight, At, Claim, Outcome, Reply};
+use super::operation::{failed, in_flight, to_value, At, Claim, Outcome, Reply, Resource};
 use super::{check_id, check_maintenance, check_parameters, required, Broker, CallContext};
 use crate::backend;
 use crate::catalog::{LocalService, ParametersOf};
@@ -15,7 +16,7 @@ use crate::federation::Route;
 use crate::store::records::{self, Stored};
 use crate::store::{InstanceRecord, OpKind, OpState, Table, UpstreamRef};
 
-pub(super) fn same_instance(e: &InstanceRecord, r: &InstanceRecord) -> bool {
+fn same_instance(e: &InstanceRecord, r: &InstanceRecord) -> bool {
     e.service_id == r.service_id
         && e.plan_id == r.plan_id
         && e.organization_guid == r.organization_guid
@@ -34,8 +35,29 @@ fn provisioned(record: &InstanceRecord, status: u16) -> Reply {
     )
 }
 
-pub(super) fn done_instance(e: &InstanceRecord) -> Option<Reply> {
+fn done_instance(e: &InstanceRecord) -> Option<Reply> {
     e.provisioned.then(|| provisioned(e, 200))
+}
+
+impl Resource for InstanceRecord {
+    fn same_request(&self, other: &Self) -> bool {
+        same_instance(self, other)
+    }
+
+    fn done(&self) -> Option<Reply> {
+        done_instance(self)
+    }
+
+    fn accepted_body(&self, operation: String) -> Value {
+        let operation = Some(operation);
+        match self.operation.kind {
+            OpKind::Deprovision => to_value(&DeleteResponse { operation }),
+            _ => to_value(&InstanceResponse {
+                dashboard_url: self.dashboard_url.clone(),
+                operation,
+            }),
+        }
+    }
 }
 
 impl Broker {

@@ -15,13 +15,13 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde_json::Value;
-use upstreams::osb::{BindingResponse, DeleteResponse, InstanceResponse};
+use upstreams::osb::DeleteResponse;
 
 use super::{Broker, OperationToken};
 use crate::backend::BackendError;
 use crate::error::OsbError;
 use crate::store::records::{self, Inserted, Record, Stored};
-use crate::store::{BindingRecord, InstanceRecord, OpKind, OpState, OperationRecord, Table};
+use crate::store::{OpKind, OpState, OperationRecord, Table};
 
 /// A successful answer: the status, the JSON body and, for polls, `Retry-After`.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,49 +103,8 @@ pub(super) trait Resource: Record + Clone + 'static {
     fn done(&self) -> Option<Reply>;
 }
 
-impl Resource for InstanceRecord {
-    fn same_request(&self, other: &Self) -> bool {
-        super::instances::same_instance(self, other)
-    }
-
-    fn done(&self) -> Option<Reply> {
-        super::instances::done_instance(self)
-    }
-
-    fn accepted_body(&self, operation: String) -> Value {
-        let operation = Some(operation);
-        match self.operation.kind {
-            OpKind::Deprovision => to_value(&DeleteResponse { operation }),
-            _ => to_value(&InstanceResponse {
-                dashboard_url: self.dashboard_url.clone(),
-                operation,
-            }),
-        }
-    }
-}
-
-impl Resource for BindingRecord {
-    fn same_request(&self, other: &Self) -> bool {
-        super::bindings::same_binding(self, other)
-    }
-
-    fn done(&self) -> Option<Reply> {
-        super::bindings::bound(self, 200)
-    }
-
-    fn accepted_body(&self, operation: String) -> Value {
-        let operation = Some(operation);
-        match self.operation.kind {
-            OpKind::Unbind => to_value(&DeleteResponse { operation }),
-            _ => to_value(&BindingResponse {
-                operation,
-                ..Default::default()
-            }),
-        }
-    }
-}
-
-fn to_value(answer: &impl Serialize) -> Value {
+/// An answer as the JSON a [`Reply`] carries.
+pub(super) fn to_value(answer: &impl Serialize) -> Value {
     serde_json::to_value(answer).expect("OSB answers serialize")
 }
 

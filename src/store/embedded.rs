@@ -108,7 +108,7 @@ mod private {
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
-    writes: std::sync::mpsc::Sender<Queued>,
+    writes: std::sync::mpsc::Sender<Box<dyn Queued>>,
     committer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -124,36 +124,56 @@ impl Drop for EmbeddedStore {
     }
 }
 
-/// A change waiting for the committer, and where its outcome goes.
-type Queued = (
-    Change,
-    tokio::sync::oneshot::Sender<Result<Changed, StoreError>>,
-);
-
-enum Change {
-    Insert {
-        table: Table,
-        id: String,
-        parent: Option<(String, u64)>,
-        group: String,
-        doc: Vec<u8>,
-    },
-    Replace {
-        table: Table,
-        id: String,
-        version: u64,
-        doc: Vec<u8>,
-    },
-    Remove {
-        table: Table,
-        id: String,
-        version: u64,
-    },
+/// A change waiting for the committer: applied in its group's write transaction, then
+/// answered once that transaction is durable, or failed with it.
+trait Queued: Send {
+    fn apply(&mut self, txn: &WriteTransaction) -> Result<(), redb::Error>;
+    /// Sends the outcome, or `failure` (the group's transaction did not commit).
+    fn answer(self: Box<Self>, failure: Option<&str>);
 }
 
-enum Changed {
-    Inserted(Insert),
-    Done(bool),
+/// One change and its caller, typed by what the change answers.
+struct Job<T, F> {
+    work: F,
+    outcome: Option<T>,
+    reply: tokio::sync::oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Queued for Job<T, F>
+where
+    T: Send,
+    F: FnMut(&WriteTransaction) -> Result<T, redb::Error> + Send,
+{
+    fn apply(&mut self, txn: &WriteTransaction) -> Result<(), redb::Error> {
+        self.outcome = Some((self.work)(txn)?);
+        Ok(())
+    }
+
+    fn answer(self: Box<Self>, failure: Option<&str>) {
+        let answer = match (failure, self.outcome) {
+            (None, Some(outcome)) => Ok(outcome),
+            (failure, _) => Err(StoreError::Unavailable(
+                failure
+                    .unwrap_or("the change's transaction did not commit")
+                    .to_string(),
+            )),
+        };
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// What a new record hangs under: the instance of a binding (at the version read), or the
+/// service of a local instance. The documents' tables store it as the parent column, empty
+/// for neither.
+enum Owner {
+    None,
+    Parent(String, u64),
+    Group(String),
+}
+
+/// The parent column's value: `None` for the empty string the tables store for none.
+fn owner_of(column: &str) -> Option<&str> {
+    Some(column).filter(|c| !c.is_empty())
 }
 
 /// Stores written before instances were grouped: each instance of a local service (one
@@ -194,7 +214,7 @@ const MAX_GROUP: usize = 1024;
 
 /// Takes every change waiting, applies them in order in one write transaction, commits
 /// (one fsync), then answers each. A failed commit fails every change in it.
-fn committer(db: Arc<Database>, queue: std::sync::mpsc::Receiver<Queued>) {
+fn committer(db: Arc<Database>, queue: std::sync::mpsc::Receiver<Box<dyn Queued>>) {
     while let Ok(first) = queue.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -205,54 +225,24 @@ fn committer(db: Arc<Database>, queue: std::sync::mpsc::Receiver<Queued>) {
         }
         let applied = (|| {
             let txn = db.begin_write()?;
-            let outcomes = group
-                .iter()
-                .map(|(change, _)| apply(&txn, change))
-                .collect::<Result<Vec<_>, redb::Error>>()?;
+            for change in group.iter_mut() {
+                change.apply(&txn)?;
+            }
             txn.commit()?;
-            Ok::<_, redb::Error>(outcomes)
+            Ok::<_, redb::Error>(())
         })();
-        match applied {
-            Ok(outcomes) => {
-                for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                let message = e.to_string();
-                for (_, reply) in group {
-                    let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
-                }
-            }
+        let failure = applied.err().map(|e| e.to_string());
+        for change in group {
+            change.answer(failure.as_deref());
         }
     }
-}
-
-fn apply(txn: &WriteTransaction, change: &Change) -> Result<Changed, redb::Error> {
-    Ok(match change {
-        Change::Insert {
-            table,
-            id,
-            parent,
-            group,
-            doc,
-        } => Changed::Inserted(insert(txn, *table, id, parent.as_ref(), group, doc)?),
-        Change::Replace {
-            table,
-            id,
-            version,
-            doc,
-        } => Changed::Done(replace(txn, *table, id, *version, doc)?),
-        Change::Remove { table, id, version } => Changed::Done(remove(txn, *table, id, *version)?),
-    })
 }
 
 fn insert(
     txn: &WriteTransaction,
     table: Table,
     id: &str,
-    parent: Option<&(String, u64)>,
-    group: &str,
+    owner: &Owner,
     doc: &[u8],
 ) -> Result<Insert, redb::Error> {
     let mut t = txn.open_table(docs(table))?;
@@ -266,21 +256,27 @@ fn insert(
     if let Some(existing) = existing {
         return Ok(Insert::Exists(existing));
     }
-    if let Some((pid, pversion)) = parent {
+    if let Owner::Parent(pid, pversion) = owner {
         let instances = txn.open_table(INSTANCES)?;
         let current = instances.get(pid.as_str())?.map(|v| v.value().0);
         if current != Some(*pversion) {
             return Ok(Insert::ParentChanged);
         }
     }
-    let pid = parent.map(|(p, _)| p.as_str()).unwrap_or(group);
-    t.insert(id, (1u64, pid, doc))?;
-    if parent.is_some() {
-        let mut index = txn.open_table(BINDINGS_BY_INSTANCE)?;
-        index.insert((pid, id), ())?;
-    } else if !group.is_empty() {
-        let mut index = txn.open_table(INSTANCES_BY_GROUP)?;
-        index.insert((group, id), ())?;
+    match owner {
+        Owner::None => {
+            t.insert(id, (1u64, "", doc))?;
+        }
+        Owner::Parent(pid, _) => {
+            t.insert(id, (1u64, pid.as_str(), doc))?;
+            let mut index = txn.open_table(BINDINGS_BY_INSTANCE)?;
+            index.insert((pid.as_str(), id), ())?;
+        }
+        Owner::Group(group) => {
+            t.insert(id, (1u64, group.as_str(), doc))?;
+            let mut index = txn.open_table(INSTANCES_BY_GROUP)?;
+            index.insert((group.as_str(), id), ())?;
+        }
     }
     Ok(Insert::Inserted)
 }
@@ -323,11 +319,15 @@ fn remove(
     };
     t.remove(id)?;
     let mut index = txn.open_table(BINDINGS_BY_INSTANCE)?;
-    if table == Table::Instances && !parent.is_empty() {
-        let mut groups = txn.open_table(INSTANCES_BY_GROUP)?;
-        groups.remove((parent.as_str(), id))?;
-    } else if !parent.is_empty() {
-        index.remove((parent.as_str(), id))?;
+    match owner_of(&parent) {
+        Some(group) if table == Table::Instances => {
+            let mut groups = txn.open_table(INSTANCES_BY_GROUP)?;
+            groups.remove((group, id))?;
+        }
+        Some(instance) => {
+            index.remove((instance, id))?;
+        }
+        None => {}
     }
     if table == Table::Instances {
         let mut bindings = txn.open_table(BINDINGS)?;
@@ -401,10 +401,18 @@ impl EmbeddedStore {
     }
 
     /// Queues a change for the committer and waits until it is durable.
-    async fn change(&self, change: Change) -> Result<Changed, StoreError> {
+    async fn change<T: Send + 'static>(
+        &self,
+        work: impl FnMut(&WriteTransaction) -> Result<T, redb::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
+        let job = Job {
+            work,
+            outcome: None,
+            reply,
+        };
         self.writes
-            .send((change, reply))
+            .send(Box::new(job))
             .map_err(|_| unavailable("the store's committer has stopped"))?;
         outcome
             .await
@@ -461,23 +469,14 @@ impl StateStore for EmbeddedStore {
         link: Link<'_>,
         doc: &[u8],
     ) -> Result<Insert, StoreError> {
-        let change = Change::Insert {
-            table,
-            id: id.to_string(),
-            parent: match link {
-                Link::Parent(p, v) => Some((p.to_string(), v)),
-                _ => None,
-            },
-            group: match link {
-                Link::Group(group) => group.to_string(),
-                _ => String::new(),
-            },
-            doc: doc.to_vec(),
+        let owner = match link {
+            Link::None => Owner::None,
+            Link::Parent(p, v) => Owner::Parent(p.to_string(), v),
+            Link::Group(group) => Owner::Group(group.to_string()),
         };
-        match self.change(change).await? {
-            Changed::Inserted(outcome) => Ok(outcome),
-            Changed::Done(_) => unreachable!("an insert answers Inserted"),
-        }
+        let (id, doc) = (id.to_string(), doc.to_vec());
+        self.change(move |txn| insert(txn, table, &id, &owner, &doc))
+            .await
     }
 
     async fn replace(
@@ -487,28 +486,15 @@ impl StateStore for EmbeddedStore {
         version: u64,
         doc: &[u8],
     ) -> Result<bool, StoreError> {
-        let change = Change::Replace {
-            table,
-            id: id.to_string(),
-            version,
-            doc: doc.to_vec(),
-        };
-        match self.change(change).await? {
-            Changed::Done(swapped) => Ok(swapped),
-            Changed::Inserted(_) => unreachable!("a replace answers Done"),
-        }
+        let (id, doc) = (id.to_string(), doc.to_vec());
+        self.change(move |txn| replace(txn, table, &id, version, &doc))
+            .await
     }
 
     async fn remove(&self, table: Table, id: &str, version: u64) -> Result<bool, StoreError> {
-        let change = Change::Remove {
-            table,
-            id: id.to_string(),
-            version,
-        };
-        match self.change(change).await? {
-            Changed::Done(removed) => Ok(removed),
-            Changed::Inserted(_) => unreachable!("a remove answers Done"),
-        }
+        let id = id.to_string();
+        self.change(move |txn| remove(txn, table, &id, version))
+            .await
     }
 
     async fn page(

@@ -329,8 +329,19 @@ impl Upstream {
                 builder.basic_auth(username, Some(password.expose()))
             }
             AuthSettings::Bearer { token } => builder.bearer_auth(token.expose()),
-            AuthSettings::ClientCredentials { .. } => {
-                let token = self.token(fresh_token).await?;
+            AuthSettings::ClientCredentials {
+                token_url,
+                client_id,
+                client_secret,
+                scopes,
+            } => {
+                let grant = Grant {
+                    token_url,
+                    client_id,
+                    client_secret,
+                    scopes,
+                };
+                let token = self.token(grant, fresh_token).await?;
                 let mut value =
                     HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
                         UpstreamError::Auth {
@@ -440,16 +451,13 @@ impl Upstream {
 
     /// The cached client-credentials token, fetched anew when missing, about to expire, or
     /// refused.
-    async fn token(&self, fresh: bool) -> Result<String, UpstreamError> {
-        let AuthSettings::ClientCredentials {
+    async fn token(&self, grant: Grant<'_>, fresh: bool) -> Result<String, UpstreamError> {
+        let Grant {
             token_url,
             client_id,
             client_secret,
             scopes,
-        } = &self.settings.auth
-        else {
-            unreachable!("only called for client credentials")
-        };
+        } = grant;
         let mut cached = self.token.lock().await;
         if let Some((token, valid_until)) = cached.as_ref() {
             if !fresh && Instant::now() < *valid_until {
@@ -460,10 +468,10 @@ impl Upstream {
             alias: self.settings.alias.clone(),
             detail,
         };
-        let client = BasicClient::new(ClientId::new(client_id.clone()))
+        let client = BasicClient::new(ClientId::new(client_id.to_string()))
             .set_client_secret(ClientSecret::new(client_secret.expose().to_string()))
             .set_token_uri(
-                TokenUrl::new(token_url.clone())
+                TokenUrl::new(token_url.to_string())
                     .map_err(|e| auth_error(format!("token_url: {e}")))?,
             );
         let response = client
@@ -512,6 +520,14 @@ fn renew_at(now: Instant, expires_in: Option<Duration>) -> Instant {
 /// The version Brokerage announces upstream when the platform's is not at hand.
 pub fn default_api_version() -> String {
     osb::ApiVersion::CURRENT.to_string()
+}
+
+/// The upstream's client-credentials settings, as a token request reads them.
+struct Grant<'a> {
+    token_url: &'a str,
+    client_id: &'a str,
+    client_secret: &'a crate::settings::Secret,
+    scopes: &'a [String],
 }
 
 #[cfg(test)]
