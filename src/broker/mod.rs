@@ -328,6 +328,9 @@ impl Broker {
 }
 
 #[cfg(test)]
+mod mechanism;
+
+#[cfg(test)]
 mod tests {
     use super::check_id;
 

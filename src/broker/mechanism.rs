@@ -1,0 +1,603 @@
+//! The fast tier: the broker's mechanism (claim, act, record, answer) in process, with a
+//! fake backend and the embedded store in memory. Each test plays a call sequence a
+//! platform, a second caller or a crash produces and checks what the caller is answered,
+//! what the store then holds and what the backend was asked to do. The real backends,
+//! processes and servers are the integration suite's (`tests/`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{json, Map, Value};
+use tokio::sync::Semaphore;
+
+use super::{Broker, CallContext, Reply, Timing};
+use crate::backend::{Backend, BackendError, Backends, Parameters};
+use crate::catalog::{LocalCatalog, PlanLimits};
+use crate::config::{Config, ServiceConfig};
+use crate::error::OsbError;
+use crate::federation::Federation;
+use crate::store::records;
+use crate::store::{BindingRecord, EmbeddedStore, InstanceRecord, OpState, StateStore};
+
+/// What the fake backend holds and was asked to do.
+#[derive(Default)]
+struct Fake {
+    /// Instances and bindings it holds, by id, with how often each was made.
+    made: Mutex<BTreeMap<String, u32>>,
+    /// Every call, in order: `provision i1`, `bind b1`, ...
+    calls: Mutex<Vec<String>>,
+    /// The next call's failure.
+    fail_next: Mutex<Option<BackendError>>,
+    /// While set, provisions wait for a permit (a backend that takes its time).
+    gate: Mutex<Option<Arc<Semaphore>>>,
+    /// Set: the next provision never finishes.
+    stall: AtomicBool,
+}
+
+impl Fake {
+    async fn act(&self, call: &str, id: &str) -> Result<(), BackendError> {
+        self.calls.lock().unwrap().push(format!("{call} {id}"));
+        if let Some(e) = self.fail_next.lock().unwrap().take() {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn calls(&self, call: &str) -> usize {
+        let prefix = format!("{call} ");
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with(&prefix))
+            .count()
+    }
+
+    fn holds(&self, id: &str) -> bool {
+        self.made.lock().unwrap().contains_key(id)
+    }
+
+    fn make(&self, id: &str) {
+        *self.made.lock().unwrap().entry(id.to_string()).or_default() += 1;
+    }
+
+    fn remove(&self, id: &str) {
+        self.made.lock().unwrap().remove(id);
+    }
+}
+
+#[async_trait]
+impl Backend for Fake {
+    fn describe(&self) -> String {
+        "the fake backend".into()
+    }
+
+    async fn check(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    async fn provision(
+        &self,
+        instance_id: &str,
+        _limits: PlanLimits,
+        _parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        let gate = self.gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            let _permit = gate.acquire().await.unwrap();
+        }
+        if self.stall.swap(false, Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.act("provision", instance_id).await?;
+        self.make(instance_id);
+        Ok(())
+    }
+
+    async fn update(
+        &self,
+        instance_id: &str,
+        from: PlanLimits,
+        to: PlanLimits,
+        _parameters: Parameters<'_>,
+    ) -> Result<(), BackendError> {
+        let what = format!(
+            "{instance_id} {}->{}",
+            from.max_storage_mb, to.max_storage_mb
+        );
+        self.act("update", &what).await
+    }
+
+    async fn deprovision(
+        &self,
+        instance_id: &str,
+        _limits: PlanLimits,
+    ) -> Result<(), BackendError> {
+        self.act("deprovision", instance_id).await?;
+        self.remove(instance_id);
+        Ok(())
+    }
+
+    async fn bind(
+        &self,
+        _instance_id: &str,
+        binding_id: &str,
+        _limits: PlanLimits,
+        _parameters: Parameters<'_>,
+    ) -> Result<Map<String, Value>, BackendError> {
+        self.act("bind", binding_id).await?;
+        self.make(binding_id);
+        let made = self.made.lock().unwrap()[binding_id];
+        crate::backend::object(json!({"user": binding_id, "password": format!("secret-{made}")}))
+    }
+
+    async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+        self.act("unbind", binding_id).await?;
+        self.remove(binding_id);
+        Ok(())
+    }
+
+    async fn describe_instance(
+        &self,
+        _instance_id: &str,
+        _limits: PlanLimits,
+    ) -> Result<Vec<(String, String)>, BackendError> {
+        Ok(Vec::new())
+    }
+}
+
+const SERVICE: &str = "svc-fake";
+const SMALL: &str = "plan-small";
+const LARGE: &str = "plan-large";
+const SLOW: &str = "plan-async";
+
+/// The catalog: one bindable, plan-updateable service on the `mysql` backend kind (the
+/// fake stands in for it) with a small, a large and an asynchronous plan.
+fn catalog(config: &Config, links: &sso::DashboardLinks) -> LocalCatalog {
+    let services: Vec<ServiceConfig> = serde_yaml::from_str(&format!(
+        "- {{id: {SERVICE}, name: fake, description: d, bindable: true, plan_updateable: true, backend: mysql,
+            plans: [{{id: {SMALL}, name: small, description: d, max_storage_mb: 10, max_user_connections: 2}},
+                    {{id: {LARGE}, name: large, description: d, max_storage_mb: 100, max_user_connections: 5}},
+                    {{id: {SLOW}, name: slow, description: d, max_storage_mb: 10, max_user_connections: 2, asynchronous: true}}]}}"
+    ))
+    .unwrap();
+    LocalCatalog::build(&services, &config.backends, links).unwrap()
+}
+
+/// A broker on `store` whose `mysql` backend is `fake`; operations time out after
+/// `timeout`.
+fn broker_on(store: Arc<dyn StateStore>, fake: Arc<Fake>, timeout: Duration) -> Broker {
+    let config = Config::load(None).unwrap();
+    let links = sso::DashboardLinks::new(&config.broker.external_url).unwrap();
+    let catalog = catalog(&config, &links);
+    let metrics = crate::metrics::Metrics::new();
+    let federation = Arc::new(Federation::new(
+        Vec::new(),
+        catalog.published().clone(),
+        store.clone(),
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+        metrics.clone(),
+    ));
+    let mut backends = Backends::new();
+    backends.insert("mysql".into(), fake as Arc<dyn Backend>);
+    let timing = Timing {
+        operation_timeout: timeout,
+        retry_after_secs: 1,
+    };
+    Broker::new(store, catalog, backends, links, timing, federation, metrics)
+}
+
+fn setup() -> (Broker, Arc<Fake>, Arc<dyn StateStore>) {
+    let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::in_memory().unwrap());
+    let fake = Arc::new(Fake::default());
+    let broker = broker_on(store.clone(), fake.clone(), Duration::from_secs(5));
+    (broker, fake, store)
+}
+
+fn ctx() -> CallContext {
+    CallContext {
+        api_version: "2.17".into(),
+        ..Default::default()
+    }
+}
+
+fn provision_body(plan: &str) -> upstreams::osb::ProvisionRequest {
+    serde_json::from_value(json!({"service_id": SERVICE, "plan_id": plan,
+        "organization_guid": "org", "space_guid": "space"}))
+    .unwrap()
+}
+
+fn bind_body() -> upstreams::osb::BindRequest {
+    serde_json::from_value(json!({"service_id": SERVICE, "plan_id": SMALL, "app_guid": "app"}))
+        .unwrap()
+}
+
+/// The status a call answered, error or not.
+fn status(answer: &Result<Reply, OsbError>) -> u16 {
+    match answer {
+        Ok(reply) => reply.status,
+        Err(e) => e.status(),
+    }
+}
+
+async fn provision(broker: &Broker, id: &str, plan: &str) -> Result<Reply, OsbError> {
+    broker
+        .provision(id, provision_body(plan), false, &ctx())
+        .await
+}
+
+/// Instance `i1` on the small plan with binding `b1`.
+async fn provision_and_bind(broker: &Broker) {
+    assert_eq!(provision(broker, "i1", SMALL).await.unwrap().status, 201);
+    let bound = broker.bind("i1", "b1", bind_body(), false, &ctx()).await;
+    assert_eq!(bound.unwrap().status, 201);
+}
+
+async fn deprovision(broker: &Broker, id: &str) -> Result<Reply, OsbError> {
+    let (service, plan) = (Some(SERVICE.into()), Some(SMALL.into()));
+    broker.deprovision(id, service, plan, false, &ctx()).await
+}
+
+async fn instance(store: &Arc<dyn StateStore>, id: &str) -> Option<InstanceRecord> {
+    records::load::<InstanceRecord>(&**store, id)
+        .await
+        .unwrap()
+        .map(|s| s.record)
+}
+
+async fn binding(store: &Arc<dyn StateStore>, id: &str) -> Option<BindingRecord> {
+    records::load::<BindingRecord>(&**store, id)
+        .await
+        .unwrap()
+        .map(|s| s.record)
+}
+
+#[tokio::test]
+async fn a_repeated_provision_answers_200_with_the_same_body_and_acts_once() {
+    let (broker, fake, store) = setup();
+    let first = provision(&broker, "i1", SMALL).await.unwrap();
+    assert_eq!(first.status, 201);
+    let again = provision(&broker, "i1", SMALL).await.unwrap();
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body, first.body);
+    assert_eq!(fake.calls("provision"), 1);
+    let record = instance(&store, "i1").await.unwrap();
+    assert!(record.provisioned);
+    assert_eq!(record.operation.state, OpState::Succeeded);
+}
+
+#[tokio::test]
+async fn a_provision_with_other_attributes_is_409_and_changes_nothing() {
+    let (broker, fake, store) = setup();
+    provision(&broker, "i1", SMALL).await.unwrap();
+    let before = instance(&store, "i1").await.unwrap();
+    let other = provision(&broker, "i1", LARGE).await;
+    assert_eq!(status(&other), 409);
+    let after = instance(&store, "i1").await.unwrap();
+    assert_eq!(after.plan_id, SMALL);
+    assert_eq!(
+        serde_json::to_value(&after).unwrap(),
+        serde_json::to_value(&before).unwrap()
+    );
+    assert_eq!(fake.calls("provision"), 1);
+}
+
+#[tokio::test]
+async fn bad_requests_are_4xx_and_leave_no_record_and_no_backend_call() {
+    let (broker, fake, store) = setup();
+    let cases: Vec<(&str, Value)> = vec![
+        (
+            "i1",
+            json!({"service_id": "nope", "plan_id": SMALL, "organization_guid": "o", "space_guid": "s"}),
+        ),
+        (
+            "i1",
+            json!({"service_id": SERVICE, "plan_id": "nope", "organization_guid": "o", "space_guid": "s"}),
+        ),
+        (
+            "i1",
+            json!({"service_id": SERVICE, "organization_guid": "o", "space_guid": "s"}),
+        ),
+        (
+            "i1",
+            json!({"plan_id": SMALL, "organization_guid": "o", "space_guid": "s"}),
+        ),
+        (
+            "../etc",
+            json!({"service_id": SERVICE, "plan_id": SMALL, "organization_guid": "o", "space_guid": "s"}),
+        ),
+        (
+            "i1",
+            json!({"service_id": SERVICE, "plan_id": SMALL, "organization_guid": "o", "space_guid": "s",
+                      "parameters": {"undeclared": 1}}),
+        ),
+    ];
+    for (id, body) in cases {
+        let req = serde_json::from_value(body.clone()).unwrap();
+        let answer = broker.provision(id, req, false, &ctx()).await;
+        let code = status(&answer);
+        assert!((400..500).contains(&code), "{body}: {code}");
+        assert!(instance(&store, id).await.is_none(), "{body}: a record");
+    }
+    assert!(fake.calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_backend_failure_is_answered_recorded_and_a_retry_succeeds() {
+    let (broker, fake, store) = setup();
+    *fake.fail_next.lock().unwrap() = Some(BackendError::Rejected("not now".into()));
+    let failed = provision(&broker, "i1", SMALL).await;
+    assert_eq!(status(&failed), 422);
+    assert!(!fake.holds("i1"));
+    if let Some(record) = instance(&store, "i1").await {
+        assert!(!record.provisioned, "a failed provision is not an instance");
+    }
+    let retried = provision(&broker, "i1", SMALL).await.unwrap();
+    assert_eq!(retried.status, 201);
+    assert!(fake.holds("i1"));
+    assert!(instance(&store, "i1").await.unwrap().provisioned);
+}
+
+#[tokio::test]
+async fn a_second_call_on_an_id_in_progress_is_422_or_409_and_the_backend_acts_once() {
+    let (broker, fake, store) = setup();
+    let gate = Arc::new(Semaphore::new(0));
+    *fake.gate.lock().unwrap() = Some(gate.clone());
+    let first = tokio::spawn({
+        let broker = broker.clone();
+        async move { provision(&broker, "i1", SMALL).await }
+    });
+    // The first call has claimed the id once its record is stored.
+    while instance(&store, "i1").await.is_none() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let same = provision(&broker, "i1", SMALL).await;
+    assert_eq!(status(&same), 422, "the same request while it runs");
+    let other = provision(&broker, "i1", LARGE).await;
+    assert_eq!(status(&other), 409, "another request for the id");
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap().unwrap().status, 201);
+    assert_eq!(fake.calls("provision"), 1);
+    assert_eq!(provision(&broker, "i1", SMALL).await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn many_concurrent_identical_provisions_make_one_instance() {
+    let (broker, fake, _store) = setup();
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let broker = broker.clone();
+            tokio::spawn(async move { status(&provision(&broker, "i1", SMALL).await) })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for call in calls {
+        statuses.push(call.await.unwrap());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| matches!(s, 200 | 201 | 422)),
+        "{statuses:?}"
+    );
+    assert_eq!(fake.calls("provision"), 1);
+}
+
+#[tokio::test]
+async fn an_asynchronous_plan_answers_202_and_last_operation_follows_it_to_success() {
+    let (broker, fake, _store) = setup();
+    let refused = provision(&broker, "i1", SLOW).await;
+    assert_eq!(status(&refused), 422, "async plans need accepts_incomplete");
+    assert_eq!(fake.calls("provision"), 0);
+    let gate = Arc::new(Semaphore::new(0));
+    *fake.gate.lock().unwrap() = Some(gate.clone());
+    let accepted = broker
+        .provision("i1", provision_body(SLOW), true, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(accepted.status, 202);
+    let operation = accepted.body["operation"].as_str().map(str::to_string);
+    assert!(operation.is_some(), "{}", accepted.body);
+    let polled = broker
+        .instance_last_operation("i1", operation.clone(), &ctx())
+        .await
+        .unwrap();
+    assert_eq!(polled.body["state"], "in progress");
+    assert!(polled.retry_after.is_some());
+    gate.add_permits(1);
+    let mut state = Value::Null;
+    for _ in 0..200 {
+        let polled = broker
+            .instance_last_operation("i1", operation.clone(), &ctx())
+            .await
+            .unwrap();
+        state = polled.body["state"].clone();
+        if state != "in progress" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(state, "succeeded");
+    assert!(fake.holds("i1"));
+}
+
+#[tokio::test]
+async fn a_repeated_bind_answers_the_same_credentials_and_binds_once() {
+    let (broker, fake, store) = setup();
+    provision(&broker, "i1", SMALL).await.unwrap();
+    let first = broker
+        .bind("i1", "b1", bind_body(), false, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(first.status, 201);
+    assert_eq!(first.body["credentials"]["password"], "secret-1");
+    let again = broker
+        .bind("i1", "b1", bind_body(), false, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body["credentials"], first.body["credentials"]);
+    assert_eq!(fake.calls("bind"), 1);
+    assert!(binding(&store, "b1").await.unwrap().credentials.is_some());
+}
+
+#[tokio::test]
+async fn a_bind_to_a_missing_instance_or_with_a_wrong_service_leaves_nothing() {
+    let (broker, fake, store) = setup();
+    let missing = broker.bind("nope", "b1", bind_body(), false, &ctx()).await;
+    assert!((400..500).contains(&status(&missing)));
+    provision(&broker, "i1", SMALL).await.unwrap();
+    let wrong: upstreams::osb::BindRequest =
+        serde_json::from_value(json!({"service_id": "other", "plan_id": SMALL})).unwrap();
+    let answer = broker.bind("i1", "b1", wrong, false, &ctx()).await;
+    assert!((400..500).contains(&status(&answer)));
+    assert!(binding(&store, "b1").await.is_none());
+    assert_eq!(fake.calls("bind"), 0);
+}
+
+#[tokio::test]
+async fn unbind_removes_the_access_once_and_a_repeat_is_410() {
+    let (broker, fake, store) = setup();
+    provision_and_bind(&broker).await;
+    let ids = || (Some(SERVICE.to_string()), Some(SMALL.to_string()));
+    let (s, p) = ids();
+    let gone = broker
+        .unbind("i1", "b1", s, p, false, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(gone.status, 200);
+    assert!(!fake.holds("b1"));
+    assert!(binding(&store, "b1").await.is_none());
+    let (s, p) = ids();
+    let again = broker.unbind("i1", "b1", s, p, false, &ctx()).await;
+    assert_eq!(status(&again), 410);
+    // A delete the broker holds no record of still asks the backend to remove what may be
+    // left (Cloud Controller's orphan mitigation); the backend finds nothing.
+    assert_eq!(fake.calls("unbind"), 2);
+    assert!(!fake.holds("b1"));
+}
+
+#[tokio::test]
+async fn deprovision_with_bindings_is_refused_and_keeps_everything() {
+    let (broker, fake, store) = setup();
+    provision_and_bind(&broker).await;
+    let refused = deprovision(&broker, "i1").await;
+    assert!(
+        (400..500).contains(&status(&refused)),
+        "{}",
+        status(&refused)
+    );
+    assert!(fake.holds("i1") && fake.holds("b1"));
+    assert!(instance(&store, "i1").await.unwrap().provisioned);
+    assert!(binding(&store, "b1").await.is_some());
+    assert_eq!(fake.calls("deprovision"), 0);
+}
+
+#[tokio::test]
+async fn deprovision_removes_the_instance_and_a_repeat_is_410() {
+    let (broker, fake, store) = setup();
+    provision(&broker, "i1", SMALL).await.unwrap();
+    assert_eq!(deprovision(&broker, "i1").await.unwrap().status, 200);
+    assert!(!fake.holds("i1"));
+    assert!(instance(&store, "i1").await.is_none());
+    assert_eq!(status(&deprovision(&broker, "i1").await), 410);
+    assert_eq!(
+        fake.calls("deprovision"),
+        2,
+        "the repeat is an orphan cleanup too"
+    );
+    // The id is free again.
+    assert_eq!(provision(&broker, "i1", SMALL).await.unwrap().status, 201);
+}
+
+#[tokio::test]
+async fn a_plan_change_hands_the_backend_both_plans_limits_and_records_the_new_plan() {
+    let (broker, fake, store) = setup();
+    provision(&broker, "i1", SMALL).await.unwrap();
+    let update: upstreams::osb::UpdateRequest =
+        serde_json::from_value(json!({"service_id": SERVICE, "plan_id": LARGE})).unwrap();
+    let answer = broker.update("i1", update, false, &ctx()).await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        fake.calls.lock().unwrap().last().unwrap(),
+        "update i1 10->100"
+    );
+    assert_eq!(instance(&store, "i1").await.unwrap().plan_id, LARGE);
+    let fetched = broker.fetch_instance("i1", &ctx()).await.unwrap();
+    assert_eq!(fetched.body["plan_id"], LARGE);
+}
+
+#[tokio::test]
+async fn a_failed_plan_change_keeps_the_old_plan() {
+    let (broker, fake, store) = setup();
+    provision(&broker, "i1", SMALL).await.unwrap();
+    *fake.fail_next.lock().unwrap() = Some(BackendError::Rejected("cannot".into()));
+    let update: upstreams::osb::UpdateRequest =
+        serde_json::from_value(json!({"service_id": SERVICE, "plan_id": LARGE})).unwrap();
+    let answer = broker.update("i1", update, false, &ctx()).await;
+    assert_eq!(status(&answer), 422);
+    let record = instance(&store, "i1").await.unwrap();
+    assert_eq!(record.plan_id, SMALL);
+    assert!(record.provisioned);
+}
+
+#[tokio::test]
+async fn an_operation_past_its_timeout_is_503_leaves_no_record_and_the_orphan_delete_cleans_up() {
+    let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::in_memory().unwrap());
+    let fake = Arc::new(Fake::default());
+    let broker = broker_on(store.clone(), fake.clone(), Duration::from_millis(200));
+    fake.stall.store(true, Ordering::SeqCst);
+    let timed_out = provision(&broker, "i1", SMALL).await;
+    assert_eq!(status(&timed_out), 503);
+    assert!(
+        instance(&store, "i1").await.is_none(),
+        "a synchronous failure is undone"
+    );
+    // Cloud Controller's orphan mitigation: a DELETE of the id the broker does not hold
+    // still asks the backend to remove whatever the attempt may have made.
+    let orphan = deprovision(&broker, "i1").await;
+    assert_eq!(status(&orphan), 410);
+    assert_eq!(fake.calls("deprovision"), 1);
+    let retried = provision(&broker, "i1", SMALL).await.unwrap();
+    assert_eq!(retried.status, 201);
+    assert!(fake.holds("i1"));
+}
+
+#[tokio::test]
+async fn a_crash_between_claim_and_outcome_is_taken_over_by_another_process() {
+    let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::in_memory().unwrap());
+    let timeout = Duration::from_millis(200);
+    let first_fake = Arc::new(Fake::default());
+    let first = broker_on(store.clone(), first_fake.clone(), timeout);
+    first_fake.stall.store(true, Ordering::SeqCst);
+    // The first process claims the id, then dies before its outcome is recorded.
+    let call = tokio::spawn(async move { provision(&first, "i1", SMALL).await });
+    while instance(&store, "i1").await.is_none() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    call.abort();
+    let _ = call.await;
+    let claimed = instance(&store, "i1").await.unwrap();
+    assert_eq!(claimed.operation.state, OpState::InProgress);
+
+    // Another process on the same store: the claim holds until its lease runs out.
+    let fake = Arc::new(Fake::default());
+    let second = broker_on(store.clone(), fake.clone(), timeout);
+    assert_eq!(status(&provision(&second, "i1", SMALL).await), 422);
+    assert_eq!(fake.calls("provision"), 0);
+    let lease = timeout + Duration::from_secs(crate::backend::LINGER_SECS);
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    let taken = provision(&second, "i1", SMALL).await.unwrap();
+    assert_eq!(taken.status, 201);
+    // The takeover cleaned up whatever the first attempt may have made, then made it.
+    let calls = fake.calls.lock().unwrap().clone();
+    assert_eq!(calls, vec!["deprovision i1", "provision i1"], "{calls:?}");
+    assert!(instance(&store, "i1").await.unwrap().provisioned);
+}
