@@ -9,7 +9,7 @@ use anyhow::bail;
 use serde::{Deserialize, Serialize};
 use upstreams::osb;
 
-use crate::config::{is_cli_name, PlanConfig, ServiceConfig};
+use crate::config::{is_cli_name, BackendKind, PlanConfig, ServiceConfig};
 
 /// What a backend may use of a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,7 +122,7 @@ impl LocalPlan {
 #[derive(Debug, Clone)]
 pub struct LocalService {
     pub wire: osb::Service,
-    pub backend: String,
+    pub backend: BackendKind,
     pub refuse_deprovision_with_bindings: bool,
     pub bindings_require_app: bool,
     pub plans: Vec<LocalPlan>,
@@ -156,23 +156,12 @@ pub struct LocalCatalog {
     published: Arc<osb::Catalog>,
 }
 
-/// The backends Brokerage knows, with the plan limits each needs.
-const BACKENDS: &[&str] = &[
-    "mysql",
-    "mongodb",
-    "swift",
-    "cubrid",
-    "postgresql",
-    "redis",
-    "logs",
-];
-
 /// One service's own checks: ids and names fit for the CLI, a description, a known and
 /// configured backend, and a dashboard client no other service uses.
 fn check_service(
     key: &str,
     s: &ServiceConfig,
-    configured_backends: &[&str],
+    configured_backends: &[BackendKind],
     dashboard_ids: &mut HashSet<String>,
 ) -> anyhow::Result<()> {
     let w = &s.service;
@@ -181,14 +170,7 @@ fn check_service(
     if w.description.trim().is_empty() {
         bail!("{key}.description: must not be empty");
     }
-    if !BACKENDS.contains(&s.backend.as_str()) {
-        bail!(
-            "{key}.backend: {:?} is not a backend Brokerage has (known: {})",
-            s.backend,
-            BACKENDS.join(", ")
-        );
-    }
-    if !configured_backends.contains(&s.backend.as_str()) {
+    if !configured_backends.contains(&s.backend) {
         bail!(
             "{key}.backend: {0} is used but backends.{0} is not configured",
             s.backend
@@ -206,8 +188,8 @@ fn check_service(
 }
 
 /// A plan's limits, each required where its backend enforces it.
-fn plan_limits(pkey: &str, p: &PlanConfig, backend: &str) -> anyhow::Result<PlanLimits> {
-    let logs = backend == "logs";
+fn plan_limits(pkey: &str, p: &PlanConfig, backend: BackendKind) -> anyhow::Result<PlanLimits> {
+    let logs = backend == BackendKind::Logs;
     let max_storage_mb = match p.max_storage_mb.filter(|v| *v > 0) {
         Some(mb) => mb,
         None if logs => 0,
@@ -225,7 +207,7 @@ fn plan_limits(pkey: &str, p: &PlanConfig, backend: &str) -> anyhow::Result<Plan
     let max_user_connections = match p.max_user_connections {
         Some(n) if n > 0 => n,
         Some(_) => bail!("{pkey}.max_user_connections: must be positive"),
-        None if backend == "mysql" => {
+        None if backend == BackendKind::Mysql => {
             bail!("{pkey}.max_user_connections: required by mysql, a positive number")
         }
         None => 0,
@@ -305,7 +287,7 @@ impl LocalCatalog {
                 }
                 plans.push(LocalPlan {
                     wire: p.plan.clone(),
-                    limits: plan_limits(&pkey, p, &s.backend)?,
+                    limits: plan_limits(&pkey, p, s.backend)?,
                     asynchronous: p.asynchronous,
                     schemas: Arc::new(plan_schemas(&pkey, p)?),
                 });
@@ -313,7 +295,7 @@ impl LocalCatalog {
             let mut wire = w.clone();
             wire.plans = plans.iter().map(|p| p.wire.clone()).collect();
             // Cloud Controller honours a drain URL only from a service that requires it.
-            let logs = s.backend == "logs";
+            let logs = s.backend == BackendKind::Logs;
             if logs && !wire.requires.iter().any(|r| r == "syslog_drain") {
                 wire.requires.push("syslog_drain".into());
             }
@@ -326,12 +308,12 @@ impl LocalCatalog {
             }
             built.push(LocalService {
                 wire,
-                backend: s.backend.clone(),
+                backend: s.backend,
                 refuse_deprovision_with_bindings: s.refuse_deprovision_with_bindings,
                 // A drain is for an app's logs: a log binding names its app.
                 bindings_require_app: s.bindings_require_app || logs,
                 plans,
-                max_instances: backends.max_db_per_node(&s.backend),
+                max_instances: backends.max_db_per_node(s.backend),
             });
         }
         let by_id = built

@@ -15,11 +15,45 @@ use upstreams::osb;
 
 pub const DEFAULTS: &str = include_str!("../config/brokerage.yml");
 
+/// The local backends Brokerage has; a service names one (`backend: mysql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Mysql,
+    Mongodb,
+    Swift,
+    Cubrid,
+    Postgresql,
+    Redis,
+    Logs,
+}
+
+impl BackendKind {
+    /// The name the configuration uses (`backends.<name>`, `backend: <name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Mysql => "mysql",
+            BackendKind::Mongodb => "mongodb",
+            BackendKind::Swift => "swift",
+            BackendKind::Cubrid => "cubrid",
+            BackendKind::Postgresql => "postgresql",
+            BackendKind::Redis => "redis",
+            BackendKind::Logs => "logs",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One local service as configured: the published fields plus what only the broker reads.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ServiceConfig {
     /// The local backend doing the work (`mysql`).
-    pub backend: String,
+    pub backend: BackendKind,
     /// Refuse deprovision while bindings exist (the seed's rule) instead of dropping them.
     #[serde(default = "yes")]
     pub refuse_deprovision_with_bindings: bool,
@@ -380,21 +414,20 @@ fn five() -> u64 {
 
 impl Backends {
     /// The `max_db_per_node` of the backend called `name`, if it is configured with one.
-    pub fn max_db_per_node(&self, name: &str) -> Option<u64> {
-        match name {
-            "mysql" => self.mysql.as_ref()?.max_db_per_node,
-            "mongodb" => self.mongodb.as_ref()?.max_db_per_node,
-            "swift" => self.swift.as_ref()?.max_db_per_node,
-            "cubrid" => self.cubrid.as_ref()?.max_db_per_node,
-            "postgresql" => self.postgresql.as_ref()?.max_db_per_node,
-            "redis" => self.redis.as_ref()?.max_db_per_node,
-            "logs" => self.logs.as_ref()?.max_db_per_node,
-            _ => None,
+    pub fn max_db_per_node(&self, kind: BackendKind) -> Option<u64> {
+        match kind {
+            BackendKind::Mysql => self.mysql.as_ref()?.max_db_per_node,
+            BackendKind::Mongodb => self.mongodb.as_ref()?.max_db_per_node,
+            BackendKind::Swift => self.swift.as_ref()?.max_db_per_node,
+            BackendKind::Cubrid => self.cubrid.as_ref()?.max_db_per_node,
+            BackendKind::Postgresql => self.postgresql.as_ref()?.max_db_per_node,
+            BackendKind::Redis => self.redis.as_ref()?.max_db_per_node,
+            BackendKind::Logs => self.logs.as_ref()?.max_db_per_node,
         }
     }
 
-    /// The names of the backends configured.
-    pub fn configured(&self) -> Vec<&'static str> {
+    /// The backends configured.
+    pub fn configured(&self) -> Vec<BackendKind> {
         let Backends {
             mysql,
             mongodb,
@@ -405,13 +438,13 @@ impl Backends {
             logs,
         } = self;
         [
-            ("mysql", mysql.is_some()),
-            ("mongodb", mongodb.is_some()),
-            ("swift", swift.is_some()),
-            ("cubrid", cubrid.is_some()),
-            ("postgresql", postgresql.is_some()),
-            ("redis", redis.is_some()),
-            ("logs", logs.is_some()),
+            (BackendKind::Mysql, mysql.is_some()),
+            (BackendKind::Mongodb, mongodb.is_some()),
+            (BackendKind::Swift, swift.is_some()),
+            (BackendKind::Cubrid, cubrid.is_some()),
+            (BackendKind::Postgresql, postgresql.is_some()),
+            (BackendKind::Redis, redis.is_some()),
+            (BackendKind::Logs, logs.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))

@@ -349,8 +349,8 @@ impl Dashboard {
             }
             None => Vec::new(),
         };
-        let logs = match (self.broker.logs(), service.backend.as_str()) {
-            (Some(logs), "logs") => {
+        let logs = match (self.broker.logs(), service.backend) {
+            (Some(logs), crate::config::BackendKind::Logs) => {
                 let book = logs.book(&record.id).await.ok().flatten();
                 let (mut lines, dropped): (Vec<_>, u64) = book.map_or((Vec::new(), 0), |b| {
                     (b.lines.into(), b.dropped.values().sum())

@@ -97,7 +97,7 @@ pub async fn build(config: &Config, prepared: Prepared) -> anyhow::Result<(Broke
             store.clone(),
             &config.broker.external_url,
         );
-        backends.insert("logs".into(), Arc::new(backend) as _);
+        backends.insert(crate::config::BackendKind::Logs, Arc::new(backend) as _);
         logs
     });
     let metrics = crate::metrics::Metrics::new();
@@ -304,8 +304,8 @@ pub async fn check(config: &Config, prepared: &Prepared) -> Vec<Probe> {
     }
     match backend::from_config(config) {
         Ok(backends) => {
-            let mut names: Vec<_> = backends.keys().cloned().collect();
-            names.sort();
+            let mut names: Vec<_> = backends.keys().copied().collect();
+            names.sort_by_key(|kind| kind.name());
             for name in names {
                 let backend = &backends[&name];
                 probes.push(Probe {

@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::catalog::{ParametersOf, PlanLimits};
-use crate::config::{Config, ServerBackendConfig};
+use crate::config::{BackendKind, Config, ServerBackendConfig};
 
 /// How a backend failed; the broker maps each to an OSB status.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -173,46 +173,46 @@ pub trait Backend: Send + Sync {
     ) -> Result<Vec<(String, String)>, BackendError>;
 }
 
-pub type Backends = HashMap<String, Arc<dyn Backend>>;
+pub type Backends = HashMap<BackendKind, Arc<dyn Backend>>;
 
 /// The configured backends, by the name services refer to them with. Building them
 /// reaches no server.
 pub fn from_config(config: &Config) -> anyhow::Result<Backends> {
     let c = &config.backends;
     type Built = Option<anyhow::Result<Arc<dyn Backend>>>;
-    let built: [(&str, Built); 6] = [
+    let built: [(BackendKind, Built); 6] = [
         (
-            "mysql",
+            BackendKind::Mysql,
             c.mysql
                 .as_ref()
                 .map(|b| Ok(Arc::new(mysql::MysqlBackend::new(b)?) as _)),
         ),
         (
-            "mongodb",
+            BackendKind::Mongodb,
             c.mongodb
                 .as_ref()
                 .map(|b| Ok(Arc::new(mongodb::MongodbBackend::new(b)?) as _)),
         ),
         (
-            "postgresql",
+            BackendKind::Postgresql,
             c.postgresql
                 .as_ref()
                 .map(|b| Ok(Arc::new(postgresql::PostgresqlBackend::new(b)?) as _)),
         ),
         (
-            "redis",
+            BackendKind::Redis,
             c.redis
                 .as_ref()
                 .map(|b| Ok(Arc::new(redis::RedisBackend::new(b)?) as _)),
         ),
         (
-            "swift",
+            BackendKind::Swift,
             c.swift
                 .as_ref()
                 .map(|b| Ok(Arc::new(swift::SwiftBackend::new(b)?) as _)),
         ),
         (
-            "cubrid",
+            BackendKind::Cubrid,
             c.cubrid
                 .as_ref()
                 .map(|b| Ok(Arc::new(cubrid::CubridBackend::new(b)?) as _)),
@@ -221,7 +221,7 @@ pub fn from_config(config: &Config) -> anyhow::Result<Backends> {
     let mut backends: Backends = HashMap::new();
     for (name, backend) in built {
         if let Some(backend) = backend {
-            backends.insert(name.to_string(), backend?);
+            backends.insert(name, backend?);
         }
     }
     Ok(backends)

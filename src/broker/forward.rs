@@ -137,7 +137,7 @@ impl Broker {
         accepts_incomplete: bool,
         ctx: &CallContext,
     ) -> OsbRequest {
-        let mut request = OsbRequest::new(method, path, ctx.api_version.clone());
+        let mut request = OsbRequest::new(method, path, ctx.api_version.to_string());
         request.originating_identity = ctx.originating_identity.clone();
         request.request_identity = ctx.request_identity.clone();
         if accepts_incomplete {

@@ -183,7 +183,7 @@ fn broker_on(store: Arc<dyn StateStore>, fake: Arc<Fake>, timeout: Duration) -> 
         metrics.clone(),
     ));
     let mut backends = Backends::new();
-    backends.insert("mysql".into(), fake as Arc<dyn Backend>);
+    backends.insert(crate::config::BackendKind::Mysql, fake as Arc<dyn Backend>);
     let timing = Timing {
         operation_timeout: timeout,
         retry_after_secs: 1,
@@ -200,7 +200,7 @@ fn setup() -> (Broker, Arc<Fake>, Arc<dyn StateStore>) {
 
 fn ctx() -> CallContext {
     CallContext {
-        api_version: "2.17".into(),
+        api_version: upstreams::osb::ApiVersion::CURRENT,
         ..Default::default()
     }
 }

@@ -47,19 +47,13 @@ type BackendRef = Arc<dyn Backend>;
 /// What the platform's request carried besides its body, passed on to upstreams.
 #[derive(Debug, Clone, Default)]
 pub struct CallContext {
-    pub api_version: String,
+    /// The caller's `X-Broker-API-Version`, parsed once at the door (the current one where
+    /// absent; the door refuses what is not supported).
+    pub api_version: upstreams::osb::ApiVersion,
     pub originating_identity: Option<String>,
     pub request_identity: Option<String>,
     /// Host and path of the calling Cloud Controller's `/v2/info`.
     pub api_info_location: Option<String>,
-}
-
-impl CallContext {
-    /// The caller's API version (checked at the door; the current one where absent).
-    pub fn version(&self) -> upstreams::osb::ApiVersion {
-        upstreams::osb::ApiVersion::parse(&self.api_version)
-            .unwrap_or(upstreams::osb::ApiVersion::CURRENT)
-    }
 }
 
 /// Timing settings of the broker.

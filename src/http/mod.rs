@@ -99,7 +99,10 @@ impl axum::extract::FromRequestParts<AppState> for CallContext {
                 .map(str::to_string)
         };
         Ok(CallContext {
-            api_version: header(&API_VERSION).unwrap_or_else(|| ApiVersion::CURRENT.to_string()),
+            api_version: header(&API_VERSION)
+                .as_deref()
+                .and_then(ApiVersion::parse)
+                .unwrap_or(ApiVersion::CURRENT),
             originating_identity: header(&ORIGINATING_IDENTITY),
             request_identity: header(&REQUEST_IDENTITY),
             api_info_location: header(&HeaderName::from_static("x-api-info-location"))
@@ -357,7 +360,7 @@ struct Fitted(Kind, ApiVersion, Answer);
 
 impl Fitted {
     fn new(kind: Kind, ctx: &CallContext, answer: Answer) -> Self {
-        Fitted(kind, ctx.version(), answer)
+        Fitted(kind, ctx.api_version, answer)
     }
 }
 
@@ -431,7 +434,7 @@ impl Readiness {
                     .await
                     .map(|r| r.map_err(|e| e.to_string())),
             );
-            backends.push((name.clone(), status));
+            backends.push((name.to_string(), status));
         }
         backends.sort_by(|a, b| a.0.cmp(&b.0));
         let probed = Arc::new(Probed { store, backends });

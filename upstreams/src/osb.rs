@@ -367,6 +367,12 @@ impl ApiVersion {
     }
 }
 
+impl Default for ApiVersion {
+    fn default() -> Self {
+        Self::CURRENT
+    }
+}
+
 impl std::fmt::Display for ApiVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.major, self.minor)
