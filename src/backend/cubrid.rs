@@ -221,13 +221,8 @@ impl Backend for CubridBackend {
         Ok(())
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "cubrid"))]
-    async fn provision(
-        &self,
-        instance_id: &str,
-        limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<(), BackendError> {
+    #[instrument(skip(self), fields(backend = "cubrid"))]
+    async fn provision(&self, instance_id: &str, limits: PlanLimits) -> Result<(), BackendError> {
         self.check().await?;
         let db = cubrid_database_name(instance_id);
         let dir = self.directory(&db);
@@ -259,7 +254,6 @@ impl Backend for CubridBackend {
         _instance_id: &str,
         from: PlanLimits,
         to: PlanLimits,
-        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
         if to.max_storage_mb != from.max_storage_mb {
             return Err(BackendError::Rejected(

@@ -70,12 +70,7 @@ impl Backend for LogsBackend {
         self.store.check().await.map_err(unavailable)
     }
 
-    async fn provision(
-        &self,
-        instance_id: &str,
-        limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<(), BackendError> {
+    async fn provision(&self, instance_id: &str, limits: PlanLimits) -> Result<(), BackendError> {
         self.logs
             .open_book(instance_id, retention(limits))
             .await
@@ -87,7 +82,6 @@ impl Backend for LogsBackend {
         instance_id: &str,
         _from: PlanLimits,
         to: PlanLimits,
-        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
         self.logs
             .open_book(instance_id, retention(to))

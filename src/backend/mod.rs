@@ -106,12 +106,7 @@ pub trait Backend: Send + Sync {
     async fn usage_bytes(&self, _instance_id: &str) -> Result<Option<u64>, BackendError> {
         Ok(None)
     }
-    async fn provision(
-        &self,
-        instance_id: &str,
-        limits: PlanLimits,
-        parameters: Parameters<'_>,
-    ) -> Result<(), BackendError>;
+    async fn provision(&self, instance_id: &str, limits: PlanLimits) -> Result<(), BackendError>;
     /// Applies another plan's limits to an instance (connection limits, quotas) or refuses
     /// what the backend cannot change; [`change_plan`] has already refused a plan the
     /// instance outgrew. Backends whose plans differ only in the quota pass change nothing.
@@ -120,7 +115,6 @@ pub trait Backend: Send + Sync {
         _instance_id: &str,
         _from: PlanLimits,
         _to: PlanLimits,
-        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
         Ok(())
     }
@@ -364,7 +358,6 @@ pub async fn change_plan(
     instance_id: &str,
     from: PlanLimits,
     to: PlanLimits,
-    parameters: Parameters<'_>,
 ) -> Result<(), BackendError> {
     if to.max_storage_mb < from.max_storage_mb {
         if let Some(used) = backend.usage_bytes(instance_id).await? {
@@ -376,7 +369,7 @@ pub async fn change_plan(
             }
         }
     }
-    backend.update(instance_id, from, to, parameters).await
+    backend.update(instance_id, from, to).await
 }
 
 /// Storage as operators and clients read it: `12.34 MB of 100 MB (12%)`.

@@ -139,13 +139,8 @@ impl Backend for MongodbBackend {
         self.command("admin", doc! {"ping": 1}).await.map(|_| ())
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "mongodb"))]
-    async fn provision(
-        &self,
-        instance_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<(), BackendError> {
+    #[instrument(skip(self), fields(backend = "mongodb"))]
+    async fn provision(&self, instance_id: &str, _limits: PlanLimits) -> Result<(), BackendError> {
         let db = database_name(instance_id);
         if self.database_exists(&db).await? {
             return Err(BackendError::Conflict(format!(

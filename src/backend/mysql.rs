@@ -230,13 +230,8 @@ impl Backend for MysqlBackend {
         conn.query_drop("SELECT 1").await.map_err(|e| self.error(e))
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "mysql"))]
-    async fn provision(
-        &self,
-        instance_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<(), BackendError> {
+    #[instrument(skip(self), fields(backend = "mysql"))]
+    async fn provision(&self, instance_id: &str, _limits: PlanLimits) -> Result<(), BackendError> {
         let db = database_name(instance_id);
         let mut conn = self.conn().await?;
         if self.database_exists(&mut conn, &db).await? {
@@ -251,13 +246,12 @@ impl Backend for MysqlBackend {
         .map_err(|e| self.error(e))
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "mysql"))]
+    #[instrument(skip(self), fields(backend = "mysql"))]
     async fn update(
         &self,
         instance_id: &str,
         _from: PlanLimits,
         to: PlanLimits,
-        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
         let db = database_name(instance_id);
         let mut conn = self.conn().await?;

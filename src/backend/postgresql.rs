@@ -242,13 +242,8 @@ impl Backend for PostgresqlBackend {
             .map_err(|e| self.error(e))
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "postgresql"))]
-    async fn provision(
-        &self,
-        instance_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<(), BackendError> {
+    #[instrument(skip(self), fields(backend = "postgresql"))]
+    async fn provision(&self, instance_id: &str, _limits: PlanLimits) -> Result<(), BackendError> {
         let (db, owner) = (database_name(instance_id), owner_role(instance_id));
         let client = self.connect(None).await?;
         if self.database_exists(&client, &db).await? {
@@ -290,7 +285,6 @@ impl Backend for PostgresqlBackend {
         instance_id: &str,
         _from: PlanLimits,
         to: PlanLimits,
-        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
         let client = self.connect(None).await?;
         for member in self.members(&client, &owner_role(instance_id)).await? {

@@ -518,13 +518,8 @@ impl Backend for RedisBackend {
         Ok(())
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "redis"))]
-    async fn provision(
-        &self,
-        _instance_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<(), BackendError> {
+    #[instrument(skip(self), fields(backend = "redis"))]
+    async fn provision(&self, _instance_id: &str, _limits: PlanLimits) -> Result<(), BackendError> {
         // The namespace needs nothing made; the server must be there to serve it.
         self.check().await
     }

@@ -349,13 +349,8 @@ impl Backend for SwiftBackend {
         self.expect(&response, "listing accounts", false)
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "swift"))]
-    async fn provision(
-        &self,
-        instance_id: &str,
-        limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<(), BackendError> {
+    #[instrument(skip(self), fields(backend = "swift"))]
+    async fn provision(&self, instance_id: &str, limits: PlanLimits) -> Result<(), BackendError> {
         let account = database_name(instance_id);
         if self.account(&account).await?.is_some() {
             return Err(BackendError::Conflict(format!(
@@ -387,7 +382,6 @@ impl Backend for SwiftBackend {
         instance_id: &str,
         _from: PlanLimits,
         to: PlanLimits,
-        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
         let account = database_name(instance_id);
         let info = self.existing_account(&account).await?;

@@ -127,15 +127,12 @@ impl Broker {
             };
         tracing::info!(instance_id = id, service = %service.wire.name, plan = %plan.wire.name, "provisioning");
         let limits = plan.limits;
-        let parameters = record.parameters.clone();
         let instance_id = id.to_string();
         let work = self.within(async move {
             if takeover {
                 backend.deprovision(&instance_id, limits).await?;
             }
-            backend
-                .provision(&instance_id, limits, parameters.as_ref())
-                .await
+            backend.provision(&instance_id, limits).await
         });
         self.drive(
             record,
@@ -237,11 +234,9 @@ impl Broker {
         let (record, version, previous_op) = self.claim(stored, operation).await?;
         tracing::info!(instance_id = id, from = %from.wire.name, to = %to.wire.name, "updating");
         let (from_limits, to_limits) = (from.limits, to.limits);
-        let parameters = req.parameters.clone();
         let instance_id = id.to_string();
         let work = self.within(async move {
-            let parameters = parameters.as_ref();
-            backend::change_plan(&*backend, &instance_id, from_limits, to_limits, parameters).await
+            backend::change_plan(&*backend, &instance_id, from_limits, to_limits).await
         });
         let target_maintenance = to.wire.maintenance_info.as_ref().map(|m| m.version.clone());
         let (new_parameters, new_context) = (req.parameters, req.context);

@@ -79,12 +79,7 @@ impl Backend for Fake {
         Ok(())
     }
 
-    async fn provision(
-        &self,
-        instance_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<(), BackendError> {
+    async fn provision(&self, instance_id: &str, _limits: PlanLimits) -> Result<(), BackendError> {
         let gate = self.gate.lock().unwrap().clone();
         if let Some(gate) = gate {
             let _permit = gate.acquire().await.unwrap();
@@ -102,7 +97,6 @@ impl Backend for Fake {
         instance_id: &str,
         from: PlanLimits,
         to: PlanLimits,
-        _parameters: Parameters<'_>,
     ) -> Result<(), BackendError> {
         let what = format!(
             "{instance_id} {}->{}",
