@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use tracing::instrument;
 
-use super::{object, scrub, user_name, Backend, BackendError, Parameters};
+use super::{object, scrub, user_name, Backend, BackendError, Binding, Bound};
 use crate::catalog::PlanLimits;
 use crate::config::{CubridBackendConfig, Secret};
 
@@ -274,14 +274,13 @@ impl Backend for CubridBackend {
         self.remove(&cubrid_database_name(instance_id)).await
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "cubrid"))]
-    async fn bind(
-        &self,
-        instance_id: &str,
-        binding_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<Map<String, Value>, BackendError> {
+    #[instrument(skip(self, binding), fields(backend = "cubrid"))]
+    async fn bind(&self, binding: &Binding<'_>) -> Result<Bound, BackendError> {
+        let Binding {
+            instance_id,
+            binding_id,
+            ..
+        } = *binding;
         let db = cubrid_database_name(instance_id);
         let user = user_name(binding_id);
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
@@ -315,6 +314,7 @@ impl Backend for CubridBackend {
             "uri": format!("cubrid://{user}:{password}@{host}:{port}/{db}"),
             "jdbcUrl": format!("jdbc:cubrid:{host}:{port}:{db}:::"),
         }))
+        .map(Bound::from)
     }
 
     #[instrument(skip(self), fields(backend = "cubrid"))]

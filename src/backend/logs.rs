@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
-use serde_json::{json, Map, Value};
+use serde_json::Map;
 
-use super::{Backend, BackendError, Parameters};
+use super::{Backend, BackendError, Binding, Bound};
 use crate::catalog::PlanLimits;
-use crate::logs::{Logs, Retention, DRAIN_URL};
+use crate::logs::{Logs, Retention};
 use crate::store::records::{self};
 use crate::store::{BindingRecord, StateStore, StoreError};
 
@@ -114,22 +114,25 @@ impl Backend for LogsBackend {
             .map_err(unavailable)
     }
 
-    async fn bind(
-        &self,
-        instance_id: &str,
-        binding_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<Map<String, Value>, BackendError> {
-        if let Some(app) = self.app_of(binding_id).await? {
+    async fn bind(&self, binding: &Binding<'_>) -> Result<Bound, BackendError> {
+        let Binding {
+            instance_id,
+            binding_id,
+            app,
+            ..
+        } = *binding;
+        if let Some(app) = app {
             self.logs
-                .add_app(&app, instance_id, binding_id)
+                .add_app(app, instance_id, binding_id)
                 .await
                 .map_err(unavailable)?;
         }
         let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
         let url = format!("{}/drains/{binding_id}/{token}", self.base);
-        super::object(json!({ DRAIN_URL: url }))
+        Ok(Bound {
+            credentials: Map::new(),
+            syslog_drain_url: Some(url),
+        })
     }
 
     async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {

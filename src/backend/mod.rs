@@ -65,6 +65,35 @@ impl BackendError {
 
 pub type Parameters<'a> = Option<&'a Map<String, Value>>;
 
+/// A binding as a backend is asked to make it.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    pub instance_id: &'a str,
+    pub binding_id: &'a str,
+    /// The app it is for (`app_guid`, or `bind_resource.app_guid`), when the platform named one.
+    pub app: Option<&'a str>,
+    pub limits: PlanLimits,
+    /// The bind's parameters, already checked against what the backend reads.
+    pub parameters: Parameters<'a>,
+}
+
+/// What a bind hands out: the credentials apps read and, from a log service, the URL the
+/// platform drains the app's logs to (the answer's `syslog_drain_url`).
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    pub credentials: Map<String, Value>,
+    pub syslog_drain_url: Option<String>,
+}
+
+impl From<Map<String, Value>> for Bound {
+    fn from(credentials: Map<String, Value>) -> Self {
+        Bound {
+            credentials,
+            syslog_drain_url: None,
+        }
+    }
+}
+
 /// The ids of an instance's live bindings, read when called.
 pub type LiveBindings<'a> = &'a (dyn Fn() -> futures::future::BoxFuture<'static, Result<Vec<String>, BackendError>>
          + Send
@@ -122,14 +151,8 @@ pub trait Backend: Send + Sync {
     /// Data the instance still holds is removed too, unless the backend keeps data apart
     /// from the instance (Swift) and the plan does not allow purging it.
     async fn deprovision(&self, instance_id: &str, limits: PlanLimits) -> Result<(), BackendError>;
-    /// Creates access for one binding and returns the credentials apps read.
-    async fn bind(
-        &self,
-        instance_id: &str,
-        binding_id: &str,
-        limits: PlanLimits,
-        parameters: Parameters<'_>,
-    ) -> Result<Map<String, Value>, BackendError>;
+    /// Creates access for one binding and returns what apps are handed.
+    async fn bind(&self, binding: &Binding<'_>) -> Result<Bound, BackendError>;
     /// Revokes a binding's access, cutting its open connections; done if already gone.
     async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError>;
     /// Removes access to the instance that no live binding accounts for: what a binding

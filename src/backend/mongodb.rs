@@ -11,11 +11,13 @@ use mongodb::error::{Error as MongoError, ErrorKind};
 use mongodb::options::ClientOptions;
 use mongodb::Client;
 use rand::distr::{Alphanumeric, SampleString};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use tokio::sync::OnceCell;
 use tracing::instrument;
 
-use super::{database_name, object, scrub, user_name, Backend, BackendError, Endpoint, Parameters};
+use super::{
+    database_name, object, scrub, user_name, Backend, BackendError, Binding, Bound, Endpoint,
+};
 use crate::catalog::PlanLimits;
 use crate::config::ServerBackendConfig;
 
@@ -168,14 +170,13 @@ impl Backend for MongodbBackend {
             .map(|_| ())
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "mongodb"))]
-    async fn bind(
-        &self,
-        instance_id: &str,
-        binding_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<Map<String, Value>, BackendError> {
+    #[instrument(skip(self, binding), fields(backend = "mongodb"))]
+    async fn bind(&self, binding: &Binding<'_>) -> Result<Bound, BackendError> {
+        let Binding {
+            instance_id,
+            binding_id,
+            ..
+        } = *binding;
         let db = database_name(instance_id);
         let user = user_name(binding_id);
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
@@ -205,7 +206,7 @@ impl Backend for MongodbBackend {
             "username": user,
             "password": password,
         });
-        object(credentials)
+        object(credentials).map(Bound::from)
     }
 
     #[instrument(skip(self), fields(backend = "mongodb"))]

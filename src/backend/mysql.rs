@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use tracing::instrument;
 
 pub use super::{database_name, user_name};
-use super::{scrub, Backend, BackendError, Endpoint, Parameters, QuotaChange};
+use super::{scrub, Backend, BackendError, Binding, Bound, Endpoint, QuotaChange};
 use crate::catalog::{ParametersOf, PlanLimits};
 use crate::config::MysqlBackendConfig;
 use crate::mysql::{self, NodeConn, Nodes, SqlError};
@@ -282,14 +282,15 @@ impl Backend for MysqlBackend {
             .map_err(|e| self.error(e))
     }
 
-    #[instrument(skip(self, parameters), fields(backend = "mysql"))]
-    async fn bind(
-        &self,
-        instance_id: &str,
-        binding_id: &str,
-        limits: PlanLimits,
-        parameters: Parameters<'_>,
-    ) -> Result<Map<String, Value>, BackendError> {
+    #[instrument(skip(self, binding), fields(backend = "mysql"))]
+    async fn bind(&self, binding: &Binding<'_>) -> Result<Bound, BackendError> {
+        let Binding {
+            instance_id,
+            binding_id,
+            limits,
+            parameters,
+            ..
+        } = *binding;
         let read_only = match parameters.and_then(|p| p.get("read-only")) {
             None => false,
             Some(Value::Bool(b)) => *b,
@@ -366,7 +367,7 @@ impl Backend for MysqlBackend {
         if let Some(ca) = &self.ca_certificate {
             credentials.insert("ca_certificate".into(), json!(ca));
         }
-        Ok(credentials)
+        Ok(credentials.into())
     }
 
     fn enforces_quota(&self) -> bool {

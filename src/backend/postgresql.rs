@@ -13,12 +13,14 @@
 
 use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio_postgres::{Client, NoTls};
 use tracing::instrument;
 
-use super::{database_name, object, scrub, user_name, Backend, BackendError, Endpoint, Parameters};
+use super::{
+    database_name, object, scrub, user_name, Backend, BackendError, Binding, Bound, Endpoint,
+};
 use crate::catalog::PlanLimits;
 use crate::config::ServerBackendConfig;
 
@@ -319,14 +321,14 @@ impl Backend for PostgresqlBackend {
         self.drop_role(&client, &owner).await
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "postgresql"))]
-    async fn bind(
-        &self,
-        instance_id: &str,
-        binding_id: &str,
-        limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<Map<String, Value>, BackendError> {
+    #[instrument(skip(self, binding), fields(backend = "postgresql"))]
+    async fn bind(&self, binding: &Binding<'_>) -> Result<Bound, BackendError> {
+        let Binding {
+            instance_id,
+            binding_id,
+            limits,
+            ..
+        } = *binding;
         let (db, owner) = (database_name(instance_id), owner_role(instance_id));
         let user = user_name(binding_id);
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
@@ -386,7 +388,7 @@ impl Backend for PostgresqlBackend {
         if let Some(ca) = &self.at.ca_certificate {
             credentials.insert("ca_certificate".into(), json!(ca));
         }
-        Ok(credentials)
+        Ok(credentials.into())
     }
 
     #[instrument(skip(self), fields(backend = "postgresql"))]

@@ -16,11 +16,11 @@ use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
 use redis::aio::MultiplexedConnection;
 use redis::{Cmd, RedisError};
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use tracing::instrument;
 
 use super::{
-    database_name, object, scrub, user_name, Backend, BackendError, Endpoint, Parameters,
+    database_name, object, scrub, user_name, Backend, BackendError, Binding, Bound, Endpoint,
     QuotaChange,
 };
 use crate::catalog::PlanLimits;
@@ -554,14 +554,13 @@ impl Backend for RedisBackend {
         }
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "redis"))]
-    async fn bind(
-        &self,
-        instance_id: &str,
-        binding_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<Map<String, Value>, BackendError> {
+    #[instrument(skip(self, binding), fields(backend = "redis"))]
+    async fn bind(&self, binding: &Binding<'_>) -> Result<Bound, BackendError> {
+        let Binding {
+            instance_id,
+            binding_id,
+            ..
+        } = *binding;
         let user = acl_user(instance_id, binding_id);
         let prefix = key_prefix(instance_id);
         let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
@@ -601,7 +600,7 @@ impl Backend for RedisBackend {
         if let Some(ca) = &self.at.ca_certificate {
             credentials.insert("ca_certificate".into(), json!(ca));
         }
-        Ok(credentials)
+        Ok(credentials.into())
     }
 
     #[instrument(skip(self), fields(backend = "redis"))]

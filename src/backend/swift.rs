@@ -16,7 +16,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tracing::instrument;
 
-use super::{database_name, object, user_name, Backend, BackendError, LiveBindings, Parameters};
+use super::{
+    database_name, object, user_name, Backend, BackendError, Binding, Bound, LiveBindings,
+};
 use crate::catalog::PlanLimits;
 use crate::config::Secret;
 use crate::config::SwiftBackendConfig;
@@ -434,14 +436,13 @@ impl Backend for SwiftBackend {
         Ok(())
     }
 
-    #[instrument(skip(self, _parameters), fields(backend = "swift"))]
-    async fn bind(
-        &self,
-        instance_id: &str,
-        binding_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<Map<String, Value>, BackendError> {
+    #[instrument(skip(self, binding), fields(backend = "swift"))]
+    async fn bind(&self, binding: &Binding<'_>) -> Result<Bound, BackendError> {
+        let Binding {
+            instance_id,
+            binding_id,
+            ..
+        } = *binding;
         let account = database_name(instance_id);
         let user = user_name(binding_id);
         let key = Alphanumeric.sample_string(&mut rand::rng(), 32);
@@ -475,7 +476,7 @@ impl Backend for SwiftBackend {
             "account": account,
             "uri": uri,
         });
-        object(credentials)
+        object(credentials).map(Bound::from)
     }
 
     #[instrument(skip(self), fields(backend = "swift"))]

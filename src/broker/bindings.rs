@@ -8,7 +8,7 @@ use upstreams::Method;
 
 use super::operation::{failed, in_flight, to_value, At, Outcome, Reply, Resource};
 use super::{check_id, check_parameters, required, BackendRef, Broker, CallContext};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, Binding, Bound};
 use crate::catalog::ParametersOf;
 use crate::error::OsbError;
 use crate::logs::DRAIN_URL;
@@ -28,6 +28,16 @@ fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
 fn bound(record: &BindingRecord, status: u16) -> Option<Reply> {
     let answer = handed_out(record.credentials.clone()?);
     Some(Reply::of(status, &answer))
+}
+
+/// What a bind handed out, as the binding record keeps it: the drain URL under its key
+/// beside the credentials.
+fn kept(bound: Bound) -> serde_json::Map<String, serde_json::Value> {
+    let mut credentials = bound.credentials;
+    if let Some(url) = bound.syslog_drain_url {
+        credentials.insert(DRAIN_URL.into(), url.into());
+    }
+    credentials
 }
 
 /// What a backend handed out, as a binding answer: a drain URL (the log backend's) is the
@@ -146,16 +156,25 @@ impl Broker {
         tracing::info!(instance_id, binding_id, "binding");
         let limits = plan.limits;
         let parameters = record.parameters.clone();
+        let app = record.app_guid().map(str::to_string);
         let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
-        let work =
-            self.within(async move { backend.bind(&iid, &bid, limits, parameters.as_ref()).await });
+        let work = self.within(async move {
+            let binding = Binding {
+                instance_id: &iid,
+                binding_id: &bid,
+                app: app.as_deref(),
+                limits,
+                parameters: parameters.as_ref(),
+            };
+            backend.bind(&binding).await
+        });
         self.drive(
             record,
             At::Version(version),
             work,
             |mut record, result| match result {
-                Ok(credentials) => {
-                    record.credentials = Some(credentials);
+                Ok(handed) => {
+                    record.credentials = Some(kept(handed));
                     record.operation.finish(OpState::Succeeded, None);
                     let reply = bound(&record, 201).expect("credentials were just set");
                     (Outcome::Keep(record), Ok(reply))

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use super::{Broker, CallContext, Reply, Timing};
-use crate::backend::{Backend, BackendError, Backends, Parameters};
+use crate::backend::{Backend, BackendError, Backends, Binding, Bound};
 use crate::catalog::{LocalCatalog, PlanLimits};
 use crate::config::{Config, ServiceConfig};
 use crate::error::OsbError;
@@ -115,17 +115,13 @@ impl Backend for Fake {
         Ok(())
     }
 
-    async fn bind(
-        &self,
-        _instance_id: &str,
-        binding_id: &str,
-        _limits: PlanLimits,
-        _parameters: Parameters<'_>,
-    ) -> Result<Map<String, Value>, BackendError> {
+    async fn bind(&self, binding: &Binding<'_>) -> Result<Bound, BackendError> {
+        let Binding { binding_id, .. } = *binding;
         self.act("bind", binding_id).await?;
         self.make(binding_id);
         let made = self.made.lock().unwrap()[binding_id];
         crate::backend::object(json!({"user": binding_id, "password": format!("secret-{made}")}))
+            .map(Bound::from)
     }
 
     async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
