@@ -42,11 +42,15 @@ impl LogsBackend {
 /// The binding's app, when it is one the syslog listener can route to: only app GUIDs that
 /// are safe store keys are indexed.
 fn indexed_app(binding: &BindingRecord) -> Option<&str> {
-    binding.app_guid().filter(|a| {
-        a.len() <= 128
-            && a.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-    })
+    binding.app_guid().filter(|a| routable(a))
+}
+
+/// Whether an app GUID is one the syslog listener routes by: a safe store key.
+fn routable(app: &str) -> bool {
+    app.len() <= 128
+        && app
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
 }
 
 fn retention(limits: PlanLimits) -> Retention {
@@ -121,7 +125,7 @@ impl Backend for LogsBackend {
             app,
             ..
         } = *binding;
-        if let Some(app) = app {
+        if let Some(app) = app.filter(|a| routable(a)) {
             self.logs
                 .add_app(app, instance_id, binding_id)
                 .await
@@ -160,5 +164,47 @@ impl Backend for LogsBackend {
                 limits.max_log_bytes / 1024
             ),
         )])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{EmbeddedStore, Table};
+
+    /// A bind routes an app's syslog messages by its GUID only when that GUID is a safe store
+    /// key; the drain is handed out either way.
+    #[tokio::test]
+    async fn only_routable_app_guids_become_store_keys() {
+        let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::in_memory().unwrap());
+        let logs = Logs::new(store.clone(), 100);
+        let backend = LogsBackend::new(logs, store.clone(), "https://broker.example.com/");
+        let limits = PlanLimits {
+            max_storage_mb: 0,
+            max_user_connections: 0,
+            purge_on_deprovision: false,
+            max_log_lines: 10,
+            max_log_bytes: 1024,
+        };
+        let hostile = format!("../{}", "x".repeat(200));
+        for (binding_id, app, routed) in [
+            ("b1", "0b0a5c3e-app", true),
+            ("b2", hostile.as_str(), false),
+            ("b3", "app with spaces", false),
+        ] {
+            let binding = Binding {
+                instance_id: "i1",
+                binding_id,
+                app: Some(app),
+                limits,
+                parameters: None,
+            };
+            let bound = backend.bind(&binding).await.unwrap();
+            let url = bound.syslog_drain_url.unwrap();
+            assert!(url.starts_with(&format!("https://broker.example.com/drains/{binding_id}/")));
+            let key = format!("app:{app}");
+            let stored = store.get(Table::Logs, &key).await.unwrap();
+            assert_eq!(stored.is_some(), routed, "{app:?}");
+        }
     }
 }
