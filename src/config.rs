@@ -765,11 +765,28 @@ fn check_mysql_url(key: &str, url: &Secret) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A configuration key as the documentation and the catalog's own checks write it:
+/// `catalog.services[0].backend`.
+fn key_of(path: &[String]) -> String {
+    let mut key = String::new();
+    for segment in path {
+        if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            key.push_str(&format!("[{segment}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(segment);
+        }
+    }
+    key
+}
+
 fn describe_figment_error(e: figment::Error) -> anyhow::Error {
     let messages: Vec<String> = e
         .into_iter()
         .map(|err| {
-            let key = err.path.join(".");
+            let key = key_of(&err.path);
             if key.is_empty() {
                 format!("configuration: {}", err.kind)
             } else {
@@ -784,6 +801,29 @@ fn describe_figment_error(e: figment::Error) -> anyhow::Error {
 mod tests {
     use super::vcap_mysql_url;
     use figment::providers::Format;
+
+    /// An unknown backend kind is refused at the key the catalog's checks use.
+    #[test]
+    fn an_unknown_backend_is_named_by_its_key() {
+        let figment = figment::Figment::new()
+            .merge(figment::providers::Yaml::string(super::DEFAULTS))
+            .merge(figment::providers::Yaml::string(
+                "catalog: {services: [{id: s1, name: small, description: d, bindable: true, backend: oracle, plans: [{id: p1, name: tiny, description: d, max_storage_mb: 1, max_user_connections: 1}]}]}",
+            ));
+        let error = figment
+            .extract::<super::Config>()
+            .map_err(super::describe_figment_error)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("catalog.services[0].backend: "),
+            "{error}"
+        );
+        assert!(
+            error.contains("oracle") && error.contains("mysql"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn shipped_secrets_are_named() {

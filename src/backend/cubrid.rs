@@ -21,7 +21,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tracing::instrument;
 
-use super::{object, scrub, user_name, Backend, BackendError, Binding, Bound};
+use super::{object, scrub, user_name, Backend, BackendError, Binding, Bound, Unbinding};
 use crate::catalog::PlanLimits;
 use crate::config::{CubridBackendConfig, Secret};
 
@@ -318,7 +318,12 @@ impl Backend for CubridBackend {
     }
 
     #[instrument(skip(self), fields(backend = "cubrid"))]
-    async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+    async fn unbind(&self, binding: &Unbinding<'_>) -> Result<(), BackendError> {
+        let Unbinding {
+            instance_id,
+            binding_id,
+            ..
+        } = *binding;
         let db = cubrid_database_name(instance_id);
         if !self.directory(&db).exists() {
             return Ok(());

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
 use serde_json::Map;
 
-use super::{Backend, BackendError, Binding, Bound};
+use super::{Backend, BackendError, Binding, Bound, Unbinding};
 use crate::catalog::PlanLimits;
 use crate::logs::{Logs, Retention};
 use crate::store::records::{self};
@@ -29,13 +29,6 @@ impl LogsBackend {
             store,
             base: external_url.trim_end_matches('/').to_string(),
         }
-    }
-
-    async fn app_of(&self, binding_id: &str) -> Result<Option<String>, BackendError> {
-        let stored = records::load::<BindingRecord>(&*self.store, binding_id)
-            .await
-            .map_err(unavailable)?;
-        Ok(stored.and_then(|s| indexed_app(&s.record).map(str::to_string)))
     }
 }
 
@@ -139,11 +132,14 @@ impl Backend for LogsBackend {
         })
     }
 
-    async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+    async fn unbind(&self, binding: &Unbinding<'_>) -> Result<(), BackendError> {
+        let Unbinding {
+            binding_id, app, ..
+        } = *binding;
         self.logs.revoke(binding_id).await;
-        if let Some(app) = self.app_of(binding_id).await? {
+        if let Some(app) = app.filter(|a| routable(a)) {
             self.logs
-                .remove_app(&app, binding_id)
+                .remove_app(app, binding_id)
                 .await
                 .map_err(unavailable)?;
         }
@@ -206,5 +202,17 @@ mod tests {
             let stored = store.get(Table::Logs, &key).await.unwrap();
             assert_eq!(stored.is_some(), routed, "{app:?}");
         }
+        // Unbinding stops the routing: the app's entry no longer names the binding.
+        let unbinding = Unbinding {
+            instance_id: "i1",
+            binding_id: "b1",
+            app: Some("0b0a5c3e-app"),
+        };
+        backend.unbind(&unbinding).await.unwrap();
+        let stored = store.get(Table::Logs, "app:0b0a5c3e-app").await.unwrap();
+        assert!(
+            stored.is_none_or(|v| !String::from_utf8_lossy(&v.doc).contains("\"b1\"")),
+            "the binding is no longer routed to"
+        );
     }
 }

@@ -77,6 +77,15 @@ pub struct Binding<'a> {
     pub parameters: Parameters<'a>,
 }
 
+/// A binding as a backend is asked to revoke it. `app` is `None` for a delete of a
+/// binding the broker has no record of (Cloud Controller's orphan mitigation).
+#[derive(Debug, Clone, Copy)]
+pub struct Unbinding<'a> {
+    pub instance_id: &'a str,
+    pub binding_id: &'a str,
+    pub app: Option<&'a str>,
+}
+
 /// What a bind hands out: the credentials apps read and, from a log service, the URL the
 /// platform drains the app's logs to (the answer's `syslog_drain_url`).
 #[derive(Debug, Clone, Default)]
@@ -154,7 +163,7 @@ pub trait Backend: Send + Sync {
     /// Creates access for one binding and returns what apps are handed.
     async fn bind(&self, binding: &Binding<'_>) -> Result<Bound, BackendError>;
     /// Revokes a binding's access, cutting its open connections; done if already gone.
-    async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError>;
+    async fn unbind(&self, binding: &Unbinding<'_>) -> Result<(), BackendError>;
     /// Removes access to the instance that no live binding accounts for: what a binding
     /// made with its own rights (a swauth account admin's extra users). `live` gives the
     /// instance's other bindings; call it only after listing what exists, so a binding made

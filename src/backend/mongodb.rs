@@ -17,6 +17,7 @@ use tracing::instrument;
 
 use super::{
     database_name, object, scrub, user_name, Backend, BackendError, Binding, Bound, Endpoint,
+    Unbinding,
 };
 use crate::catalog::PlanLimits;
 use crate::config::ServerBackendConfig;
@@ -210,7 +211,12 @@ impl Backend for MongodbBackend {
     }
 
     #[instrument(skip(self), fields(backend = "mongodb"))]
-    async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+    async fn unbind(&self, binding: &Unbinding<'_>) -> Result<(), BackendError> {
+        let Unbinding {
+            instance_id,
+            binding_id,
+            ..
+        } = *binding;
         self.drop_user(&database_name(instance_id), &user_name(binding_id))
             .await
     }

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use tracing::instrument;
 
 pub use super::{database_name, user_name};
-use super::{scrub, Backend, BackendError, Binding, Bound, Endpoint, QuotaChange};
+use super::{scrub, Backend, BackendError, Binding, Bound, Endpoint, QuotaChange, Unbinding};
 use crate::catalog::{ParametersOf, PlanLimits};
 use crate::config::MysqlBackendConfig;
 use crate::mysql::{self, NodeConn, Nodes, SqlError};
@@ -482,7 +482,8 @@ impl Backend for MysqlBackend {
     }
 
     #[instrument(skip(self), fields(backend = "mysql"))]
-    async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+    async fn unbind(&self, binding: &Unbinding<'_>) -> Result<(), BackendError> {
+        let Unbinding { binding_id, .. } = *binding;
         let mut conn = self.conn().await?;
         self.drop_user(&mut conn, &user_name(binding_id)).await
     }

@@ -20,6 +20,7 @@ use tracing::instrument;
 
 use super::{
     database_name, object, scrub, user_name, Backend, BackendError, Binding, Bound, Endpoint,
+    Unbinding,
 };
 use crate::catalog::PlanLimits;
 use crate::config::ServerBackendConfig;
@@ -340,7 +341,12 @@ impl Backend for PostgresqlBackend {
         }
         self.close_other_databases(&client).await?;
         // A role left by an interrupted bind of this same binding is replaced.
-        self.unbind(instance_id, binding_id).await?;
+        let unbinding = Unbinding {
+            instance_id,
+            binding_id,
+            app: binding.app,
+        };
+        self.unbind(&unbinding).await?;
         // The server is sent the password's SCRAM verifier, never the password: statements
         // reach logs (the driver's own, the server's).
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
@@ -365,7 +371,7 @@ impl Backend for PostgresqlBackend {
         }
         .await;
         if let Err(e) = shared {
-            self.unbind(instance_id, binding_id).await?;
+            self.unbind(&unbinding).await?;
             return Err(e);
         }
         let (host, port) = (&self.at.public_host, self.at.public_port);
@@ -392,7 +398,12 @@ impl Backend for PostgresqlBackend {
     }
 
     #[instrument(skip(self), fields(backend = "postgresql"))]
-    async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+    async fn unbind(&self, binding: &Unbinding<'_>) -> Result<(), BackendError> {
+        let Unbinding {
+            instance_id,
+            binding_id,
+            ..
+        } = *binding;
         let (db, owner) = (database_name(instance_id), owner_role(instance_id));
         let user = user_name(binding_id);
         let client = self.connect(None).await?;

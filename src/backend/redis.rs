@@ -21,7 +21,7 @@ use tracing::instrument;
 
 use super::{
     database_name, object, scrub, user_name, Backend, BackendError, Binding, Bound, Endpoint,
-    QuotaChange,
+    QuotaChange, Unbinding,
 };
 use crate::catalog::PlanLimits;
 use crate::config::ServerBackendConfig;
@@ -604,7 +604,12 @@ impl Backend for RedisBackend {
     }
 
     #[instrument(skip(self), fields(backend = "redis"))]
-    async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+    async fn unbind(&self, binding: &Unbinding<'_>) -> Result<(), BackendError> {
+        let Unbinding {
+            instance_id,
+            binding_id,
+            ..
+        } = *binding;
         let mut con = self.connection().await?;
         self.delete_user(&mut con, &acl_user(instance_id, binding_id))
             .await?;

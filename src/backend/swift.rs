@@ -18,6 +18,7 @@ use tracing::instrument;
 
 use super::{
     database_name, object, user_name, Backend, BackendError, Binding, Bound, LiveBindings,
+    Unbinding,
 };
 use crate::catalog::PlanLimits;
 use crate::config::Secret;
@@ -480,7 +481,12 @@ impl Backend for SwiftBackend {
     }
 
     #[instrument(skip(self), fields(backend = "swift"))]
-    async fn unbind(&self, instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+    async fn unbind(&self, binding: &Unbinding<'_>) -> Result<(), BackendError> {
+        let Unbinding {
+            instance_id,
+            binding_id,
+            ..
+        } = *binding;
         self.delete_user(&database_name(instance_id), &user_name(binding_id))
             .await
     }

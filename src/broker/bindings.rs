@@ -8,7 +8,7 @@ use upstreams::Method;
 
 use super::operation::{failed, in_flight, to_value, At, Outcome, Reply, Resource};
 use super::{check_id, check_parameters, required, BackendRef, Broker, CallContext};
-use crate::backend::{BackendError, Binding, Bound};
+use crate::backend::{BackendError, Binding, Bound, Unbinding};
 use crate::catalog::ParametersOf;
 use crate::error::OsbError;
 use crate::logs::DRAIN_URL;
@@ -205,7 +205,14 @@ impl Broker {
             None => {
                 let remove = |backend: BackendRef, _| {
                     let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
-                    async move { backend.unbind(&iid, &bid).await }
+                    async move {
+                        let binding = Unbinding {
+                            instance_id: &iid,
+                            binding_id: &bid,
+                            app: None,
+                        };
+                        backend.unbind(&binding).await
+                    }
                 };
                 let unrecorded = (OpKind::Unbind, service_id.as_str(), plan_id.as_str());
                 return self
@@ -233,9 +240,15 @@ impl Broker {
         let (record, version, previous_op) = self.claim(stored, operation).await?;
         tracing::info!(instance_id, binding_id, "unbinding");
         let (iid, bid) = (instance_id.to_string(), binding_id.to_string());
+        let app = record.app_guid().map(str::to_string);
         let store = self.inner.store.clone();
         let work = self.within(async move {
-            backend.unbind(&iid, &bid).await?;
+            let binding = Unbinding {
+                instance_id: &iid,
+                binding_id: &bid,
+                app: app.as_deref(),
+            };
+            backend.unbind(&binding).await?;
             // Then whatever this binding made for itself that no other binding accounts for.
             let instance = iid.clone();
             let live = move || {

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use super::{Broker, CallContext, Reply, Timing};
-use crate::backend::{Backend, BackendError, Backends, Binding, Bound};
+use crate::backend::{Backend, BackendError, Backends, Binding, Bound, Unbinding};
 use crate::catalog::{LocalCatalog, PlanLimits};
 use crate::config::{Config, ServiceConfig};
 use crate::error::OsbError;
@@ -124,7 +124,8 @@ impl Backend for Fake {
             .map(Bound::from)
     }
 
-    async fn unbind(&self, _instance_id: &str, binding_id: &str) -> Result<(), BackendError> {
+    async fn unbind(&self, binding: &Unbinding<'_>) -> Result<(), BackendError> {
+        let Unbinding { binding_id, .. } = *binding;
         self.act("unbind", binding_id).await?;
         self.remove(binding_id);
         Ok(())
