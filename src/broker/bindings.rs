@@ -13,7 +13,7 @@ use crate::catalog::ParametersOf;
 use crate::error::OsbError;
 use crate::logs::DRAIN_URL;
 use crate::store::records::{self, Stored};
-use crate::store::{BindingRecord, OpKind, OpState, StateStore};
+use crate::store::{BindingRecord, OpKind, OpState, StateStore, UpstreamRef};
 
 fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
     e.instance_id == r.instance_id
@@ -119,18 +119,8 @@ impl Broker {
                     record.plan_id
                 )));
             }
-            record.operation = self.start_forward(OpKind::Bind);
-            let (_hold, at) = match self.hold_new(&record, parent, accepts_incomplete).await? {
-                Ok(held) => held,
-                Err(answer) => return Ok(answer),
-            };
-            let mut req = req;
-            req.service_id = Some(up.service_id);
-            req.plan_id = Some(up.plan_id);
-            let path = format!("/v2/service_instances/{instance_id}/service_bindings/{binding_id}");
-            let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
-            request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
-            return self.forward(record, at, request).await;
+            let call = (req, accepts_incomplete, ctx);
+            return self.forward_bind(record, up, instance.version, call).await;
         }
         let (service, plan) = self.offering(&instance.record)?;
         self.plan(service, &record.plan_id)?;
@@ -183,6 +173,32 @@ impl Broker {
             },
         )
         .await
+    }
+
+    /// A bind of an upstream's instance: held in process, forwarded with the upstream's own
+    /// ids, and recorded once, with its outcome.
+    async fn forward_bind(
+        &self,
+        mut record: BindingRecord,
+        up: UpstreamRef,
+        instance_version: u64,
+        (mut req, accepts_incomplete, ctx): (BindRequest, bool, &CallContext),
+    ) -> Result<Reply, OsbError> {
+        record.operation = self.start_forward(OpKind::Bind);
+        let parent = Some((record.instance_id.as_str(), instance_version));
+        let (_hold, at) = match self.hold_new(&record, parent, accepts_incomplete).await? {
+            Ok(held) => held,
+            Err(answer) => return Ok(answer),
+        };
+        req.service_id = Some(up.service_id);
+        req.plan_id = Some(up.plan_id);
+        let path = format!(
+            "/v2/service_instances/{}/service_bindings/{}",
+            record.instance_id, record.id
+        );
+        let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
+        request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
+        self.forward(record, at, request).await
     }
 
     pub async fn unbind(

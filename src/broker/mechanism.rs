@@ -20,7 +20,10 @@ use crate::config::{Config, ServiceConfig};
 use crate::error::OsbError;
 use crate::federation::Federation;
 use crate::store::records;
-use crate::store::{BindingRecord, EmbeddedStore, InstanceRecord, OpState, StateStore};
+use crate::store::{
+    BindingRecord, EmbeddedStore, Insert, InstanceRecord, Link, OpState, StateStore, StoreError,
+    Table, Versioned,
+};
 
 /// What the fake backend holds and was asked to do.
 #[derive(Default)]
@@ -591,4 +594,238 @@ async fn a_crash_between_claim_and_outcome_is_taken_over_by_another_process() {
     let calls = fake.calls.lock().unwrap().clone();
     assert_eq!(calls, vec!["deprovision i1", "provision i1"], "{calls:?}");
     assert!(instance(&store, "i1").await.unwrap().provisioned);
+}
+
+/// A store that counts the writes made through it, per table.
+struct Counting {
+    inner: EmbeddedStore,
+    writes: Mutex<Vec<(Table, &'static str)>>,
+}
+
+impl Counting {
+    fn new() -> Arc<Counting> {
+        Arc::new(Counting {
+            inner: EmbeddedStore::in_memory().unwrap(),
+            writes: Mutex::default(),
+        })
+    }
+
+    /// The writes to `table` since the last call, by kind.
+    fn take(&self, table: Table) -> Vec<&'static str> {
+        let mut writes = self.writes.lock().unwrap();
+        let (taken, kept) = writes.drain(..).partition(|(t, _)| *t == table);
+        *writes = kept;
+        taken.into_iter().map(|(_, kind)| kind).collect()
+    }
+
+    fn wrote(&self, table: Table, kind: &'static str) {
+        self.writes.lock().unwrap().push((table, kind));
+    }
+}
+
+#[async_trait]
+impl StateStore for Counting {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.inner.check().await
+    }
+
+    async fn get(&self, table: Table, id: &str) -> Result<Option<Versioned>, StoreError> {
+        self.inner.get(table, id).await
+    }
+
+    async fn insert(
+        &self,
+        table: Table,
+        id: &str,
+        link: Link<'_>,
+        doc: &[u8],
+    ) -> Result<Insert, StoreError> {
+        self.wrote(table, "insert");
+        self.inner.insert(table, id, link, doc).await
+    }
+
+    async fn replace(
+        &self,
+        table: Table,
+        id: &str,
+        version: u64,
+        doc: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.wrote(table, "replace");
+        self.inner.replace(table, id, version, doc).await
+    }
+
+    async fn remove(&self, table: Table, id: &str, version: u64) -> Result<bool, StoreError> {
+        self.wrote(table, "remove");
+        self.inner.remove(table, id, version).await
+    }
+
+    async fn bindings_of(&self, instance_id: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        self.inner.bindings_of(instance_id).await
+    }
+
+    async fn page(
+        &self,
+        group: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        self.inner.page(group, after, limit).await
+    }
+}
+
+/// An upstream broker in this process, on a port of its own: one service with one plan.
+/// Provisions answer `status` (201 unless set) and are counted.
+struct Upstream {
+    base: String,
+    status: Arc<std::sync::atomic::AtomicU16>,
+    provisions: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn upstream() -> Upstream {
+    use axum::routing::{get, put};
+    use std::sync::atomic::{AtomicU16, AtomicUsize};
+    let status = Arc::new(AtomicU16::new(201));
+    let provisions = Arc::new(AtomicUsize::new(0));
+    let (answer, counted) = (status.clone(), provisions.clone());
+    let app = axum::Router::new()
+        .route(
+            "/v2/catalog",
+            get(|| async {
+                axum::Json(json!({"services": [{"id": "u-svc", "name": "remote", "description": "d",
+                    "bindable": true, "plans": [{"id": "u-plan", "name": "p", "description": "d"}]}]}))
+            }),
+        )
+        .route(
+            "/v2/service_instances/{id}",
+            put(move || {
+                let (answer, counted) = (answer.clone(), counted.clone());
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let code = axum::http::StatusCode::from_u16(answer.load(Ordering::SeqCst));
+                    (code.unwrap(), axum::Json(json!({})))
+                }
+            })
+            .delete(|| async { axum::Json(json!({})) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Upstream {
+        base,
+        status,
+        provisions,
+    }
+}
+
+/// A broker federating `upstream`, over a write-counting store; the forwarded service's id
+/// and plan id as the merged catalog names them.
+async fn forwarding(upstream: &Upstream) -> (Broker, Arc<Counting>, String, String) {
+    let store = Counting::new();
+    let config = Config::load(None).unwrap();
+    let links = sso::DashboardLinks::new(&config.broker.external_url).unwrap();
+    let catalog = catalog(&config, &links);
+    let metrics = crate::metrics::Metrics::new();
+    let settings: upstreams::UpstreamSettings =
+        serde_json::from_value(json!({"alias": "up", "url": upstream.base})).unwrap();
+    let client = upstreams::Upstream::new(settings).unwrap();
+    let federation = Arc::new(Federation::new(
+        vec![client],
+        catalog.published().clone(),
+        store.clone(),
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+        metrics.clone(),
+    ));
+    federation.refresh().await;
+    let snapshot = federation.snapshot();
+    let (service_id, route) = snapshot
+        .merged
+        .routes
+        .iter()
+        .find(|(_, r)| r.alias == "up")
+        .expect("the upstream's service is routed");
+    let plan_id = route.plans.keys().next().unwrap().clone();
+    let service_id = service_id.clone();
+    let timing = Timing {
+        operation_timeout: Duration::from_secs(5),
+        retry_after_secs: 1,
+    };
+    let broker = Broker::new(
+        store.clone(),
+        catalog,
+        Backends::new(),
+        links,
+        timing,
+        federation,
+        metrics,
+    );
+    store.take(Table::Catalogs);
+    (broker, store, service_id, plan_id)
+}
+
+fn forwarded_body(service: &str, plan: &str) -> upstreams::osb::ProvisionRequest {
+    serde_json::from_value(json!({"service_id": service, "plan_id": plan,
+        "organization_guid": "org", "space_guid": "space"}))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_forwarded_provision_writes_once_its_outcome_and_a_local_one_claims_first() {
+    let up = upstream().await;
+    let (broker, store, service, plan) = forwarding(&up).await;
+    let answer = broker
+        .provision("f1", forwarded_body(&service, &plan), false, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 201);
+    assert_eq!(store.take(Table::Instances), vec!["insert"]);
+    let record = records::load::<InstanceRecord>(&*store, "f1")
+        .await
+        .unwrap()
+        .unwrap()
+        .record;
+    assert!(record.provisioned && record.upstream.is_some());
+    // A repeat is answered from the record, and the upstream is not called again.
+    let again = broker
+        .provision("f1", forwarded_body(&service, &plan), false, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(again.status, 200);
+    assert_eq!(up.provisions.load(Ordering::SeqCst), 1);
+    assert!(store.take(Table::Instances).is_empty());
+    // A forwarded delete's one write is the removal.
+    let gone = broker
+        .deprovision(
+            "f1",
+            Some(service.clone()),
+            Some(plan.clone()),
+            false,
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(gone.status, 200);
+    assert_eq!(store.take(Table::Instances), vec!["remove"]);
+}
+
+#[tokio::test]
+async fn a_provision_the_upstream_refuses_records_nothing() {
+    let up = upstream().await;
+    let (broker, store, service, plan) = forwarding(&up).await;
+    for code in [409u16, 422, 500] {
+        up.status.store(code, Ordering::SeqCst);
+        let id = format!("f{code}");
+        let answer = broker
+            .provision(&id, forwarded_body(&service, &plan), false, &ctx())
+            .await;
+        assert!(status(&answer) >= 400, "{code}: {}", status(&answer));
+        let record = records::load::<InstanceRecord>(&*store, &id).await.unwrap();
+        assert!(record.is_none(), "{code}: a record");
+    }
+    assert!(store.take(Table::Instances).is_empty());
 }
