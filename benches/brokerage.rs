@@ -32,10 +32,7 @@ use mysql_async::prelude::*;
 use serde_json::{json, Value};
 
 mod common;
-use common::{cpu_secs, free_port, Killed};
-
-const USER: &str = "bench";
-const PASSWORD: &str = "bench-password";
+use common::{cpu_secs, free_port, osb, Killed, PASSWORD, USER};
 
 fn upstream_catalog(services: usize, plans: usize, tag: &str) -> Value {
     let services: Vec<Value> = (0..services)
@@ -152,11 +149,6 @@ fn rss_kb(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn osb(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-    req.basic_auth(USER, Some(PASSWORD))
-        .header("X-Broker-API-Version", "2.17")
 }
 
 async fn timed(req: reqwest::RequestBuilder) -> Duration {

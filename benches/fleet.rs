@@ -18,10 +18,8 @@ use serde_json::{json, Value};
 #[path = "../tests/resilience/balancer.rs"]
 mod balancer;
 mod common;
-use common::{cpu_secs, free_port, Killed};
+use common::{cpu_secs, free_port, osb, Killed, PASSWORD, USER};
 
-const USER: &str = "bench";
-const PASSWORD: &str = "bench-password";
 /// Concurrent clients, each running lifecycles one after another.
 const CLIENTS: usize = 8;
 /// How long each topology is loaded, after a warm-up of one lifecycle per client.
@@ -60,11 +58,6 @@ fn broker(binary: &str, dir: &std::path::Path, nodes: &[u16], store: &str) -> (K
         .spawn()
         .unwrap();
     (Killed(child), port)
-}
-
-fn osb(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-    req.basic_auth(USER, Some(PASSWORD))
-        .header("X-Broker-API-Version", "2.17")
 }
 
 /// Waits until every broker is ready behind the balancer: as many consecutive catalogs
@@ -139,8 +132,11 @@ struct Rate {
     p99_ms: f64,
 }
 
-/// `CLIENTS` clients running lifecycles through `base` for `LOAD`.
-async fn run(base: &str, ids: (String, String), tag: &str) -> Rate {
+/// `CLIENTS` clients running lifecycles through `base` for `LOAD`, with the CPU the
+/// `brokers` (process ids) and the whole machine spent meanwhile.
+async fn run(base: &str, ids: (String, String), tag: &str, brokers: &[u32]) -> Rate {
+    let brokers_cpu = || brokers.iter().map(|&pid| cpu_secs(pid)).sum::<f64>();
+    let (broker_before, machine_before) = (brokers_cpu(), machine_busy_secs());
     let started = Instant::now();
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -172,6 +168,12 @@ async fn run(base: &str, ids: (String, String), tag: &str) -> Rate {
         failed += f;
     }
     let elapsed = started.elapsed();
+    // Per lifecycle run, warm-ups and failed ones included: the CPU was spent on them too.
+    let per = |secs: f64| secs * 1000.0 / (times.len() + failed + CLIENTS) as f64;
+    let (broker_cpu_ms, machine_cpu_ms) = (
+        per(brokers_cpu() - broker_before),
+        per(machine_busy_secs() - machine_before),
+    );
     times.sort();
     let at = |p: f64| {
         times
@@ -179,8 +181,8 @@ async fn run(base: &str, ids: (String, String), tag: &str) -> Rate {
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
     Rate {
-        broker_cpu_ms: 0.0,
-        machine_cpu_ms: 0.0,
+        broker_cpu_ms,
+        machine_cpu_ms,
         lifecycles: times.len(),
         failed,
         per_sec: times.len() as f64 / elapsed.as_secs_f64(),
@@ -212,13 +214,8 @@ async fn topology(binary: &str, nodes: &[Vec<u16>], tag: &str) -> Rate {
         service["id"].as_str().unwrap().to_string(),
         service["plans"][0]["id"].as_str().unwrap().to_string(),
     );
-    let brokers_cpu = || brokers.iter().map(|b| cpu_secs(b.0 .0.id())).sum::<f64>();
-    let (broker_before, machine_before) = (brokers_cpu(), machine_busy_secs());
-    let mut rate = run(&base, ids, tag).await;
-    let per = |secs: f64| secs * 1000.0 / (rate.lifecycles + rate.failed + CLIENTS).max(1) as f64;
-    rate.broker_cpu_ms = per(brokers_cpu() - broker_before);
-    rate.machine_cpu_ms = per(machine_busy_secs() - machine_before);
-    rate
+    let pids: Vec<u32> = brokers.iter().map(|b| b.0 .0.id()).collect();
+    run(&base, ids, tag, &pids).await
 }
 
 #[tokio::main]

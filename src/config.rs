@@ -802,6 +802,17 @@ mod tests {
     use super::vcap_mysql_url;
     use figment::providers::Format;
 
+    /// The name a kind is written with in the configuration is the one it prints with.
+    #[test]
+    fn backend_kinds_read_and_print_by_the_same_name() {
+        use super::BackendKind::*;
+        for kind in [Mysql, Mongodb, Swift, Cubrid, Postgresql, Redis, Logs] {
+            let read: super::BackendKind = serde_json::from_value(kind.name().into()).unwrap();
+            assert_eq!(read, kind);
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.name());
+        }
+    }
+
     /// An unknown backend kind is refused at the key the catalog's checks use.
     #[test]
     fn an_unknown_backend_is_named_by_its_key() {

@@ -1,7 +1,17 @@
-//! What the benchmarks share: free ports, child processes killed when dropped, and the CPU a
-//! process has used.
+//! What the benchmarks share: the brokers' credentials and OSB headers, free ports, child
+//! processes killed when dropped, and the CPU a process has used.
 
 use std::process::Child;
+
+/// The credentials the benchmarks' brokers are configured with.
+pub const USER: &str = "bench";
+pub const PASSWORD: &str = "bench-password";
+
+/// A request as Cloud Controller sends it to the broker under test.
+pub fn osb(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    req.basic_auth(USER, Some(PASSWORD))
+        .header("X-Broker-API-Version", "2.17")
+}
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -88,7 +88,7 @@ pub struct Unbinding<'a> {
 
 /// What a bind hands out: the credentials apps read and, from a log service, the URL the
 /// platform drains the app's logs to (the answer's `syslog_drain_url`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Bound {
     pub credentials: Map<String, Value>,
     pub syslog_drain_url: Option<String>,

@@ -164,20 +164,30 @@ fn catalog(config: &Config, links: &sso::DashboardLinks) -> LocalCatalog {
 /// A broker on `store` whose `mysql` backend is `fake`; operations time out after
 /// `timeout`.
 fn broker_on(store: Arc<dyn StateStore>, fake: Arc<Fake>, timeout: Duration) -> Broker {
+    let mut backends = Backends::new();
+    backends.insert(crate::config::BackendKind::Mysql, fake as Arc<dyn Backend>);
+    broker_with(store, backends, Vec::new(), timeout)
+}
+
+/// A broker on `store` with these backends and upstreams (their catalogs not yet fetched).
+fn broker_with(
+    store: Arc<dyn StateStore>,
+    backends: Backends,
+    upstreams: Vec<upstreams::Upstream>,
+    timeout: Duration,
+) -> Broker {
     let config = Config::load(None).unwrap();
     let links = sso::DashboardLinks::new(&config.broker.external_url).unwrap();
     let catalog = catalog(&config, &links);
     let metrics = crate::metrics::Metrics::new();
     let federation = Arc::new(Federation::new(
-        Vec::new(),
+        upstreams,
         catalog.published().clone(),
         store.clone(),
         Duration::from_secs(3600),
         Duration::from_secs(3600),
         metrics.clone(),
     ));
-    let mut backends = Backends::new();
-    backends.insert(crate::config::BackendKind::Mysql, fake as Arc<dyn Backend>);
     let timing = Timing {
         operation_timeout: timeout,
         retry_after_secs: 1,
@@ -199,8 +209,8 @@ fn ctx() -> CallContext {
     }
 }
 
-fn provision_body(plan: &str) -> upstreams::osb::ProvisionRequest {
-    serde_json::from_value(json!({"service_id": SERVICE, "plan_id": plan,
+fn provision_body(service: &str, plan: &str) -> upstreams::osb::ProvisionRequest {
+    serde_json::from_value(json!({"service_id": service, "plan_id": plan,
         "organization_guid": "org", "space_guid": "space"}))
     .unwrap()
 }
@@ -220,7 +230,7 @@ fn status(answer: &Result<Reply, OsbError>) -> u16 {
 
 async fn provision(broker: &Broker, id: &str, plan: &str) -> Result<Reply, OsbError> {
     broker
-        .provision(id, provision_body(plan), false, &ctx())
+        .provision(id, provision_body(SERVICE, plan), false, &ctx())
         .await
 }
 
@@ -321,15 +331,16 @@ async fn bad_requests_are_4xx_and_leave_no_record_and_no_backend_call() {
 }
 
 #[tokio::test]
-async fn a_backend_failure_is_answered_recorded_and_a_retry_succeeds() {
+async fn a_backend_failure_is_answered_undone_and_a_retry_succeeds() {
     let (broker, fake, store) = setup();
     *fake.fail_next.lock().unwrap() = Some(BackendError::Rejected("not now".into()));
     let failed = provision(&broker, "i1", SMALL).await;
     assert_eq!(status(&failed), 422);
     assert!(!fake.holds("i1"));
-    if let Some(record) = instance(&store, "i1").await {
-        assert!(!record.provisioned, "a failed provision is not an instance");
-    }
+    assert!(
+        instance(&store, "i1").await.is_none(),
+        "a failed synchronous provision is undone"
+    );
     let retried = provision(&broker, "i1", SMALL).await.unwrap();
     assert_eq!(retried.status, 201);
     assert!(fake.holds("i1"));
@@ -393,7 +404,7 @@ async fn an_asynchronous_plan_answers_202_and_last_operation_follows_it_to_succe
     let gate = Arc::new(Semaphore::new(0));
     *fake.gate.lock().unwrap() = Some(gate.clone());
     let accepted = broker
-        .provision("i1", provision_body(SLOW), true, &ctx())
+        .provision("i1", provision_body(SERVICE, SLOW), true, &ctx())
         .await
         .unwrap();
     assert_eq!(accepted.status, 202);
@@ -726,23 +737,17 @@ async fn upstream() -> Upstream {
 /// and plan id as the merged catalog names them.
 async fn forwarding(upstream: &Upstream) -> (Broker, Arc<Counting>, String, String) {
     let store = Counting::new();
-    let config = Config::load(None).unwrap();
-    let links = sso::DashboardLinks::new(&config.broker.external_url).unwrap();
-    let catalog = catalog(&config, &links);
-    let metrics = crate::metrics::Metrics::new();
     let settings: upstreams::UpstreamSettings =
         serde_json::from_value(json!({"alias": "up", "url": upstream.base})).unwrap();
     let client = upstreams::Upstream::new(settings).unwrap();
-    let federation = Arc::new(Federation::new(
-        vec![client],
-        catalog.published().clone(),
+    let broker = broker_with(
         store.clone(),
-        Duration::from_secs(3600),
-        Duration::from_secs(3600),
-        metrics.clone(),
-    ));
-    federation.refresh().await;
-    let snapshot = federation.snapshot();
+        Backends::new(),
+        vec![client],
+        Duration::from_secs(5),
+    );
+    broker.federation().refresh().await;
+    let snapshot = broker.federation().snapshot();
     let (service_id, route) = snapshot
         .merged
         .routes
@@ -751,27 +756,8 @@ async fn forwarding(upstream: &Upstream) -> (Broker, Arc<Counting>, String, Stri
         .expect("the upstream's service is routed");
     let plan_id = route.plans.keys().next().unwrap().clone();
     let service_id = service_id.clone();
-    let timing = Timing {
-        operation_timeout: Duration::from_secs(5),
-        retry_after_secs: 1,
-    };
-    let broker = Broker::new(
-        store.clone(),
-        catalog,
-        Backends::new(),
-        links,
-        timing,
-        federation,
-        metrics,
-    );
     store.take(Table::Catalogs);
     (broker, store, service_id, plan_id)
-}
-
-fn forwarded_body(service: &str, plan: &str) -> upstreams::osb::ProvisionRequest {
-    serde_json::from_value(json!({"service_id": service, "plan_id": plan,
-        "organization_guid": "org", "space_guid": "space"}))
-    .unwrap()
 }
 
 #[tokio::test]
@@ -779,7 +765,7 @@ async fn a_forwarded_provision_writes_once_its_outcome_and_a_local_one_claims_fi
     let up = upstream().await;
     let (broker, store, service, plan) = forwarding(&up).await;
     let answer = broker
-        .provision("f1", forwarded_body(&service, &plan), false, &ctx())
+        .provision("f1", provision_body(&service, &plan), false, &ctx())
         .await
         .unwrap();
     assert_eq!(answer.status, 201);
@@ -792,7 +778,7 @@ async fn a_forwarded_provision_writes_once_its_outcome_and_a_local_one_claims_fi
     assert!(record.provisioned && record.upstream.is_some());
     // A repeat is answered from the record, and the upstream is not called again.
     let again = broker
-        .provision("f1", forwarded_body(&service, &plan), false, &ctx())
+        .provision("f1", provision_body(&service, &plan), false, &ctx())
         .await
         .unwrap();
     assert_eq!(again.status, 200);
@@ -821,7 +807,7 @@ async fn a_provision_the_upstream_refuses_records_nothing() {
         up.status.store(code, Ordering::SeqCst);
         let id = format!("f{code}");
         let answer = broker
-            .provision(&id, forwarded_body(&service, &plan), false, &ctx())
+            .provision(&id, provision_body(&service, &plan), false, &ctx())
             .await;
         assert!(status(&answer) >= 400, "{code}: {}", status(&answer));
         let record = records::load::<InstanceRecord>(&*store, &id).await.unwrap();

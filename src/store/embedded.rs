@@ -263,20 +263,14 @@ fn insert(
             return Ok(Insert::ParentChanged);
         }
     }
-    match owner {
-        Owner::None => {
-            t.insert(id, (1u64, "", doc))?;
-        }
-        Owner::Parent(pid, _) => {
-            t.insert(id, (1u64, pid.as_str(), doc))?;
-            let mut index = txn.open_table(BINDINGS_BY_INSTANCE)?;
-            index.insert((pid.as_str(), id), ())?;
-        }
-        Owner::Group(group) => {
-            t.insert(id, (1u64, group.as_str(), doc))?;
-            let mut index = txn.open_table(INSTANCES_BY_GROUP)?;
-            index.insert((group.as_str(), id), ())?;
-        }
+    let (column, index) = match owner {
+        Owner::None => ("", None),
+        Owner::Parent(pid, _) => (pid.as_str(), Some(BINDINGS_BY_INSTANCE)),
+        Owner::Group(group) => (group.as_str(), Some(INSTANCES_BY_GROUP)),
+    };
+    t.insert(id, (1u64, column, doc))?;
+    if let Some(index) = index {
+        txn.open_table(index)?.insert((column, id), ())?;
     }
     Ok(Insert::Inserted)
 }

@@ -747,9 +747,9 @@ pub async fn wait_for_insert(credentials: &Value, refused: bool) -> Duration {
     );
 }
 
-/// The sum of every sample of the metric `name` (all label sets) a broker at `base` reports.
-pub async fn metric(base: &str, name: &str) -> f64 {
-    let text = reqwest::Client::new()
+/// What a broker at `base` serves on `/metrics`, read with the built-in metrics credentials.
+pub async fn metrics_text(base: &str) -> String {
+    reqwest::Client::new()
         .get(format!("{base}/metrics"))
         .basic_auth("metrics", Some("brokerage-dev-metrics-password"))
         .send()
@@ -757,8 +757,14 @@ pub async fn metric(base: &str, name: &str) -> f64 {
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+/// The sum of every sample of the metric `name` (all label sets) a broker at `base` reports.
+pub async fn metric(base: &str, name: &str) -> f64 {
+    metrics_text(base)
+        .await
+        .lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

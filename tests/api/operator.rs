@@ -29,16 +29,7 @@ async fn metrics_count_what_happened_behind_their_own_credentials() {
         401,
         "the broker's own credentials do not open /metrics"
     );
-    let text = app
-        .client
-        .get(&url)
-        .basic_auth("metrics", Some("brokerage-dev-metrics-password"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&app.base).await;
     let line = |needle: &str| {
         text.lines()
             .find(|l| l.starts_with(needle))
