@@ -233,7 +233,9 @@ async fn half_open_connections_are_closed_while_the_catalog_is_served() {
     let catalog_started = Instant::now();
     broker.client().catalog().await.expect(200);
     let catalog_ms = catalog_started.elapsed().as_secs_f64() * 1000.0;
-    let last = all_closed(open, since, Duration::from_secs(8)).await;
+    // The window only bounds the test: the figure printed is when the last one closed. On a
+    // loaded machine (the whole suite runs beside it) closing 1,000 took over 8 s once.
+    let last = all_closed(open, since, Duration::from_secs(30)).await;
     println!(
         "1000 half-open connections: opened in {opened:.2} s, catalog answered meanwhile in {catalog_ms:.1} ms, all closed {last:.2} s after the first was opened (header_timeout_secs: 2)"
     );
@@ -573,7 +575,9 @@ async fn tls_handshakes_that_never_start_are_closed_while_https_is_served() {
         .await
         .unwrap();
     assert_eq!(served.status(), 200);
-    let last = all_closed(open, since, Duration::from_secs(8)).await;
+    // The window only bounds the test: the figure printed is when the last one closed. On a
+    // loaded machine (the whole suite runs beside it) closing 1,000 took over 8 s once.
+    let last = all_closed(open, since, Duration::from_secs(30)).await;
     println!("200 stalled TLS handshakes: all closed {last:.2} s after the first (header_timeout_secs: 2)");
     let _ = child.kill();
     let _ = child.wait();
