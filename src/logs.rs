@@ -21,10 +21,6 @@ use serde::{Deserialize, Serialize};
 use crate::store::records;
 use crate::store::{BindingRecord, Insert, Link, StateStore, StoreError, Table};
 
-/// The key under which the log backend's bind hands the broker a drain URL; the broker
-/// answers it as the bind's `syslog_drain_url` field.
-pub const DRAIN_URL: &str = "syslog_drain_url";
-
 /// One log line as shown: where it came from and what it said.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Line {
@@ -310,9 +306,7 @@ impl Logs {
                     if r.operation.kind.deletes() {
                         return None;
                     }
-                    let url = r.credentials.as_ref()?.get(DRAIN_URL)?.as_str()?;
-                    let token = url.rsplit('/').next()?.to_string();
-                    Some(Arc::new((token, r.instance_id)))
+                    Some(Arc::new((r.drain?.token, r.instance_id)))
                 }))
             })
             .await

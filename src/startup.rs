@@ -329,11 +329,11 @@ pub async fn check(config: &Config, prepared: &Prepared) -> Vec<Probe> {
         let result = match u.catalog(&upstreams::client::default_api_version()).await {
             Err(e) => Err(e.to_string()),
             Ok(catalog) => {
-                let names: Vec<String> = catalog["services"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|s| s.get("name").and_then(|n| n.as_str()).map(str::to_string))
+                let names: Vec<String> = catalog
+                    .catalog
+                    .services
+                    .iter()
+                    .map(|s| s.name.clone())
                     .collect();
                 Ok(format!(
                     "{} offers {} service(s): {}",

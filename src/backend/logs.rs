@@ -13,7 +13,7 @@ use super::{Backend, BackendError, Binding, Bound, Unbinding};
 use crate::catalog::PlanLimits;
 use crate::logs::{Logs, Retention};
 use crate::store::records::{self};
-use crate::store::{BindingRecord, StateStore, StoreError};
+use crate::store::{BindingRecord, Drain, StateStore, StoreError};
 
 pub struct LogsBackend {
     logs: Arc<Logs>,
@@ -128,7 +128,7 @@ impl Backend for LogsBackend {
         let url = format!("{}/drains/{binding_id}/{token}", self.base);
         Ok(Bound {
             credentials: Map::new(),
-            syslog_drain_url: Some(url),
+            drain: Some(Drain { url, token }),
         })
     }
 
@@ -196,7 +196,9 @@ mod tests {
                 parameters: None,
             };
             let bound = backend.bind(&binding).await.unwrap();
-            let url = bound.syslog_drain_url.unwrap();
+            let drain = bound.drain.unwrap();
+            let url = drain.url;
+            assert!(url.ends_with(&format!("/{}", drain.token)));
             assert!(url.starts_with(&format!("https://broker.example.com/drains/{binding_id}/")));
             let key = format!("app:{app}");
             let stored = store.get(Table::Logs, &key).await.unwrap();

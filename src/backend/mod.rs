@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::catalog::{ParametersOf, PlanLimits};
 use crate::config::{BackendKind, Config, ServerBackendConfig};
+use crate::store::Drain;
 
 /// How a backend failed; the broker maps each to an OSB status.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -86,19 +87,19 @@ pub struct Unbinding<'a> {
     pub app: Option<&'a str>,
 }
 
-/// What a bind hands out: the credentials apps read and, from a log service, the URL the
-/// platform drains the app's logs to (the answer's `syslog_drain_url`).
+/// What a bind hands out: the credentials apps read and, from a log service, the drain
+/// the platform sends the app's logs to (the answer's `syslog_drain_url`).
 #[derive(Debug, Clone)]
 pub struct Bound {
     pub credentials: Map<String, Value>,
-    pub syslog_drain_url: Option<String>,
+    pub drain: Option<Drain>,
 }
 
 impl From<Map<String, Value>> for Bound {
     fn from(credentials: Map<String, Value>) -> Self {
         Bound {
             credentials,
-            syslog_drain_url: None,
+            drain: None,
         }
     }
 }

@@ -2,16 +2,14 @@
 //! answer path as instances ([`super::operation`]). A binding is inserted only while its
 //! instance is still at the version the binder read, so it cannot race a deprovision.
 
-use serde_json::Value;
-use upstreams::osb::{BindRequest, BindingResponse, DeleteResponse};
+use upstreams::osb::{Answer, BindRequest, BindingResponse, DeleteResponse, Kind};
 use upstreams::Method;
 
-use super::operation::{failed, in_flight, to_value, At, Outcome, Reply, Resource};
+use super::operation::{failed, in_flight, At, Outcome, Reply, Resource};
 use super::{check_id, check_parameters, required, BackendRef, Broker, CallContext};
-use crate::backend::{BackendError, Binding, Bound, Unbinding};
+use crate::backend::{BackendError, Binding, Unbinding};
 use crate::catalog::ParametersOf;
 use crate::error::OsbError;
-use crate::logs::DRAIN_URL;
 use crate::store::records::{self, Stored};
 use crate::store::{BindingRecord, OpKind, OpState, StateStore, UpstreamRef};
 
@@ -24,34 +22,19 @@ fn same_binding(e: &BindingRecord, r: &BindingRecord) -> bool {
         && e.parameters == r.parameters
 }
 
-/// The answer to a local bind: the credentials the backend handed out.
-fn bound(record: &BindingRecord, status: u16) -> Option<Reply> {
-    let answer = handed_out(record.credentials.clone()?);
-    Some(Reply::of(status, &answer))
-}
-
-/// What a bind handed out, as the binding record keeps it: the drain URL under its key
-/// beside the credentials.
-fn kept(bound: Bound) -> serde_json::Map<String, serde_json::Value> {
-    let mut credentials = bound.credentials;
-    if let Some(url) = bound.syslog_drain_url {
-        credentials.insert(DRAIN_URL.into(), url.into());
-    }
-    credentials
-}
-
-/// What a backend handed out, as a binding answer: a drain URL (the log backend's) is the
-/// answer's `syslog_drain_url`, the rest is credentials.
-fn handed_out(mut credentials: serde_json::Map<String, serde_json::Value>) -> BindingResponse {
-    let syslog_drain_url = match credentials.remove(DRAIN_URL) {
-        Some(serde_json::Value::String(url)) => Some(url),
-        _ => None,
-    };
-    BindingResponse {
-        credentials: Some(credentials),
-        syslog_drain_url,
+/// What a local bind handed out, as the binding record keeps it: the credentials, and
+/// the drain as the answer's `syslog_drain_url`; `None` before the bind succeeded.
+fn handed_out(record: &BindingRecord) -> Option<BindingResponse> {
+    Some(BindingResponse {
+        credentials: Some(record.credentials.clone()?),
+        syslog_drain_url: record.drain.as_ref().map(|d| d.url.clone()),
         ..Default::default()
-    }
+    })
+}
+
+/// The answer to a local bind.
+fn bound(record: &BindingRecord, status: u16) -> Option<Reply> {
+    Some(Reply::of(status, Answer::Bind(handed_out(record)?)))
 }
 
 impl Resource for BindingRecord {
@@ -63,11 +46,14 @@ impl Resource for BindingRecord {
         bound(self, 200)
     }
 
-    fn accepted_body(&self, operation: String) -> Value {
+    fn accepted_answer(&self, operation: String) -> Answer {
         let operation = Some(operation);
         match self.operation.kind {
-            OpKind::Unbind => to_value(&DeleteResponse { operation }),
-            _ => to_value(&BindingResponse {
+            OpKind::Unbind => Answer::Unbind(DeleteResponse {
+                operation,
+                ..Default::default()
+            }),
+            _ => Answer::Bind(BindingResponse {
                 operation,
                 ..Default::default()
             }),
@@ -107,6 +93,7 @@ impl Broker {
             parameters: req.parameters.clone(),
             context: req.context.clone(),
             credentials: None,
+            drain: None,
             created_at: chrono::Utc::now(),
             operation: self.start(OpKind::Bind, false),
             upstream: instance.record.upstream.clone(),
@@ -164,7 +151,8 @@ impl Broker {
             work,
             |mut record, result| match result {
                 Ok(handed) => {
-                    record.credentials = Some(kept(handed));
+                    record.credentials = Some(handed.credentials);
+                    record.drain = handed.drain;
                     record.operation.finish(OpState::Succeeded, None);
                     let reply = bound(&record, 201).expect("credentials were just set");
                     (Outcome::Keep(record), Ok(reply))
@@ -197,7 +185,7 @@ impl Broker {
             record.instance_id, record.id
         );
         let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
-        request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
+        request.body = Some(serde_json::to_vec(&req).expect("requests serialize"));
         self.forward(record, at, request).await
     }
 
@@ -276,7 +264,7 @@ impl Broker {
         });
         let at = At::Version(version);
         self.drive(record, at, work, move |record, result| match result {
-            Ok(()) => (Outcome::Remove, Ok(Reply::deleted())),
+            Ok(()) => (Outcome::Remove, Ok(Reply::deleted(OpKind::Unbind))),
             Err(e) => failed(record, e, Some(previous_op)),
         })
         .await
@@ -307,16 +295,16 @@ impl Broker {
             }
             let path = format!("/v2/service_instances/{instance_id}/service_bindings/{binding_id}");
             let request = self.upstream_request(Method::GET, &path, false, ctx);
-            return self.ask_upstream(&up.alias, request).await;
+            return self.ask_upstream(&up.alias, request, Kind::Binding).await;
         }
-        let Some(credentials) = r.credentials else {
+        let Some(handed) = handed_out(&r) else {
             return Err(not_found());
         };
         let answer = BindingResponse {
             parameters: r.parameters,
-            ..handed_out(credentials)
+            ..handed
         };
-        Ok(Reply::of(200, &answer))
+        Ok(Reply::of(200, Answer::Binding(answer)))
     }
 }
 

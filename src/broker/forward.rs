@@ -9,7 +9,7 @@
 //! outcome recorded here is the call's one durable write.
 
 use chrono::Utc;
-use serde_json::Value;
+use upstreams::osb::{Answer, Kind};
 use upstreams::{Method, OsbRequest, OsbResponse};
 
 use super::operation::{self, At, Outcome, Reply, Resource, Settled};
@@ -28,12 +28,12 @@ const UPSTREAM_ASYNC_LEASE_DAYS: i64 = 8;
 /// Records that take in what an upstream answered.
 pub(super) trait Forwarded: Resource {
     /// `done`: the operation completed (not just accepted).
-    fn absorb(&mut self, body: &Value, done: bool);
+    fn absorb(&mut self, answer: &Answer, done: bool);
 }
 
 impl Forwarded for InstanceRecord {
-    fn absorb(&mut self, body: &Value, done: bool) {
-        if let Some(url) = body.get("dashboard_url").and_then(Value::as_str) {
+    fn absorb(&mut self, answer: &Answer, done: bool) {
+        if let Some(url) = answer.dashboard_url() {
             self.dashboard_url = Some(url.to_string());
         }
         if !done {
@@ -57,7 +57,7 @@ impl Forwarded for InstanceRecord {
 }
 
 impl Forwarded for BindingRecord {
-    fn absorb(&mut self, _body: &Value, _done: bool) {}
+    fn absorb(&mut self, _answer: &Answer, _done: bool) {}
 }
 
 /// An upstream's `Retry-After` in seconds: digits only, at most a day (larger numbers
@@ -83,8 +83,19 @@ fn retry_after_saturates_at_a_day_and_ignores_what_is_not_seconds() {
 fn passthrough(r: OsbResponse) -> Reply {
     Reply {
         status: r.status,
-        body: r.body,
+        answer: r.body,
         retry_after: r.retry_after.as_deref().and_then(retry_after_secs),
+    }
+}
+
+/// What an upstream's answer to a change is read as.
+fn kind_of(kind: OpKind) -> Kind {
+    match kind {
+        OpKind::Provision => Kind::Provision,
+        OpKind::Update => Kind::Update,
+        OpKind::Deprovision => Kind::Deprovision,
+        OpKind::Bind => Kind::Bind,
+        OpKind::Unbind => Kind::Unbind,
     }
 }
 
@@ -108,14 +119,10 @@ fn settle<R: Forwarded>(mut record: R, answer: Result<OsbResponse, OsbError>) ->
             record.absorb(&response.body, false);
             let op = record.operation_mut();
             op.asynchronous = true;
-            op.upstream_operation = response
-                .body
-                .get("operation")
-                .and_then(Value::as_str)
-                .map(str::to_string);
+            op.upstream_operation = response.body.operation().map(str::to_string);
             op.lease_until = Utc::now() + chrono::Duration::days(UPSTREAM_ASYNC_LEASE_DAYS);
             let mut reply = passthrough(response);
-            reply.body["operation"] = Value::String(operation::token(&record));
+            reply.answer.set_operation(operation::token(&record));
             (Outcome::Keep(record), Ok(reply))
         }
         _ => (Outcome::Unchanged, Ok(passthrough(response))),
@@ -166,6 +173,7 @@ impl Broker {
         &self,
         alias: &str,
         request: OsbRequest,
+        kind: Kind,
     ) -> Result<OsbResponse, OsbError> {
         let upstream = self.inner.federation.upstream(alias).ok_or_else(|| {
             let public = format!("upstream {alias} is no longer configured");
@@ -175,7 +183,7 @@ impl Broker {
             }
         })?;
         tracing::debug!(upstream = alias, method = %request.method, path = %request.path, "forwarding");
-        Ok(upstream.send(&request).await?)
+        Ok(upstream.send(&request, kind).await?)
     }
 
     /// The upstream's id for a namespaced plan of the same upstream service.
@@ -205,8 +213,9 @@ impl Broker {
         request: OsbRequest,
     ) -> Result<Reply, OsbError> {
         let alias = record.upstream().expect("upstream-owned").alias.clone();
+        let kind = kind_of(record.operation().kind);
         let this = self.clone();
-        let call = async move { this.call_upstream(&alias, request).await };
+        let call = async move { this.call_upstream(&alias, request, kind).await };
         self.drive(record, at, call, settle).await
     }
 
@@ -235,9 +244,10 @@ impl Broker {
         &self,
         alias: &str,
         request: OsbRequest,
+        kind: Kind,
     ) -> Result<Reply, OsbError> {
         let _in_flight = self.inner.metrics.in_flight();
-        Ok(passthrough(self.call_upstream(alias, request).await?))
+        Ok(passthrough(self.call_upstream(alias, request, kind).await?))
     }
 
     /// A DELETE for something never recorded: routed by its `service_id`, so the upstream
@@ -264,19 +274,17 @@ impl Broker {
             accepts_incomplete,
             ctx,
         );
-        let mut reply = self.ask_upstream(&route.alias, request).await?;
+        let mut reply = self
+            .ask_upstream(&route.alias, request, kind_of(kind))
+            .await?;
         if reply.status == 202 {
             let token = OperationToken {
                 target: route.alias.clone(),
                 kind,
                 id: OperationToken::UNRECORDED.into(),
-                upstream: reply
-                    .body
-                    .get("operation")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
+                upstream: reply.answer.operation().map(str::to_string),
             };
-            reply.body["operation"] = Value::String(token.encode());
+            reply.answer.set_operation(token.encode());
         }
         Ok(reply)
     }
@@ -288,6 +296,7 @@ impl Broker {
         path: &str,
         ctx: &CallContext,
     ) -> Result<Reply, OsbError> {
+        use upstreams::osb::OperationState::{Failed, Succeeded};
         let mut record = stored.record;
         let id = record.id().to_string();
         let up = record.upstream().cloned().expect("upstream-owned");
@@ -302,27 +311,24 @@ impl Broker {
         request.query.push(("plan_id".into(), up.plan_id.clone()));
         let response = {
             let _in_flight = self.inner.metrics.in_flight();
-            self.call_upstream(&up.alias, request).await?
+            self.call_upstream(&up.alias, request, Kind::LastOperation)
+                .await?
         };
-        let state = response
-            .body
-            .get("state")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let (state, description) = match &response.body {
+            Answer::LastOperation(l) if response.status == 200 => {
+                (Some(l.state), l.description.clone())
+            }
+            _ => (None, None),
+        };
         let outcome = match (response.status, state) {
-            (200, "succeeded") if op.kind.deletes() => Some(Outcome::Remove),
+            (200, Some(Succeeded)) if op.kind.deletes() => Some(Outcome::Remove),
             (410, _) if op.kind.deletes() => Some(Outcome::Remove),
-            (200, "succeeded") => {
+            (200, Some(Succeeded)) => {
                 record.absorb(&response.body, true);
                 record.operation_mut().finish(OpState::Succeeded, None);
                 Some(Outcome::Keep(record))
             }
-            (200, "failed") => {
-                let description = response
-                    .body
-                    .get("description")
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
+            (200, Some(Failed)) => {
                 record.operation_mut().finish(OpState::Failed, description);
                 Some(Outcome::Keep(record))
             }

@@ -2,12 +2,11 @@
 //! claims, acts and records through [`super::operation`]; the act is the local backend's
 //! work or, for an upstream-owned service, [`Broker::forward`].
 
-use serde_json::Value;
-use upstreams::osb::{DeleteResponse, InstanceDetails, InstanceResponse, MaintenanceInfo};
-use upstreams::osb::{ProvisionRequest, UpdateRequest};
+use upstreams::osb::{Answer, DeleteResponse, InstanceDetails, InstanceResponse, Kind};
+use upstreams::osb::{MaintenanceInfo, ProvisionRequest, UpdateRequest};
 use upstreams::Method;
 
-use super::operation::{failed, in_flight, to_value, At, Claim, Outcome, Reply, Resource};
+use super::operation::{failed, in_flight, At, Claim, Outcome, Reply, Resource};
 use super::{check_id, check_maintenance, check_parameters, required, Broker, CallContext};
 use crate::backend;
 use crate::catalog::{LocalService, ParametersOf};
@@ -26,13 +25,14 @@ fn same_instance(e: &InstanceRecord, r: &InstanceRecord) -> bool {
 
 /// The answer about a provisioned instance: its dashboard.
 fn provisioned(record: &InstanceRecord, status: u16) -> Reply {
-    Reply::of(
-        status,
-        &InstanceResponse {
-            dashboard_url: record.dashboard_url.clone(),
-            operation: None,
-        },
-    )
+    Reply::of(status, Answer::Provision(dashboard(record)))
+}
+
+fn dashboard(record: &InstanceRecord) -> InstanceResponse {
+    InstanceResponse {
+        dashboard_url: record.dashboard_url.clone(),
+        ..Default::default()
+    }
 }
 
 fn done_instance(e: &InstanceRecord) -> Option<Reply> {
@@ -48,14 +48,20 @@ impl Resource for InstanceRecord {
         done_instance(self)
     }
 
-    fn accepted_body(&self, operation: String) -> Value {
+    fn accepted_answer(&self, operation: String) -> Answer {
         let operation = Some(operation);
+        let changed = InstanceResponse {
+            dashboard_url: self.dashboard_url.clone(),
+            operation: operation.clone(),
+            ..Default::default()
+        };
         match self.operation.kind {
-            OpKind::Deprovision => to_value(&DeleteResponse { operation }),
-            _ => to_value(&InstanceResponse {
-                dashboard_url: self.dashboard_url.clone(),
+            OpKind::Deprovision => Answer::Deprovision(DeleteResponse {
                 operation,
+                ..Default::default()
             }),
+            OpKind::Update => Answer::Update(changed),
+            _ => Answer::Provision(changed),
         }
     }
 }
@@ -180,7 +186,7 @@ impl Broker {
         req.plan_id = Some(upstream_plan);
         let path = format!("/v2/service_instances/{}", record.id);
         let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
-        request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
+        request.body = Some(serde_json::to_vec(&req).expect("requests serialize"));
         self.forward(record, at, request).await
     }
 
@@ -257,7 +263,7 @@ impl Broker {
                     }
                     record.maintenance_version = target_maintenance;
                     record.operation.finish(OpState::Succeeded, None);
-                    let reply = provisioned(&record, 200);
+                    let reply = Reply::of(200, Answer::Update(dashboard(&record)));
                     (Outcome::Keep(record), Ok(reply))
                 }
                 Err(e) => failed(record, e, Some(previous_op)),
@@ -302,7 +308,7 @@ impl Broker {
         }
         let path = format!("/v2/service_instances/{}", record.id);
         let mut request = self.upstream_request(Method::PATCH, &path, accepts_incomplete, ctx);
-        request.body = Some(serde_json::to_value(&req).expect("requests serialize"));
+        request.body = Some(serde_json::to_vec(&req).expect("requests serialize"));
         self.forward(record, At::Version(stored.version), request)
             .await
     }
@@ -379,7 +385,7 @@ impl Broker {
         });
         let at = At::Version(version);
         self.drive(record, at, work, move |record, result| match result {
-            Ok(()) => (Outcome::Remove, Ok(Reply::deleted())),
+            Ok(()) => (Outcome::Remove, Ok(Reply::deleted(OpKind::Deprovision))),
             Err(e) => failed(record, e, Some(previous_op)),
         })
         .await
@@ -409,23 +415,27 @@ impl Broker {
                     version,
                     description: None,
                 }),
+                ..Default::default()
             };
-            return Ok(Reply::of(200, &details));
+            return Ok(Reply::of(200, Answer::Instance(details)));
         };
         let path = format!("/v2/service_instances/{id}");
         let request = self.upstream_request(Method::GET, &path, false, ctx);
-        let mut reply = self.ask_upstream(&up.alias, request).await?;
+        let mut reply = self
+            .ask_upstream(&up.alias, request, Kind::Instance)
+            .await?;
         // Write the namespaced ids back.
-        if reply.body.get("service_id").and_then(|v| v.as_str()) == Some(&up.service_id) {
-            reply.body["service_id"] = r.service_id.clone().into();
-        }
-        if let Some(plan) = reply.body.get("plan_id").and_then(|v| v.as_str()) {
-            let namespaced = if plan == up.plan_id {
-                r.plan_id.clone()
-            } else {
-                crate::federation::merge::plan_id(&up.alias, plan)
-            };
-            reply.body["plan_id"] = namespaced.into();
+        if let Answer::Instance(details) = &mut reply.answer {
+            if details.service_id.as_ref() == Some(&up.service_id) {
+                details.service_id = Some(r.service_id.clone());
+            }
+            if let Some(plan) = &mut details.plan_id {
+                *plan = if *plan == up.plan_id {
+                    r.plan_id.clone()
+                } else {
+                    crate::federation::merge::plan_id(&up.alias, plan)
+                };
+            }
         }
         Ok(reply)
     }

@@ -1,7 +1,7 @@
 //! `last_operation` polls: answered from the record's operation, or, while an upstream
 //! runs the operation, by asking it (and recording the end it reports).
 
-use upstreams::osb::{LastOperation, OperationState};
+use upstreams::osb::{Answer, Kind, LastOperation, OperationState};
 use upstreams::Method;
 
 use super::forward::Forwarded;
@@ -67,7 +67,9 @@ impl Broker {
                 if let Some(operation) = &t.upstream {
                     request.query.push(("operation".into(), operation.clone()));
                 }
-                return self.ask_upstream(&t.target, request).await;
+                return self
+                    .ask_upstream(&t.target, request, Kind::LastOperation)
+                    .await;
             }
             // Gone after a delete is the success the platform waits for.
             return match &token {
@@ -99,8 +101,9 @@ impl Broker {
             instance_usable: (failed && R::TABLE == Table::Instances)
                 .then_some(matches!(op.kind, OpKind::Update | OpKind::Deprovision)),
             update_repeatable: (failed && op.kind == OpKind::Update).then_some(true),
+            extra: Default::default(),
         };
-        let mut reply = Reply::of(200, &answer);
+        let mut reply = Reply::of(200, Answer::LastOperation(answer));
         if state == OperationState::InProgress {
             reply.retry_after = Some(self.inner.timing.retry_after_secs);
         }

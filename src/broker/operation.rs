@@ -13,9 +13,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
-use serde_json::Value;
-use upstreams::osb::DeleteResponse;
+use upstreams::osb::{Answer, DeleteResponse};
 
 use super::{Broker, OperationToken};
 use crate::backend::BackendError;
@@ -23,27 +21,34 @@ use crate::error::OsbError;
 use crate::store::records::{self, Inserted, Record, Stored};
 use crate::store::{OpKind, OpState, OperationRecord, Table};
 
-/// A successful answer: the status, the JSON body and, for polls, `Retry-After`.
+/// An answer given: the status, the typed OSB answer (written as JSON only by the HTTP
+/// layer, cut to the caller's version) and, for polls, `Retry-After`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub status: u16,
-    pub body: Value,
+    pub answer: Answer,
     pub retry_after: Option<u64>,
 }
 
 impl Reply {
-    /// An answer of one of the OSB answer types.
-    pub(super) fn of(status: u16, answer: &impl Serialize) -> Self {
+    pub(super) fn of(status: u16, answer: Answer) -> Self {
         Reply {
             status,
-            body: serde_json::to_value(answer).expect("OSB answers serialize"),
+            answer,
             retry_after: None,
         }
     }
 
-    /// `{}`: a delete that is done.
-    pub(super) fn deleted() -> Self {
-        Self::of(200, &DeleteResponse::default())
+    /// `{}`: a deprovision or an unbind that is done.
+    pub(super) fn deleted(kind: OpKind) -> Self {
+        let done = DeleteResponse::default();
+        Self::of(
+            200,
+            match kind {
+                OpKind::Unbind => Answer::Unbind(done),
+                _ => Answer::Deprovision(done),
+            },
+        )
     }
 }
 
@@ -95,17 +100,13 @@ pub(super) type Settled<R> = (Outcome<R>, Result<Reply, OsbError>);
 
 /// A record the broker answers about: what its `202` carries.
 pub(super) trait Resource: Record + Clone + 'static {
-    fn accepted_body(&self, operation: String) -> Value;
+    /// The `202` for the record's operation, carrying its token.
+    fn accepted_answer(&self, operation: String) -> Answer;
     /// Whether a stored record was made by a request with the same attributes.
     fn same_request(&self, other: &Self) -> bool;
     /// The answer to a repeat of the request once its operation is complete; `None` when
     /// the repeat must act again (a forwarded binding keeps no credentials to repeat).
     fn done(&self) -> Option<Reply>;
-}
-
-/// An answer as the JSON a [`Reply`] carries.
-pub(super) fn to_value(answer: &impl Serialize) -> Value {
-    serde_json::to_value(answer).expect("OSB answers serialize")
 }
 
 /// The token a `202` hands out for a record's operation.
@@ -125,11 +126,7 @@ pub(super) fn token<R: Record>(record: &R) -> String {
 
 /// The 202 for a record's operation in flight.
 pub(super) fn accepted<R: Resource>(record: &R) -> Reply {
-    Reply {
-        status: 202,
-        body: record.accepted_body(token(record)),
-        retry_after: None,
-    }
+    Reply::of(202, record.accepted_answer(token(record)))
 }
 
 /// A repeated request while the resource's operation runs: the same kind, asynchronous and

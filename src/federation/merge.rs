@@ -4,9 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Deserialize;
-use serde_json::Value;
-use upstreams::osb::{self, Plan, Service};
+use upstreams::osb::{self, Service};
 use upstreams::UpstreamSettings;
 use uuid::Uuid;
 
@@ -62,10 +60,10 @@ pub struct Merged {
     pub problems: Vec<String>,
 }
 
-/// One upstream's catalog as fetched (or as last stored), checked service by service.
+/// One upstream's catalog as fetched (or as last stored), read service by service.
 pub struct UpstreamCatalog<'a> {
     pub settings: &'a UpstreamSettings,
-    pub catalog: &'a Value,
+    pub catalog: &'a osb::Checked,
 }
 
 /// One upstream service, parsed and namespaced, before it is checked against the others.
@@ -79,29 +77,22 @@ struct Candidate {
 /// service, reporting what cannot be used.
 fn prepare(upstream: &UpstreamCatalog<'_>) -> (Vec<Candidate>, Vec<String>) {
     let alias = upstream.settings.alias.as_str();
-    let mut problems = Vec::new();
-    let Some(services) = upstream.catalog.get("services").and_then(Value::as_array) else {
-        problems.push(format!(
-            "upstream {alias}: the catalog has no services array"
-        ));
-        return (Vec::new(), problems);
-    };
+    let checked = upstream.catalog;
+    let mut problems: Vec<String> = checked
+        .problems
+        .iter()
+        .map(|p| format!("upstream {alias}: {p}"))
+        .collect();
     let prefix = upstream.settings.prefix();
-    let mut candidates = Vec::with_capacity(services.len());
-    for (i, raw) in services.iter().enumerate() {
-        let label = raw
-            .get("name")
-            .and_then(Value::as_str)
-            .map(|n| format!("service {n:?}"))
-            .unwrap_or_else(|| format!("service #{i}"));
-        let mut problem =
-            |what: String| problems.push(format!("upstream {alias}: {label}: {what}"));
-        let Some(mut out) = parse_service(raw, &mut problem) else {
-            continue;
-        };
-        if !upstream.settings.wants_service(&out.name) {
+    let mut candidates = Vec::with_capacity(checked.catalog.services.len());
+    for service in &checked.catalog.services {
+        if !upstream.settings.wants_service(&service.name) {
             continue;
         }
+        let label = format!("service {:?}", service.name);
+        let mut problem =
+            |what: String| problems.push(format!("upstream {alias}: {label}: {what}"));
+        let mut out = service.clone();
         let upstream_id = std::mem::take(&mut out.id);
         out.id = service_id(alias, &upstream_id);
         out.name = format!("{prefix}{}", out.name);
@@ -211,52 +202,6 @@ pub fn merge(local: &osb::Catalog, upstreams: &[UpstreamCatalog<'_>]) -> Merged 
     merged
 }
 
-/// A service and its valid plans; what does not parse is reported, not fatal.
-fn parse_service(raw: &Value, problem: &mut impl FnMut(String)) -> Option<Service> {
-    // Fast path: a well-formed service parses straight from the borrowed value.
-    if let Ok(service) = Service::deserialize(raw) {
-        let plans_ok = service
-            .plans
-            .iter()
-            .all(|p| !p.id.is_empty() && !p.name.is_empty());
-        if plans_ok && !service.id.is_empty() && !service.name.is_empty() {
-            return Some(service);
-        }
-    }
-    // Slow path: find what is wrong, keep what is right.
-    let Some(object) = raw.as_object() else {
-        problem("not a JSON object; left out".into());
-        return None;
-    };
-    let mut without_plans = object.clone();
-    let plans = without_plans.remove("plans");
-    let mut service: Service = match serde_json::from_value(Value::Object(without_plans)) {
-        Ok(s) => s,
-        Err(e) => {
-            problem(format!("invalid ({e}); left out"));
-            return None;
-        }
-    };
-    if service.id.is_empty() || service.name.is_empty() {
-        problem("an empty id or name; left out".into());
-        return None;
-    }
-    for (j, raw_plan) in plans
-        .as_ref()
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        match Plan::deserialize(raw_plan) {
-            Ok(plan) if !plan.id.is_empty() && !plan.name.is_empty() => service.plans.push(plan),
-            Ok(_) => problem(format!("plan #{j} has an empty id or name; left out")),
-            Err(e) => problem(format!("plan #{j} is invalid ({e}); left out")),
-        }
-    }
-    Some(service)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,8 +219,12 @@ mod tests {
         .unwrap()
     }
 
-    fn upstream_catalog() -> Value {
-        json!({"services": [
+    fn checked(catalog: serde_json::Value) -> osb::Checked {
+        osb::Catalog::read_lenient(&serde_json::to_vec(&catalog).unwrap()).unwrap()
+    }
+
+    fn upstream_catalog() -> osb::Checked {
+        checked(json!({"services": [
             {"id": "svc-1", "name": "db", "description": "d", "bindable": true,
              "dashboard_client": {"id": "db-client", "secret": "s", "redirect_uri": "https://x"},
              "x-vendor": {"keep": true},
@@ -287,7 +236,7 @@ mod tests {
             {"name": "no-id", "description": "d", "bindable": true, "plans": []},
             {"id": "svc-2", "name": "cache", "description": "d", "bindable": false,
              "plans": [{"id": "p-3", "name": "tiny", "description": "d"}]}
-        ]})
+        ]}))
     }
 
     #[test]
@@ -365,14 +314,20 @@ mod tests {
     fn collisions_after_namespacing_are_reported_and_left_out() {
         // "a-b" + "x" and "a" + "b-x" both make "a-b-x".
         let (a, ab) = (settings("a"), settings("a-b"));
-        let one = json!({"services": [{"id": "1", "name": "b-x", "description": "d", "bindable": true,
-            "plans": [{"id": "p", "name": "n", "description": "d"}]}]});
-        let two = json!({"services": [{"id": "2", "name": "x", "description": "d", "bindable": true,
-            "plans": [{"id": "p", "name": "n", "description": "d"}]}]});
+        let one = checked(
+            json!({"services": [{"id": "1", "name": "b-x", "description": "d", "bindable": true,
+            "plans": [{"id": "p", "name": "n", "description": "d"}]}]}),
+        );
+        let two = checked(
+            json!({"services": [{"id": "2", "name": "x", "description": "d", "bindable": true,
+            "plans": [{"id": "p", "name": "n", "description": "d"}]}]}),
+        );
         let mut prefixed = settings("mysql");
         prefixed.name_prefix = Some(String::new());
-        let three = json!({"services": [{"id": "3", "name": "mysql-db", "description": "d", "bindable": true,
-            "plans": [{"id": "p", "name": "n", "description": "d"}]}]});
+        let three = checked(
+            json!({"services": [{"id": "3", "name": "mysql-db", "description": "d", "bindable": true,
+            "plans": [{"id": "p", "name": "n", "description": "d"}]}]}),
+        );
         let merged = merge(
             &local(),
             &[
@@ -415,16 +370,15 @@ mod tests {
         );
         // db's only valid plan is excluded, so db is left out too; cache is not included.
         assert_eq!(merged.catalog.services.len(), 1);
-        let garbage = json!({"services": "nope"});
-        let merged = merge(
-            &local(),
-            &[UpstreamCatalog {
-                settings: &only_db,
-                catalog: &garbage,
-            }],
+        assert!(
+            merged.problems.iter().any(|p| p.contains("no usable plan")),
+            "{:?}",
+            merged.problems
         );
-        assert_eq!(merged.catalog.services.len(), 1);
-        assert_eq!(merged.problems.len(), 1);
+        // A body that is no catalog at all is refused whole, not merged.
+        for garbage in [&b"{\"services\": \"nope\"}"[..], b"[]", b"<html>"] {
+            assert!(osb::Catalog::read_lenient(garbage).is_err());
+        }
     }
 
     #[test]

@@ -24,10 +24,47 @@ pub use merge::Route;
 use crate::store::{Link, StateStore, StoreError, Table};
 
 /// An upstream's catalog as fetched, kept in memory and as the last good copy.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "StoredCatalog", try_from = "StoredCatalog")]
 pub struct FetchedCatalog {
-    pub catalog: Value,
+    pub catalog: upstreams::osb::Checked,
     pub fetched_at: DateTime<Utc>,
+}
+
+/// A last good copy as stored: the catalog's services and what was left out of it. A
+/// copy stored before catalogs were read on fetch holds every service as the upstream
+/// sent it, with no `problems`; it is read as a fetch is.
+#[derive(Serialize, Deserialize)]
+struct StoredCatalog {
+    catalog: Box<serde_json::value::RawValue>,
+    #[serde(default)]
+    problems: Vec<String>,
+    fetched_at: DateTime<Utc>,
+}
+
+impl From<FetchedCatalog> for StoredCatalog {
+    fn from(f: FetchedCatalog) -> Self {
+        StoredCatalog {
+            catalog: serde_json::value::to_raw_value(&f.catalog.catalog)
+                .expect("catalogs serialize"),
+            problems: f.catalog.problems,
+            fetched_at: f.fetched_at,
+        }
+    }
+}
+
+impl TryFrom<StoredCatalog> for FetchedCatalog {
+    type Error = String;
+
+    fn try_from(s: StoredCatalog) -> Result<Self, String> {
+        let mut catalog = upstreams::osb::Catalog::read_lenient(s.catalog.get().as_bytes())?;
+        let found = std::mem::replace(&mut catalog.problems, s.problems);
+        catalog.problems.extend(found);
+        Ok(FetchedCatalog {
+            catalog,
+            fetched_at: s.fetched_at,
+        })
+    }
 }
 
 /// What `GET /v2/catalog` serves, with the routes that go with it.
@@ -47,9 +84,8 @@ impl Snapshot {
         let slot = (version.minor - ApiVersion::OLDEST.minor) as usize;
         self.older[slot]
             .get_or_init(|| {
-                let mut catalog =
-                    serde_json::to_value(&self.merged.catalog).expect("catalog serializes");
-                upstreams::versions::fit_catalog(version, &mut catalog);
+                let mut catalog = self.merged.catalog.clone();
+                upstreams::versions::fit_catalog(&mut catalog, version);
                 Bytes::from(serde_json::to_vec(&catalog).expect("catalog serializes"))
             })
             .clone()
@@ -270,5 +306,35 @@ fn snapshot(merged: merge::Merged) -> Snapshot {
         json,
         merged,
         older: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FetchedCatalog;
+
+    #[test]
+    fn a_last_good_copy_stored_by_earlier_code_reads_as_a_fetch() {
+        // As the code before typed catalogs stored it: every service as the upstream sent
+        // it, a plan without id and a service without one among them, and no problems.
+        let old = br#"{"catalog":{"services":[
+            {"id":"s","name":"n","description":"d","bindable":true,"x-vendor":1,
+             "plans":[{"id":"p","name":"q","description":"d"},{"name":"no id"}]},
+            {"name":"broken"}]},"fetched_at":"2026-11-01T00:00:00Z"}"#;
+        let copy: FetchedCatalog = serde_json::from_slice(old).unwrap();
+        let services = &copy.catalog.catalog.services;
+        assert_eq!(services.len(), 1);
+        assert_eq!(services[0].plans.len(), 1);
+        assert_eq!(services[0].extra["x-vendor"], 1);
+        assert_eq!(
+            copy.catalog.problems.len(),
+            2,
+            "{:?}",
+            copy.catalog.problems
+        );
+        // Stored again, it reads back the same, problems included.
+        let again: FetchedCatalog =
+            serde_json::from_slice(&serde_json::to_vec(&copy).unwrap()).unwrap();
+        assert_eq!(again, copy);
     }
 }

@@ -26,7 +26,6 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::Instrument;
 use upstreams::osb::ApiVersion;
-use upstreams::versions::Answer as Kind;
 
 use crate::broker::{Broker, CallContext, Reply};
 use crate::config::Credential;
@@ -342,7 +341,7 @@ impl IntoResponse for OsbError {
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
-        let mut response = (status, Json(self.body)).into_response();
+        let mut response = (status, Json(self.answer)).into_response();
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()
@@ -356,25 +355,20 @@ type Answer = Result<Reply, OsbError>;
 
 /// An answer cut to the caller's `X-Broker-API-Version`: no field its version does not
 /// define ([`upstreams::versions`]).
-struct Fitted(Kind, ApiVersion, Answer);
+struct Fitted(ApiVersion, Answer);
 
 impl Fitted {
-    fn new(kind: Kind, ctx: &CallContext, answer: Answer) -> Self {
-        Fitted(kind, ctx.api_version, answer)
+    fn new(ctx: &CallContext, answer: Answer) -> Self {
+        Fitted(ctx.api_version, answer)
     }
 }
 
 impl IntoResponse for Fitted {
     fn into_response(self) -> Response {
-        let Fitted(kind, version, answer) = self;
+        let Fitted(version, answer) = self;
         match answer {
             Ok(mut reply) => {
-                let kind = if reply.status >= 400 {
-                    Kind::Error
-                } else {
-                    kind
-                };
-                upstreams::versions::fit(kind, version, &mut reply.body);
+                upstreams::versions::fit(&mut reply.answer, version);
                 reply.into_response()
             }
             Err(e) => e.into_response(),
@@ -542,7 +536,6 @@ async fn provision(
 ) -> Fitted {
     let incomplete = query.accepts_incomplete();
     Fitted::new(
-        Kind::Provision,
         &ctx,
         state
             .broker
@@ -560,7 +553,6 @@ async fn update(
 ) -> Fitted {
     let incomplete = query.accepts_incomplete();
     Fitted::new(
-        Kind::Update,
         &ctx,
         state
             .broker
@@ -578,7 +570,6 @@ async fn deprovision(
     let (service, plan) = (query.service_id(), query.plan_id());
     let incomplete = query.accepts_incomplete();
     Fitted::new(
-        Kind::Deprovision,
         &ctx,
         state
             .broker
@@ -592,11 +583,7 @@ async fn fetch_instance(
     OsbPath(instance_id): OsbPath<String>,
     ctx: CallContext,
 ) -> Fitted {
-    Fitted::new(
-        Kind::Instance,
-        &ctx,
-        state.broker.fetch_instance(&instance_id, &ctx).await,
-    )
+    Fitted::new(&ctx, state.broker.fetch_instance(&instance_id, &ctx).await)
 }
 
 async fn instance_last_operation(
@@ -607,7 +594,6 @@ async fn instance_last_operation(
 ) -> Fitted {
     let operation = query.operation();
     Fitted::new(
-        Kind::LastOperation,
         &ctx,
         state
             .broker
@@ -625,7 +611,6 @@ async fn bind(
 ) -> Fitted {
     let incomplete = query.accepts_incomplete();
     Fitted::new(
-        Kind::Bind,
         &ctx,
         state
             .broker
@@ -643,7 +628,6 @@ async fn unbind(
     let (service, plan) = (query.service_id(), query.plan_id());
     let incomplete = query.accepts_incomplete();
     Fitted::new(
-        Kind::Unbind,
         &ctx,
         state
             .broker
@@ -658,7 +642,6 @@ async fn fetch_binding(
     ctx: CallContext,
 ) -> Fitted {
     Fitted::new(
-        Kind::Binding,
         &ctx,
         state
             .broker
@@ -675,7 +658,6 @@ async fn binding_last_operation(
 ) -> Fitted {
     let operation = query.operation();
     Fitted::new(
-        Kind::LastOperation,
         &ctx,
         state
             .broker

@@ -22,7 +22,9 @@ use async_trait::async_trait;
 
 pub use embedded::EmbeddedStore;
 pub use mysql::MysqlStore;
-pub use records::{BindingRecord, InstanceRecord, OpKind, OpState, OperationRecord, UpstreamRef};
+pub use records::{
+    BindingRecord, Drain, InstanceRecord, OpKind, OpState, OperationRecord, UpstreamRef,
+};
 
 use crate::config::StoreConfig;
 

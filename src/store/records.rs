@@ -164,12 +164,34 @@ pub struct BindingRecord {
     /// What the backend handed out; present once the bind succeeded.
     #[serde(default)]
     pub credentials: Option<Map<String, Value>>,
+    /// The log drain a log service's bind handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<Drain>,
     pub created_at: DateTime<Utc>,
     pub operation: OperationRecord,
     /// Set when an upstream broker owns the binding.
     #[serde(default)]
     pub upstream: Option<UpstreamRef>,
 }
+
+/// A log drain handed out by a bind: the URL the platform sends the app's logs to, and
+/// the token in it that a delivery must carry.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    pub url: String,
+    pub token: String,
+}
+
+/// Neither the URL nor the token reaches a log through `{:?}`.
+impl std::fmt::Debug for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Drain(***)")
+    }
+}
+
+/// Where bindings recorded before drains were typed kept the drain: a reserved key of the
+/// credentials, the token the URL's last segment.
+const EARLIER_DRAIN_KEY: &str = "syslog_drain_url";
 
 impl BindingRecord {
     /// The app the binding is for: `app_guid`, or `bind_resource.app_guid`.
@@ -196,6 +218,7 @@ impl std::fmt::Debug for BindingRecord {
             .field("service_id", &self.service_id)
             .field("plan_id", &self.plan_id)
             .field("credentials", &self.credentials.as_ref().map(|_| "***"))
+            .field("drain", &self.drain)
             .field("operation", &self.operation)
             .field("upstream", &self.upstream)
             .finish_non_exhaustive()
@@ -212,6 +235,12 @@ pub trait Record: Serialize + DeserializeOwned + Send + Sync {
     /// The group the store lists the record under: a local instance's service.
     fn group(&self) -> Option<&str> {
         None
+    }
+    /// Brings a record written by an earlier Brokerage to this one's form; whether it
+    /// changed. Every read applies it, so a record not yet rewritten (or written during a
+    /// rolling upgrade by a process of the earlier code) reads the same.
+    fn upgrade(&mut self) -> bool {
+        false
     }
 }
 
@@ -239,6 +268,23 @@ impl Record for BindingRecord {
     fn id(&self) -> &str {
         &self.id
     }
+    /// A drain kept among the credentials moves to its own field.
+    fn upgrade(&mut self) -> bool {
+        if self.drain.is_some() {
+            return false;
+        }
+        let Some(credentials) = self.credentials.as_mut() else {
+            return false;
+        };
+        let Some(Value::String(url)) = credentials.get(EARLIER_DRAIN_KEY) else {
+            return false;
+        };
+        let token = url.rsplit('/').next().unwrap_or_default().to_string();
+        let url = url.clone();
+        credentials.remove(EARLIER_DRAIN_KEY);
+        self.drain = Some(Drain { url, token });
+        true
+    }
     fn upstream(&self) -> Option<&UpstreamRef> {
         self.upstream.as_ref()
     }
@@ -264,11 +310,13 @@ pub enum Inserted<R> {
 }
 
 fn decode<R: Record>(id: &str, doc: &[u8]) -> Result<R, StoreError> {
-    serde_json::from_slice(doc).map_err(|e| StoreError::Corrupt {
+    let mut record: R = serde_json::from_slice(doc).map_err(|e| StoreError::Corrupt {
         table: R::TABLE.name(),
         id: id.to_string(),
         reason: e.to_string(),
-    })
+    })?;
+    record.upgrade();
+    Ok(record)
 }
 
 fn encode<R: Record>(record: &R) -> Vec<u8> {
@@ -359,4 +407,29 @@ fn decode_all<R: Record>(rows: Vec<(String, Versioned)>) -> Result<Vec<Stored<R>
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_binding_recorded_with_its_drain_among_the_credentials_reads_with_a_typed_drain() {
+        // As the code before typed drains recorded a log service's binding.
+        let earlier = br#"{"id":"b-1","instance_id":"i-1","service_id":"s","plan_id":"p",
+            "app_guid":"app-1","credentials":{"syslog_drain_url":"https://broker/drains/b-1/t0k3n"},
+            "created_at":"2026-11-01T00:00:00Z",
+            "operation":{"id":"o","kind":"bind","state":"succeeded","asynchronous":false,
+                         "started_at":"2026-11-01T00:00:00Z","lease_until":"2026-11-01T00:01:00Z"}}"#;
+        let record: BindingRecord = decode("b-1", earlier).unwrap();
+        let drain = record.drain.clone().expect("the drain moved to its field");
+        assert_eq!(drain.url, "https://broker/drains/b-1/t0k3n");
+        assert_eq!(drain.token, "t0k3n");
+        assert_eq!(record.credentials.as_ref().unwrap().len(), 0);
+        // Written back, it reads the same, and no longer upgrades.
+        let mut again: BindingRecord = serde_json::from_slice(&encode(&record)).unwrap();
+        assert!(!again.upgrade());
+        assert_eq!(again, record);
+        assert!(!format!("{record:?}").contains("t0k3n"));
+    }
 }

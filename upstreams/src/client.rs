@@ -8,7 +8,6 @@ use oauth2::basic::BasicClient;
 use oauth2::{ClientId, ClientSecret, Scope, TokenResponse, TokenUrl};
 use reqwest::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
-use serde_json::Value;
 
 use crate::osb;
 use crate::settings::{AuthSettings, UpstreamSettings};
@@ -87,7 +86,8 @@ pub struct OsbRequest {
     /// `/v2/...`, ids already the upstream's own, segments escaped.
     pub path: String,
     pub query: Vec<(String, String)>,
-    pub body: Option<Value>,
+    /// The JSON body, serialised once by the caller.
+    pub body: Option<Vec<u8>>,
     pub api_version: String,
     pub originating_identity: Option<String>,
     pub request_identity: Option<String>,
@@ -110,13 +110,20 @@ impl OsbRequest {
     }
 }
 
-/// An upstream's OSB answer: a status OSB defines and a JSON object body.
+/// An upstream's answer: a status OSB defines, the body read as what the call expects,
+/// and `Retry-After` as sent.
 #[derive(Debug, Clone, PartialEq)]
-pub struct OsbResponse {
+pub struct Read<T> {
     pub status: u16,
-    pub body: Value,
+    pub body: T,
     pub retry_after: Option<String>,
 }
+
+/// An upstream's OSB answer, typed.
+pub type OsbResponse = Read<osb::Answer>;
+
+/// An upstream's answer before it is read: bytes.
+type Raw = Read<bytes::Bytes>;
 
 /// Statuses an OSB broker answers with; anything else is not OSB.
 const OSB_STATUSES: &[u16] = &[
@@ -255,9 +262,26 @@ impl Upstream {
 
     /// Sends one OSB call and checks the answer is OSB. Transport failures, timeouts and
     /// 5xx answers count against the circuit breaker; any OSB answer counts for it.
-    pub async fn send(&self, request: &OsbRequest) -> Result<OsbResponse, UpstreamError> {
+    pub async fn send(
+        &self,
+        request: &OsbRequest,
+        kind: osb::Kind,
+    ) -> Result<OsbResponse, UpstreamError> {
+        let read = |status, body: &[u8]| {
+            osb::Answer::read(kind, status, body).map_err(|e| format!("{kind:?} answer: {e}"))
+        };
+        self.send_guarded(request, read).await
+    }
+
+    /// One call through the breaker; `read` turns the body into what the call expects,
+    /// and a body it cannot read is not OSB.
+    async fn send_guarded<T>(
+        &self,
+        request: &OsbRequest,
+        read: impl Fn(u16, &[u8]) -> Result<T, String>,
+    ) -> Result<Read<T>, UpstreamError> {
         let started = Instant::now();
-        let result = self.send_guarded(request).await;
+        let result = self.send_checked(request, read).await;
         if let Some(observe) = &self.observer {
             let outcome = match &result {
                 Ok(r) if r.status < 400 => "ok",
@@ -269,7 +293,11 @@ impl Upstream {
         result
     }
 
-    async fn send_guarded(&self, request: &OsbRequest) -> Result<OsbResponse, UpstreamError> {
+    async fn send_checked<T>(
+        &self,
+        request: &OsbRequest,
+        read: impl Fn(u16, &[u8]) -> Result<T, String>,
+    ) -> Result<Read<T>, UpstreamError> {
         self.admit()?;
         let result = self.send_once(request, false).await;
         let result = match result {
@@ -281,6 +309,18 @@ impl Upstream {
             }
             other => other,
         };
+        let result = result.and_then(|raw| {
+            let body = read(raw.status, &raw.body).map_err(|detail| UpstreamError::Malformed {
+                alias: self.settings.alias.clone(),
+                status: raw.status,
+                detail,
+            })?;
+            Ok(Read {
+                status: raw.status,
+                body,
+                retry_after: raw.retry_after,
+            })
+        });
         let healthy = match &result {
             Ok(_) => true,
             Err(UpstreamError::Failed { status, .. }) => *status < 500,
@@ -295,7 +335,7 @@ impl Upstream {
         &self,
         request: &OsbRequest,
         fresh_token: bool,
-    ) -> Result<OsbResponse, UpstreamError> {
+    ) -> Result<Raw, UpstreamError> {
         let alias = &self.settings.alias;
         let url = self
             .base
@@ -321,7 +361,9 @@ impl Upstream {
             builder = builder.header("X-Broker-API-Request-Identity", v);
         }
         if let Some(body) = &request.body {
-            builder = builder.json(body);
+            builder = builder
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
         }
         builder = match &self.settings.auth {
             AuthSettings::None => builder,
@@ -375,22 +417,11 @@ impl Upstream {
                 },
                 crate::bounded::ReadError::Transport(e) => self.transport_error(e),
             })?;
-        let body: Option<Value> = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Some(Value::Object(Default::default()))
-        } else {
-            serde_json::from_slice(&bytes).ok()
-        };
-        let malformed = |detail: &str| UpstreamError::Malformed {
-            alias: alias.clone(),
-            status: status.as_u16(),
-            detail: detail.to_string(),
-        };
         if status.is_server_error() {
-            let described = body
-                .as_ref()
-                .and_then(|b| b.get("description"))
-                .and_then(Value::as_str)
-                .unwrap_or("no description")
+            let described = serde_json::from_slice::<osb::ErrorBody>(&bytes)
+                .ok()
+                .and_then(|b| b.description)
+                .unwrap_or_else(|| "no description".into())
                 .chars()
                 .take(500)
                 .collect();
@@ -408,17 +439,17 @@ impl Upstream {
             });
         }
         if !OSB_STATUSES.contains(&status.as_u16()) {
-            return Err(malformed("the status is not one OSB defines"));
-        }
-        match body {
-            Some(body @ Value::Object(_)) => Ok(OsbResponse {
+            return Err(UpstreamError::Malformed {
+                alias: alias.clone(),
                 status: status.as_u16(),
-                body,
-                retry_after,
-            }),
-            Some(_) => Err(malformed("the body is JSON but not an object")),
-            None => Err(malformed("the body is not JSON")),
+                detail: "the status is not one OSB defines".into(),
+            });
         }
+        Ok(Read {
+            status: status.as_u16(),
+            body: bytes,
+            retry_after,
+        })
     }
 
     fn transport_error(&self, e: reqwest::Error) -> UpstreamError {
@@ -491,19 +522,18 @@ impl Upstream {
         Ok(token)
     }
 
-    /// `GET /v2/catalog`, parsed leniently: services are checked one by one by the merge.
-    pub async fn catalog(&self, api_version: &str) -> Result<Value, UpstreamError> {
+    /// `GET /v2/catalog`, read leniently: each service that is not OSB is left out and
+    /// reported, the rest kept ([`osb::Catalog::read_lenient`]).
+    pub async fn catalog(&self, api_version: &str) -> Result<osb::Checked, UpstreamError> {
         let mut request = OsbRequest::new(Method::GET, "/v2/catalog", api_version);
         request.catalog = true;
-        let response = self.send(&request).await?;
-        if response.status != 200 || !response.body.get("services").is_some_and(Value::is_array) {
-            return Err(UpstreamError::Malformed {
-                alias: self.settings.alias.clone(),
-                status: response.status,
-                detail: "a catalog needs status 200 and a services array".into(),
-            });
-        }
-        Ok(response.body)
+        let read = |status, body: &[u8]| {
+            if status != 200 {
+                return Err("a catalog needs status 200".to_string());
+            }
+            osb::Catalog::read_lenient(body)
+        };
+        Ok(self.send_guarded(&request, read).await?.body)
     }
 }
 

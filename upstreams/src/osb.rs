@@ -42,6 +42,88 @@ pub struct Service {
     pub extra: Map<String, Value>,
 }
 
+/// An upstream's catalog as read: the services that are OSB, and what was left out and why.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Checked {
+    pub catalog: Catalog,
+    /// Each names the service (`service "n"` or `service #i`) and what is wrong with it.
+    pub problems: Vec<String>,
+}
+
+impl Catalog {
+    /// Reads a catalog service by service: one that is not OSB is left out and reported,
+    /// as is a plan that is not, so one bad entry does not cost an upstream its catalog.
+    /// Only a body without a `services` array is refused.
+    pub fn read_lenient(body: &[u8]) -> Result<Checked, String> {
+        #[derive(Deserialize)]
+        struct Services<'a> {
+            #[serde(borrow)]
+            services: Vec<&'a serde_json::value::RawValue>,
+        }
+        let Services { services } = serde_json::from_slice(body)
+            .map_err(|e| format!("a catalog needs a services array ({e})"))?;
+        let mut checked = Checked::default();
+        for (i, raw) in services.into_iter().enumerate() {
+            if let Some(service) = read_service(raw.get(), i, &mut checked.problems) {
+                checked.catalog.services.push(service);
+            }
+        }
+        Ok(checked)
+    }
+}
+
+fn usable(id: &str, name: &str) -> bool {
+    !id.is_empty() && !name.is_empty()
+}
+
+/// A service and its valid plans; what does not read is reported, not fatal.
+fn read_service(raw: &str, i: usize, problems: &mut Vec<String>) -> Option<Service> {
+    // Fast path: a well-formed service reads straight from its text.
+    if let Ok(service) = serde_json::from_str::<Service>(raw) {
+        if usable(&service.id, &service.name)
+            && service.plans.iter().all(|p| usable(&p.id, &p.name))
+        {
+            return Some(service);
+        }
+    }
+    // Slow path: find what is wrong, keep what is right.
+    let value: Value = serde_json::from_str(raw).ok()?;
+    let label = value
+        .get("name")
+        .and_then(Value::as_str)
+        .map(|n| format!("service {n:?}"))
+        .unwrap_or_else(|| format!("service #{i}"));
+    let mut problem = |what: String| problems.push(format!("{label}: {what}"));
+    let Value::Object(mut object) = value else {
+        problem("not a JSON object; left out".into());
+        return None;
+    };
+    let plans = object.remove("plans");
+    let mut service: Service = match serde_json::from_value(Value::Object(object)) {
+        Ok(s) => s,
+        Err(e) => {
+            problem(format!("invalid ({e}); left out"));
+            return None;
+        }
+    };
+    if !usable(&service.id, &service.name) {
+        problem("an empty id or name; left out".into());
+        return None;
+    }
+    let plans = match plans {
+        Some(Value::Array(plans)) => plans,
+        _ => Vec::new(),
+    };
+    for (j, raw_plan) in plans.into_iter().enumerate() {
+        match serde_json::from_value::<Plan>(raw_plan) {
+            Ok(plan) if usable(&plan.id, &plan.name) => service.plans.push(plan),
+            Ok(_) => problem(format!("plan #{j} has an empty id or name; left out")),
+            Err(e) => problem(format!("plan #{j} is invalid ({e}); left out")),
+        }
+    }
+    Some(service)
+}
+
 /// The UAA client Cloud Controller creates for a service's dashboard.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct DashboardClient {
@@ -80,6 +162,8 @@ pub struct Plan {
     pub maximum_polling_duration: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schemas: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding_rotatable: Option<bool>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -242,6 +326,11 @@ pub struct InstanceResponse {
     pub dashboard_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    /// Fields no specification version names (a peer's extensions), passed on unchanged.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// `GET /v2/service_instances/{id}` answer.
@@ -257,6 +346,11 @@ pub struct InstanceDetails {
     pub parameters: Option<Map<String, Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance_info: Option<MaintenanceInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    /// Fields no specification version names (a peer's extensions), passed on unchanged.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// The answer to a bind (200, 201, 202) and to fetching a binding.
@@ -271,9 +365,16 @@ pub struct BindingResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_mounts: Option<Vec<Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Map<String, Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    /// Fields no specification version names (a peer's extensions), passed on unchanged.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// Credentials never reach a log through `{:?}`.
@@ -295,6 +396,9 @@ impl std::fmt::Debug for BindingResponse {
 pub struct DeleteResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<String>,
+    /// Fields no specification version names (a peer's extensions), passed on unchanged.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// The `state` of a `last_operation` answer.
@@ -318,6 +422,9 @@ pub struct LastOperation {
     pub instance_usable: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_repeatable: Option<bool>,
+    /// Fields no specification version names (a peer's extensions), passed on unchanged.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// The error body every failing OSB call answers with.
@@ -331,6 +438,100 @@ pub struct ErrorBody {
     pub instance_usable: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_repeatable: Option<bool>,
+    /// Fields no specification version names (a peer's extensions), passed on unchanged.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The kinds of answer an OSB call gets: what a forwarded answer is read as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Provision,
+    Update,
+    Deprovision,
+    Unbind,
+    /// `GET /v2/service_instances/{id}`.
+    Instance,
+    Bind,
+    /// `GET .../service_bindings/{id}`.
+    Binding,
+    /// Either `last_operation`.
+    LastOperation,
+}
+
+/// One OSB answer, typed until the HTTP layer writes it: its body is exactly the
+/// inner type's JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    /// Provision: 200, 201, 202.
+    Provision(InstanceResponse),
+    /// Update: 200, 202.
+    Update(InstanceResponse),
+    Deprovision(DeleteResponse),
+    Unbind(DeleteResponse),
+    Instance(InstanceDetails),
+    /// Bind: 200, 201, 202.
+    Bind(BindingResponse),
+    Binding(BindingResponse),
+    LastOperation(LastOperation),
+    /// Any 4xx an upstream answered (and 410 `{}`), passed on.
+    Error(ErrorBody),
+}
+
+impl Answer {
+    /// An answer of `kind` with `status` as an upstream sent it: a success as the kind's
+    /// type, anything else as an error body; empty means `{}`. Unknown fields are kept.
+    pub fn read(kind: Kind, status: u16, body: &[u8]) -> Result<Answer, serde_json::Error> {
+        let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            body
+        };
+        if !(200..300).contains(&status) {
+            return Ok(Answer::Error(serde_json::from_slice(body)?));
+        }
+        Ok(match kind {
+            Kind::Provision => Answer::Provision(serde_json::from_slice(body)?),
+            Kind::Update => Answer::Update(serde_json::from_slice(body)?),
+            Kind::Deprovision => Answer::Deprovision(serde_json::from_slice(body)?),
+            Kind::Unbind => Answer::Unbind(serde_json::from_slice(body)?),
+            Kind::Instance => Answer::Instance(serde_json::from_slice(body)?),
+            Kind::Bind => Answer::Bind(serde_json::from_slice(body)?),
+            Kind::Binding => Answer::Binding(serde_json::from_slice(body)?),
+            Kind::LastOperation => Answer::LastOperation(serde_json::from_slice(body)?),
+        })
+    }
+
+    /// The `operation` a `202` carries, where this kind of answer has one.
+    pub fn operation(&self) -> Option<&str> {
+        match self {
+            Answer::Provision(a) | Answer::Update(a) => a.operation.as_deref(),
+            Answer::Deprovision(a) | Answer::Unbind(a) => a.operation.as_deref(),
+            Answer::Bind(a) | Answer::Binding(a) => a.operation.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Replaces the `operation` of an answer that has one (a `202`'s token).
+    pub fn set_operation(&mut self, operation: String) {
+        let slot = match self {
+            Answer::Provision(a) | Answer::Update(a) => &mut a.operation,
+            Answer::Deprovision(a) | Answer::Unbind(a) => &mut a.operation,
+            Answer::Bind(a) | Answer::Binding(a) => &mut a.operation,
+            _ => return,
+        };
+        *slot = Some(operation);
+    }
+
+    /// The `dashboard_url` of a provision's, an update's or a fetch's answer.
+    pub fn dashboard_url(&self) -> Option<&str> {
+        match self {
+            Answer::Provision(a) | Answer::Update(a) => a.dashboard_url.as_deref(),
+            Answer::Instance(a) => a.dashboard_url.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 /// An `X-Broker-API-Version` value, `major.minor`.

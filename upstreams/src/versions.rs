@@ -2,113 +2,114 @@
 //! `X-Broker-API-Version` before it leaves, so an older client never reads a field its
 //! version does not know (a 2.13 client gets no `dashboard_url` from an update).
 //!
-//! One table, from the specification's release notes: for each kind of answer, the
-//! fields that came after 2.4 and the minor version that brought each. Fields the
-//! specification never named (a peer's extensions) are left alone, as the specification
-//! allows since 2.14.
+//! From the specification's release notes: for each kind of answer, the fields that
+//! came after 2.4 and the minor version of 2.x that brought each, cut on the typed
+//! answers. Fields the specification never named (a peer's extensions, kept in `extra`)
+//! are left alone, as the specification allows since 2.14.
 
-use serde_json::Value;
+use crate::osb::{Answer, ApiVersion, BindingResponse, Catalog, ErrorBody, Plan, Service};
 
-use crate::osb::ApiVersion;
+/// The newest minor version that brought an answer field: from it on nothing is cut.
+const NEWEST: u32 = 17;
 
-/// The kinds of answer an OSB call gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answer {
-    /// A service of `GET /v2/catalog` (its plans are [`Answer::Plan`]).
-    Service,
-    /// A plan inside a catalog service.
-    Plan,
-    /// Provision: 200, 201, 202.
-    Provision,
-    /// Update: 200, 202.
-    Update,
-    /// Deprovision and unbind: 200, 202.
-    Deprovision,
-    Unbind,
-    /// `GET /v2/service_instances/{id}`.
-    Instance,
-    /// Bind: 200, 201, 202.
-    Bind,
-    /// `GET .../service_bindings/{id}`.
-    Binding,
-    /// Either `last_operation`.
-    LastOperation,
-    /// Any error body (4xx, 5xx).
-    Error,
+/// A field a client of `minor` may not read is dropped.
+fn since<T>(minor: u32, brought_in: u32, field: &mut Option<T>) {
+    if minor < brought_in {
+        *field = None;
+    }
 }
 
-/// (answer, field, the minor version of 2.x that defined it).
-const SINCE: &[(Answer, &str, u32)] = &[
-    (Answer::Service, "instances_retrievable", 14),
-    (Answer::Service, "bindings_retrievable", 14),
-    (Answer::Service, "allow_context_updates", 15),
-    (Answer::Plan, "bindable", 11),
-    (Answer::Plan, "schemas", 13),
-    (Answer::Plan, "maintenance_info", 15),
-    (Answer::Plan, "plan_updateable", 15),
-    (Answer::Plan, "maximum_polling_duration", 15),
-    (Answer::Plan, "binding_rotatable", 17),
-    (Answer::Provision, "operation", 9),
-    (Answer::Provision, "metadata", 16),
-    (Answer::Update, "operation", 9),
-    (Answer::Update, "dashboard_url", 14),
-    (Answer::Update, "metadata", 16),
-    (Answer::Deprovision, "operation", 9),
-    (Answer::Unbind, "operation", 14),
-    (Answer::Instance, "maintenance_info", 15),
-    (Answer::Instance, "metadata", 16),
-    (Answer::Bind, "route_service_url", 8),
-    (Answer::Bind, "volume_mounts", 10),
-    (Answer::Bind, "operation", 14),
-    (Answer::Bind, "endpoints", 15),
-    (Answer::Bind, "metadata", 16),
-    (Answer::Binding, "route_service_url", 8),
-    (Answer::Binding, "volume_mounts", 10),
-    (Answer::Binding, "endpoints", 15),
-    (Answer::Binding, "metadata", 16),
-    (Answer::LastOperation, "instance_usable", 16),
-    (Answer::LastOperation, "update_repeatable", 16),
-    (Answer::Error, "instance_usable", 16),
-    (Answer::Error, "update_repeatable", 16),
-];
+/// The minor version of a 2.x caller that may miss fields; `None` when nothing is cut.
+fn older(version: ApiVersion) -> Option<u32> {
+    (version.major == 2 && version.minor < NEWEST).then_some(version.minor)
+}
 
-/// Removes from `body` (an answer of kind `answer`) every field defined after `version`.
-/// A catalog is cut with [`fit_catalog`].
-pub fn fit(answer: Answer, version: ApiVersion, body: &mut Value) {
-    let Value::Object(fields) = body else { return };
-    if version.major != 2 {
-        return;
-    }
-    for (kind, field, since) in SINCE {
-        if *kind == answer && version.minor < *since {
-            fields.remove(*field);
+/// Removes from `answer` every field defined after `version`.
+pub fn fit(answer: &mut Answer, version: ApiVersion) {
+    let Some(m) = older(version) else { return };
+    match answer {
+        Answer::Provision(a) => {
+            since(m, 9, &mut a.operation);
+            since(m, 16, &mut a.metadata);
         }
+        Answer::Update(a) => {
+            since(m, 9, &mut a.operation);
+            since(m, 14, &mut a.dashboard_url);
+            since(m, 16, &mut a.metadata);
+        }
+        Answer::Deprovision(a) => since(m, 9, &mut a.operation),
+        Answer::Unbind(a) => since(m, 14, &mut a.operation),
+        Answer::Instance(a) => {
+            since(m, 15, &mut a.maintenance_info);
+            since(m, 16, &mut a.metadata);
+        }
+        Answer::Bind(a) => {
+            binding(m, a);
+            since(m, 14, &mut a.operation);
+        }
+        Answer::Binding(a) => binding(m, a),
+        Answer::LastOperation(a) => {
+            since(m, 16, &mut a.instance_usable);
+            since(m, 16, &mut a.update_repeatable);
+        }
+        Answer::Error(a) => error(m, a),
     }
+}
+
+fn binding(m: u32, a: &mut BindingResponse) {
+    since(m, 8, &mut a.route_service_url);
+    since(m, 10, &mut a.volume_mounts);
+    since(m, 15, &mut a.endpoints);
+    since(m, 16, &mut a.metadata);
+}
+
+/// An error body as a client of `version` may read it.
+pub fn fit_error(body: &mut ErrorBody, version: ApiVersion) {
+    if let Some(m) = older(version) {
+        error(m, body);
+    }
+}
+
+fn error(m: u32, a: &mut ErrorBody) {
+    since(m, 16, &mut a.instance_usable);
+    since(m, 16, &mut a.update_repeatable);
 }
 
 /// Cuts a whole `GET /v2/catalog` answer: every service and every plan in it.
-pub fn fit_catalog(version: ApiVersion, catalog: &mut Value) {
-    let Some(services) = catalog.get_mut("services").and_then(Value::as_array_mut) else {
-        return;
-    };
-    for service in services {
-        fit(Answer::Service, version, service);
-        if let Some(plans) = service.get_mut("plans").and_then(Value::as_array_mut) {
-            for plan in plans {
-                fit(Answer::Plan, version, plan);
-            }
-        }
+pub fn fit_catalog(catalog: &mut Catalog, version: ApiVersion) {
+    let Some(m) = older(version) else { return };
+    for service in &mut catalog.services {
+        fit_service(m, service);
     }
+}
+
+fn fit_service(m: u32, s: &mut Service) {
+    since(m, 14, &mut s.instances_retrievable);
+    since(m, 14, &mut s.bindings_retrievable);
+    since(m, 15, &mut s.allow_context_updates);
+    for plan in &mut s.plans {
+        fit_plan(m, plan);
+    }
+}
+
+fn fit_plan(m: u32, p: &mut Plan) {
+    since(m, 11, &mut p.bindable);
+    since(m, 13, &mut p.schemas);
+    since(m, 15, &mut p.maintenance_info);
+    since(m, 15, &mut p.plan_updateable);
+    since(m, 15, &mut p.maximum_polling_duration);
+    since(m, 17, &mut p.binding_rotatable);
 }
 
 /// Whether some answer field is newer than `version`: if not, nothing needs cutting.
 pub fn cuts_anything(version: ApiVersion) -> bool {
-    version.major == 2 && SINCE.iter().any(|(_, _, since)| version.minor < *since)
+    older(version).is_some()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::osb::InstanceResponse;
     use serde_json::json;
 
     fn v(minor: u32) -> ApiVersion {
@@ -117,40 +118,75 @@ mod tests {
 
     #[test]
     fn an_update_answer_names_its_dashboard_from_2_14_on() {
-        let answer = json!({"dashboard_url": "https://d/1", "operation": "op"});
-        let mut old = answer.clone();
-        fit(Answer::Update, v(13), &mut old);
-        assert_eq!(old, json!({"operation": "op"}));
-        let mut older = answer.clone();
-        fit(Answer::Update, v(8), &mut older);
-        assert_eq!(older, json!({}));
-        let mut new = answer.clone();
-        fit(Answer::Update, v(14), &mut new);
-        assert_eq!(new, answer);
+        let answer = Answer::Update(InstanceResponse {
+            dashboard_url: Some("https://d/1".into()),
+            operation: Some("op".into()),
+            ..Default::default()
+        });
+        let at = |minor| {
+            let mut a = answer.clone();
+            fit(&mut a, v(minor));
+            serde_json::to_value(a).unwrap()
+        };
+        assert_eq!(at(13), json!({"operation": "op"}));
+        assert_eq!(at(8), json!({}));
+        assert_eq!(
+            at(14),
+            json!({"dashboard_url": "https://d/1", "operation": "op"})
+        );
+        // A provision's dashboard is 2.4's own.
+        let mut provision = Answer::Provision(InstanceResponse {
+            dashboard_url: Some("https://d/1".into()),
+            ..Default::default()
+        });
+        fit(&mut provision, v(4));
+        assert_eq!(provision.dashboard_url(), Some("https://d/1"));
     }
 
     #[test]
     fn a_catalog_loses_plan_and_service_fields_per_version() {
-        let catalog = json!({"services": [{
-            "id": "s", "bindings_retrievable": true, "x-extension": 1,
-            "plans": [{"id": "p", "bindable": true, "schemas": {}, "maintenance_info": {"version": "1.0.0"}}]
-        }]});
+        let catalog: Catalog = serde_json::from_value(json!({"services": [{
+            "id": "s", "name": "n", "description": "d", "bindable": true,
+            "bindings_retrievable": true, "x-extension": 1,
+            "plans": [{"id": "p", "name": "q", "description": "d", "bindable": true,
+                       "schemas": {}, "maintenance_info": {"version": "1.0.0"},
+                       "binding_rotatable": true}]
+        }]}))
+        .unwrap();
         let at = |minor| {
             let mut c = catalog.clone();
-            fit_catalog(v(minor), &mut c);
-            c
+            fit_catalog(&mut c, v(minor));
+            serde_json::to_value(c).unwrap()
         };
         assert_eq!(
             at(10),
-            json!({"services": [{"id": "s", "x-extension": 1, "plans": [{"id": "p"}]}]})
+            json!({"services": [{"id": "s", "name": "n", "description": "d", "bindable": true,
+                "x-extension": 1, "plans": [{"id": "p", "name": "q", "description": "d"}]}]})
         );
         assert_eq!(
             at(13)["services"][0]["plans"][0],
-            json!({"id": "p", "bindable": true, "schemas": {}})
+            json!({"id": "p", "name": "q", "description": "d", "bindable": true, "schemas": {}})
         );
-        assert_eq!(at(17), catalog);
+        assert_eq!(at(17), serde_json::to_value(&catalog).unwrap());
+        assert!(at(16)["services"][0]["plans"][0]
+            .get("binding_rotatable")
+            .is_none());
         assert!(cuts_anything(v(16)));
         assert!(!cuts_anything(v(17)));
         assert!(!cuts_anything(v(18)));
+    }
+
+    #[test]
+    fn forwarded_answers_keep_what_no_version_names() {
+        let body = br#"{"credentials": {"u": 1}, "endpoints": [{"host": "h"}], "x-peer": true}"#;
+        let mut answer = Answer::read(crate::osb::Kind::Bind, 201, body).unwrap();
+        fit(&mut answer, v(14));
+        assert_eq!(
+            serde_json::to_value(&answer).unwrap(),
+            json!({"credentials": {"u": 1}, "x-peer": true})
+        );
+        let refused = Answer::read(crate::osb::Kind::Bind, 409, b"").unwrap();
+        assert_eq!(refused, Answer::Error(ErrorBody::default()));
+        assert!(Answer::read(crate::osb::Kind::LastOperation, 200, b"{}").is_err());
     }
 }
