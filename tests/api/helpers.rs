@@ -724,19 +724,22 @@ pub async fn wait_for_insert(credentials: &Value, refused: bool) -> Duration {
     while started.elapsed() < Duration::from_secs(30) {
         let mut conn = connect_as(credentials).await.unwrap();
         let result = conn.query_drop("INSERT INTO notes VALUES ('probe')").await;
-        match (&result, refused) {
-            (Err(mysql_async::Error::Server(e)), true) if e.code == 1142 => {
-                return started.elapsed()
-            }
+        let done = match (&result, refused) {
+            (Err(mysql_async::Error::Server(e)), true) => e.code == 1142,
             (Ok(()), false) => {
                 conn.query_drop("DELETE FROM notes WHERE body = 'probe'")
                     .await
                     .unwrap();
-                return started.elapsed();
+                true
             }
-            _ => {}
+            _ => false,
+        };
+        // Closed, not dropped: a plan may allow only two connections, and a dropped one's
+        // session can outlive the drop for a moment.
+        let _ = conn.disconnect().await;
+        if done {
+            return started.elapsed();
         }
-        drop(conn);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     panic!(
