@@ -185,7 +185,7 @@ impl Broker {
             record.instance_id, record.id
         );
         let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
-        request.body = Some(serde_json::to_vec(&req).expect("requests serialize"));
+        request.body = Some(serde_json::to_vec(&req).expect("requests serialize").into());
         self.forward(record, at, request).await
     }
 

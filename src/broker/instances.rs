@@ -50,18 +50,17 @@ impl Resource for InstanceRecord {
 
     fn accepted_answer(&self, operation: String) -> Answer {
         let operation = Some(operation);
-        let changed = InstanceResponse {
-            dashboard_url: self.dashboard_url.clone(),
-            operation: operation.clone(),
-            ..Default::default()
+        let changed = |operation| InstanceResponse {
+            operation,
+            ..dashboard(self)
         };
         match self.operation.kind {
             OpKind::Deprovision => Answer::Deprovision(DeleteResponse {
                 operation,
                 ..Default::default()
             }),
-            OpKind::Update => Answer::Update(changed),
-            _ => Answer::Provision(changed),
+            OpKind::Update => Answer::Update(changed(operation)),
+            _ => Answer::Provision(changed(operation)),
         }
     }
 }
@@ -186,7 +185,7 @@ impl Broker {
         req.plan_id = Some(upstream_plan);
         let path = format!("/v2/service_instances/{}", record.id);
         let mut request = self.upstream_request(Method::PUT, &path, accepts_incomplete, ctx);
-        request.body = Some(serde_json::to_vec(&req).expect("requests serialize"));
+        request.body = Some(serde_json::to_vec(&req).expect("requests serialize").into());
         self.forward(record, at, request).await
     }
 
@@ -308,7 +307,7 @@ impl Broker {
         }
         let path = format!("/v2/service_instances/{}", record.id);
         let mut request = self.upstream_request(Method::PATCH, &path, accepts_incomplete, ctx);
-        request.body = Some(serde_json::to_vec(&req).expect("requests serialize"));
+        request.body = Some(serde_json::to_vec(&req).expect("requests serialize").into());
         self.forward(record, At::Version(stored.version), request)
             .await
     }

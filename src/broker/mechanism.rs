@@ -699,6 +699,8 @@ impl StateStore for Counting {
 struct Upstream {
     base: String,
     status: Arc<std::sync::atomic::AtomicU16>,
+    /// What the upstream answers a provision with.
+    body: Arc<Mutex<Value>>,
     provisions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -707,7 +709,8 @@ async fn upstream() -> Upstream {
     use std::sync::atomic::{AtomicU16, AtomicUsize};
     let status = Arc::new(AtomicU16::new(201));
     let provisions = Arc::new(AtomicUsize::new(0));
-    let (answer, counted) = (status.clone(), provisions.clone());
+    let body = Arc::new(Mutex::new(json!({})));
+    let (answer, counted, said) = (status.clone(), provisions.clone(), body.clone());
     let app = axum::Router::new()
         .route(
             "/v2/catalog",
@@ -720,10 +723,11 @@ async fn upstream() -> Upstream {
             "/v2/service_instances/{id}",
             put(move || {
                 let (answer, counted) = (answer.clone(), counted.clone());
+                let said = said.lock().unwrap().clone();
                 async move {
                     counted.fetch_add(1, Ordering::SeqCst);
                     let code = axum::http::StatusCode::from_u16(answer.load(Ordering::SeqCst));
-                    (code.unwrap(), axum::Json(json!({})))
+                    (code.unwrap(), axum::Json(said))
                 }
             })
             .delete(|| async { axum::Json(json!({})) }),
@@ -734,6 +738,7 @@ async fn upstream() -> Upstream {
     Upstream {
         base,
         status,
+        body,
         provisions,
     }
 }
@@ -819,4 +824,37 @@ async fn a_provision_the_upstream_refuses_records_nothing() {
         assert!(record.is_none(), "{code}: a record");
     }
     assert!(store.take(Table::Instances).is_empty());
+}
+
+#[tokio::test]
+async fn a_forwarded_answer_is_read_into_its_type_and_one_that_does_not_read_is_a_502() {
+    let up = upstream().await;
+    let (broker, store, service, plan) = forwarding(&up).await;
+    // Known fields typed, a peer's own kept, and the dashboard recorded.
+    *up.body.lock().unwrap() = json!({"dashboard_url": "https://up/d/1", "x-peer": {"a": 1}});
+    let answer = broker
+        .provision("t1", provision_body(&service, &plan), false, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 201);
+    assert_eq!(
+        body(&answer),
+        json!({"dashboard_url": "https://up/d/1", "x-peer": {"a": 1}})
+    );
+    let record = records::load::<InstanceRecord>(&*store, "t1")
+        .await
+        .unwrap()
+        .unwrap()
+        .record;
+    assert_eq!(record.dashboard_url.as_deref(), Some("https://up/d/1"));
+    // A field of the wrong type is not OSB: 502, and nothing is recorded.
+    *up.body.lock().unwrap() = json!({"dashboard_url": 5});
+    let answer = broker
+        .provision("t2", provision_body(&service, &plan), false, &ctx())
+        .await;
+    assert_eq!(status(&answer), 502);
+    assert!(records::load::<InstanceRecord>(&*store, "t2")
+        .await
+        .unwrap()
+        .is_none());
 }

@@ -24,8 +24,8 @@ pub use merge::Route;
 use crate::store::{Link, StateStore, StoreError, Table};
 
 /// An upstream's catalog as fetched, kept in memory and as the last good copy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(into = "StoredCatalog", try_from = "StoredCatalog")]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "StoredCatalog")]
 pub struct FetchedCatalog {
     pub catalog: upstreams::osb::Checked,
     pub fetched_at: DateTime<Utc>,
@@ -34,7 +34,7 @@ pub struct FetchedCatalog {
 /// A last good copy as stored: the catalog's services and what was left out of it. A
 /// copy stored before catalogs were read on fetch holds every service as the upstream
 /// sent it, with no `problems`; it is read as a fetch is.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct StoredCatalog {
     catalog: Box<serde_json::value::RawValue>,
     #[serde(default)]
@@ -42,14 +42,21 @@ struct StoredCatalog {
     fetched_at: DateTime<Utc>,
 }
 
-impl From<FetchedCatalog> for StoredCatalog {
-    fn from(f: FetchedCatalog) -> Self {
-        StoredCatalog {
-            catalog: serde_json::value::to_raw_value(&f.catalog.catalog)
-                .expect("catalogs serialize"),
-            problems: f.catalog.problems,
-            fetched_at: f.fetched_at,
+/// Written in the stored form, straight from the typed catalog.
+impl Serialize for FetchedCatalog {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Stored<'a> {
+            catalog: &'a upstreams::osb::Catalog,
+            problems: &'a [String],
+            fetched_at: DateTime<Utc>,
         }
+        Stored {
+            catalog: &self.catalog.catalog,
+            problems: &self.catalog.problems,
+            fetched_at: self.fetched_at,
+        }
+        .serialize(s)
     }
 }
 

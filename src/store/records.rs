@@ -236,12 +236,10 @@ pub trait Record: Serialize + DeserializeOwned + Send + Sync {
     fn group(&self) -> Option<&str> {
         None
     }
-    /// Brings a record written by an earlier Brokerage to this one's form; whether it
-    /// changed. Every read applies it, so a record not yet rewritten (or written during a
-    /// rolling upgrade by a process of the earlier code) reads the same.
-    fn upgrade(&mut self) -> bool {
-        false
-    }
+    /// Brings a record written by an earlier Brokerage to this one's form. Every read
+    /// applies it, so a record not yet rewritten (or written during a rolling upgrade by a
+    /// process of the earlier code) reads the same; the next write stores the new form.
+    fn upgrade(&mut self) {}
 }
 
 impl Record for InstanceRecord {
@@ -269,21 +267,17 @@ impl Record for BindingRecord {
         &self.id
     }
     /// A drain kept among the credentials moves to its own field.
-    fn upgrade(&mut self) -> bool {
+    fn upgrade(&mut self) {
         if self.drain.is_some() {
-            return false;
+            return;
         }
         let Some(credentials) = self.credentials.as_mut() else {
-            return false;
+            return;
         };
-        let Some(Value::String(url)) = credentials.get(EARLIER_DRAIN_KEY) else {
-            return false;
-        };
-        let token = url.rsplit('/').next().unwrap_or_default().to_string();
-        let url = url.clone();
-        credentials.remove(EARLIER_DRAIN_KEY);
-        self.drain = Some(Drain { url, token });
-        true
+        if let Some(Value::String(url)) = credentials.remove(EARLIER_DRAIN_KEY) {
+            let token = url.rsplit('/').next().unwrap_or_default().to_string();
+            self.drain = Some(Drain { url, token });
+        }
     }
     fn upstream(&self) -> Option<&UpstreamRef> {
         self.upstream.as_ref()
@@ -426,10 +420,12 @@ mod tests {
         assert_eq!(drain.url, "https://broker/drains/b-1/t0k3n");
         assert_eq!(drain.token, "t0k3n");
         assert_eq!(record.credentials.as_ref().unwrap().len(), 0);
-        // Written back, it reads the same, and no longer upgrades.
-        let mut again: BindingRecord = serde_json::from_slice(&encode(&record)).unwrap();
-        assert!(!again.upgrade());
-        assert_eq!(again, record);
+        // Written back, it is in the new form, and reads the same.
+        let written = encode(&record);
+        let raw: serde_json::Value = serde_json::from_slice(&written).unwrap();
+        assert_eq!(raw["drain"]["token"], "t0k3n");
+        assert_eq!(raw["credentials"], serde_json::json!({}));
+        assert_eq!(decode::<BindingRecord>("b-1", &written).unwrap(), record);
         assert!(!format!("{record:?}").contains("t0k3n"));
     }
 }

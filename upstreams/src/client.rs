@@ -86,8 +86,8 @@ pub struct OsbRequest {
     /// `/v2/...`, ids already the upstream's own, segments escaped.
     pub path: String,
     pub query: Vec<(String, String)>,
-    /// The JSON body, serialised once by the caller.
-    pub body: Option<Vec<u8>>,
+    /// The JSON body, serialised once by the caller (and shared, not copied, by a retry).
+    pub body: Option<bytes::Bytes>,
     pub api_version: String,
     pub originating_identity: Option<String>,
     pub request_identity: Option<String>,

@@ -9,9 +9,6 @@
 
 use crate::osb::{Answer, ApiVersion, BindingResponse, Catalog, ErrorBody, Plan, Service};
 
-/// The newest minor version that brought an answer field: from it on nothing is cut.
-const NEWEST: u32 = 17;
-
 /// A field a client of `minor` may not read is dropped.
 fn since<T>(minor: u32, brought_in: u32, field: &mut Option<T>) {
     if minor < brought_in {
@@ -19,9 +16,12 @@ fn since<T>(minor: u32, brought_in: u32, field: &mut Option<T>) {
     }
 }
 
-/// The minor version of a 2.x caller that may miss fields; `None` when nothing is cut.
+/// The minor version of a 2.x caller that may miss fields; `None` when nothing is cut. The
+/// typed answers hold only fields of the version Brokerage implements, so a caller at it
+/// or later reads them all.
 fn older(version: ApiVersion) -> Option<u32> {
-    (version.major == 2 && version.minor < NEWEST).then_some(version.minor)
+    let newest = ApiVersion::CURRENT.minor;
+    (version.major == 2 && version.minor < newest).then_some(version.minor)
 }
 
 /// Removes from `answer` every field defined after `version`.
@@ -61,13 +61,6 @@ fn binding(m: u32, a: &mut BindingResponse) {
     since(m, 10, &mut a.volume_mounts);
     since(m, 15, &mut a.endpoints);
     since(m, 16, &mut a.metadata);
-}
-
-/// An error body as a client of `version` may read it.
-pub fn fit_error(body: &mut ErrorBody, version: ApiVersion) {
-    if let Some(m) = older(version) {
-        error(m, body);
-    }
 }
 
 fn error(m: u32, a: &mut ErrorBody) {
