@@ -12,8 +12,7 @@ use serde_json::Map;
 use super::{Backend, BackendError, Binding, Bound, Unbinding};
 use crate::catalog::PlanLimits;
 use crate::logs::{Logs, Retention};
-use crate::store::records::{self};
-use crate::store::{BindingRecord, Drain, StateStore, StoreError};
+use crate::store::{Drain, StateStore, StoreError};
 
 pub struct LogsBackend {
     logs: Arc<Logs>,
@@ -30,12 +29,6 @@ impl LogsBackend {
             base: external_url.trim_end_matches('/').to_string(),
         }
     }
-}
-
-/// The binding's app, when it is one the syslog listener can route to: only app GUIDs that
-/// are safe store keys are indexed.
-fn indexed_app(binding: &BindingRecord) -> Option<&str> {
-    binding.app_guid().filter(|a| routable(a))
 }
 
 /// Whether an app GUID is one the syslog listener routes by: a safe store key.
@@ -86,25 +79,13 @@ impl Backend for LogsBackend {
             .map_err(unavailable)
     }
 
-    /// Deletes the log, and stops routing syslog messages here for bindings that go with
-    /// the instance (a service that lets deprovision take its bindings along).
+    /// Deletes the log. Bindings that go with the instance (a service that lets deprovision
+    /// take its bindings along) were unbound first by the broker.
     async fn deprovision(
         &self,
         instance_id: &str,
         _limits: PlanLimits,
     ) -> Result<(), BackendError> {
-        let bindings = records::bindings_of(&*self.store, instance_id)
-            .await
-            .map_err(unavailable)?;
-        for binding in bindings {
-            self.logs.revoke(&binding.record.id).await;
-            if let Some(app) = indexed_app(&binding.record) {
-                self.logs
-                    .remove_app(app, &binding.record.id)
-                    .await
-                    .map_err(unavailable)?;
-            }
-        }
         self.logs
             .delete_book(instance_id)
             .await

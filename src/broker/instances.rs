@@ -376,11 +376,25 @@ impl Broker {
         // A provision that failed on something already there made nothing to remove: what
         // is there is not the broker's.
         let ours = record.provisioned || !previous_op.nothing_made;
+        // A service that lets deprovision take its bindings along has each unbound first,
+        // so no backend reads the records to find them.
+        let along: Vec<(String, Option<String>)> = bindings
+            .iter()
+            .map(|b| (b.record.id.clone(), b.record.app_guid().map(str::to_string)))
+            .collect();
         let work = self.within(async move {
-            match ours {
-                true => backend.deprovision(&instance_id, limits).await,
-                false => Ok(()),
+            if !ours {
+                return Ok(());
             }
+            for (binding_id, app) in &along {
+                let binding = backend::Unbinding {
+                    instance_id: &instance_id,
+                    binding_id,
+                    app: app.as_deref(),
+                };
+                backend.unbind(&binding).await?;
+            }
+            backend.deprovision(&instance_id, limits).await
         });
         let at = At::Version(version);
         self.drive(record, at, work, move |record, result| match result {

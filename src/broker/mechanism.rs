@@ -152,15 +152,21 @@ const SERVICE: &str = "svc-fake";
 const SMALL: &str = "plan-small";
 const LARGE: &str = "plan-large";
 const SLOW: &str = "plan-async";
+/// A second service, whose deprovision takes its bindings along.
+const ALONG: &str = "svc-along";
+const ALONG_PLAN: &str = "plan-along";
 
 /// The catalog: one bindable, plan-updateable service on the `mysql` backend kind (the
-/// fake stands in for it) with a small, a large and an asynchronous plan.
+/// fake stands in for it) with a small, a large and an asynchronous plan, and one service
+/// that lets deprovision take its bindings along.
 fn catalog(config: &Config, links: &sso::DashboardLinks) -> LocalCatalog {
     let services: Vec<ServiceConfig> = serde_yaml::from_str(&format!(
         "- {{id: {SERVICE}, name: fake, description: d, bindable: true, plan_updateable: true, backend: mysql,
             plans: [{{id: {SMALL}, name: small, description: d, max_storage_mb: 10, max_user_connections: 2}},
                     {{id: {LARGE}, name: large, description: d, max_storage_mb: 100, max_user_connections: 5}},
-                    {{id: {SLOW}, name: slow, description: d, max_storage_mb: 10, max_user_connections: 2, asynchronous: true}}]}}"
+                    {{id: {SLOW}, name: slow, description: d, max_storage_mb: 10, max_user_connections: 2, asynchronous: true}}]}}
+- {{id: {ALONG}, name: along, description: d, bindable: true, backend: mysql, refuse_deprovision_with_bindings: false,
+    plans: [{{id: {ALONG_PLAN}, name: small, description: d, max_storage_mb: 10, max_user_connections: 2}}]}}"
     ))
     .unwrap();
     LocalCatalog::build(&services, &config.backends, links).unwrap()
@@ -508,6 +514,45 @@ async fn deprovision_with_bindings_is_refused_and_keeps_everything() {
     assert!(instance(&store, "i1").await.unwrap().provisioned);
     assert!(binding(&store, "b1").await.is_some());
     assert_eq!(fake.calls("deprovision"), 0);
+}
+
+#[tokio::test]
+async fn a_deprovision_that_takes_bindings_along_unbinds_each_before_the_instance_goes() {
+    let (broker, fake, store) = setup();
+    let body = provision_body(ALONG, ALONG_PLAN);
+    assert_eq!(
+        broker
+            .provision("i1", body, false, &ctx())
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    for b in ["b1", "b2"] {
+        let bind: upstreams::osb::BindRequest = serde_json::from_value(
+            json!({"service_id": ALONG, "plan_id": ALONG_PLAN, "app_guid": "app"}),
+        )
+        .unwrap();
+        assert_eq!(
+            broker
+                .bind("i1", b, bind, false, &ctx())
+                .await
+                .unwrap()
+                .status,
+            201
+        );
+    }
+    let (service, plan) = (Some(ALONG.into()), Some(ALONG_PLAN.into()));
+    let gone = broker.deprovision("i1", service, plan, false, &ctx()).await;
+    assert_eq!(gone.unwrap().status, 200);
+    assert!(!fake.holds("b1") && !fake.holds("b2") && !fake.holds("i1"));
+    let calls = fake.calls.lock().unwrap().clone();
+    let last: Vec<_> = calls.iter().rev().take(3).rev().cloned().collect();
+    assert_eq!(last[2], "deprovision i1", "{calls:?}");
+    let mut unbound = last[..2].to_vec();
+    unbound.sort();
+    assert_eq!(unbound, ["unbind b1", "unbind b2"], "{calls:?}");
+    assert!(instance(&store, "i1").await.is_none());
 }
 
 #[tokio::test]
