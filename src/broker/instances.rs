@@ -379,8 +379,11 @@ impl Broker {
         // A service that lets deprovision take its bindings along has each unbound first,
         // so no backend reads the records to find them.
         let along: Vec<(String, Option<String>)> = bindings
-            .iter()
-            .map(|b| (b.record.id.clone(), b.record.app_guid().map(str::to_string)))
+            .into_iter()
+            .map(|b| {
+                let app = b.record.app_guid().map(str::to_string);
+                (b.record.id, app)
+            })
             .collect();
         let work = self.within(async move {
             if !ours {

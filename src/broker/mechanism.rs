@@ -133,8 +133,12 @@ impl Backend for Fake {
     }
 
     async fn unbind(&self, binding: &Unbinding<'_>) -> Result<(), BackendError> {
-        let Unbinding { binding_id, .. } = *binding;
-        self.act("unbind", binding_id).await?;
+        let Unbinding {
+            binding_id, app, ..
+        } = *binding;
+        let app = app.unwrap_or("(none)");
+        self.act("unbind", &format!("{binding_id} of {app}"))
+            .await?;
         self.remove(binding_id);
         Ok(())
     }
@@ -551,7 +555,12 @@ async fn a_deprovision_that_takes_bindings_along_unbinds_each_before_the_instanc
     assert_eq!(last[2], "deprovision i1", "{calls:?}");
     let mut unbound = last[..2].to_vec();
     unbound.sort();
-    assert_eq!(unbound, ["unbind b1", "unbind b2"], "{calls:?}");
+    // Each with the app its record holds, as a log service needs to stop routing it.
+    assert_eq!(
+        unbound,
+        ["unbind b1 of app", "unbind b2 of app"],
+        "{calls:?}"
+    );
     assert!(instance(&store, "i1").await.is_none());
 }
 
