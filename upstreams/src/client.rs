@@ -365,7 +365,40 @@ impl Upstream {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.clone());
         }
-        builder = match &self.settings.auth {
+        let builder = self.authorize(builder, fresh_token).await?;
+        let response = builder.send().await.map_err(|e| self.transport_error(e))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let cap = if request.catalog {
+            self.settings.max_catalog_bytes
+        } else {
+            self.settings.max_response_bytes
+        };
+        let bytes = crate::bounded::read(response, cap)
+            .await
+            .map_err(|e| match e {
+                crate::bounded::ReadError::TooLarge { cap } => UpstreamError::TooLarge {
+                    alias: alias.clone(),
+                    cap,
+                },
+                crate::bounded::ReadError::Transport(e) => self.transport_error(e),
+            })?;
+        self.judge(status, bytes, retry_after)
+    }
+
+    /// Adds the upstream's credentials to a request: basic, bearer, or a
+    /// client-credentials token (fetched again when `fresh_token`).
+    async fn authorize(
+        &self,
+        builder: reqwest::RequestBuilder,
+        fresh_token: bool,
+    ) -> Result<reqwest::RequestBuilder, UpstreamError> {
+        let alias = &self.settings.alias;
+        let builder = match &self.settings.auth {
             AuthSettings::None => builder,
             AuthSettings::Basic { username, password } => {
                 builder.basic_auth(username, Some(password.expose()))
@@ -396,27 +429,18 @@ impl Upstream {
                 builder.header(AUTHORIZATION, value)
             }
         };
-        let response = builder.send().await.map_err(|e| self.transport_error(e))?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let cap = if request.catalog {
-            self.settings.max_catalog_bytes
-        } else {
-            self.settings.max_response_bytes
-        };
-        let bytes = crate::bounded::read(response, cap)
-            .await
-            .map_err(|e| match e {
-                crate::bounded::ReadError::TooLarge { cap } => UpstreamError::TooLarge {
-                    alias: alias.clone(),
-                    cap,
-                },
-                crate::bounded::ReadError::Transport(e) => self.transport_error(e),
-            })?;
+        Ok(builder)
+    }
+
+    /// What an upstream's answer is: a 5xx or 401 is its failure, a status
+    /// OSB does not define is malformed, anything else is read.
+    fn judge(
+        &self,
+        status: StatusCode,
+        bytes: bytes::Bytes,
+        retry_after: Option<String>,
+    ) -> Result<Raw, UpstreamError> {
+        let alias = &self.settings.alias;
         if status.is_server_error() {
             let described = serde_json::from_slice::<osb::ErrorBody>(&bytes)
                 .ok()
