@@ -287,7 +287,9 @@ use = egg:swift#catch_errors
 use = egg:swift#healthcheck
 CONF
   # The updaters carry object and container changes up into account listings and usage,
-  # which quotas read (also those the object server had to queue under load).
+  # which quotas read (also those the object server had to queue under load). No daemon
+  # sweeps every few seconds: a test that waits for usage runs one sweep of each, on
+  # demand (swift-*-updater SWIFT_UPDATERS_CONF --once).
   cat >"$data/etc/updaters.conf" <<CONF
 [DEFAULT]
 devices = $data/node
@@ -296,20 +298,14 @@ swift_dir = $data/etc
 user = $(id -un)
 recon_cache_path = $data/run
 [container-updater]
-interval = 2
 concurrency = 1
-# Without it the daemon's sweeps crawl (over 20 s for a few dozen containers).
+# Without it a sweep crawls (over 20 s for a few dozen containers).
 containers_per_second = 1000
 [object-updater]
-interval = 5
 concurrency = 1
 CONF
   PYTHONPATH="$swauth" swift-proxy-server "$data/etc/proxy-server.conf" >"$data/log/proxy.log" 2>&1 &
   pids[proxy]=$!
-  stop_on_exit $!
-  swift-container-updater "$data/etc/updaters.conf" >"$data/log/container-updater.log" 2>&1 &
-  stop_on_exit $!
-  swift-object-updater "$data/etc/updaters.conf" >"$data/log/object-updater.log" 2>&1 &
   stop_on_exit $!
   expect_port "Swift memcached" "$memc" 30 "${pids[memcached]}" "$data/log/memcached.log"
   for kind in account container object; do
@@ -324,6 +320,7 @@ CONF
     || server_failed "Swift proxy (with swauth)" "swauth's .prep was refused" \
       "$data/log/prep.log" "$data/log/proxy.log"
   SWIFT_URL="http://127.0.0.1:$proxy"
+  SWIFT_UPDATERS_CONF="$data/etc/updaters.conf"
   export SWIFT_ADMIN_KEY
   echo "== throwaway Swift with swauth on 127.0.0.1:$proxy (data in $data)"
 }

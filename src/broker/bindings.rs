@@ -8,7 +8,7 @@ use upstreams::Method;
 use super::operation::{failed, in_flight, At, Outcome, Reply, Resource};
 use super::{check_id, check_parameters, required, BackendRef, Broker, CallContext};
 use crate::backend::{BackendError, Binding, Unbinding};
-use crate::catalog::ParametersOf;
+use crate::catalog::{LocalPlan, LocalService, ParametersOf};
 use crate::error::OsbError;
 use crate::store::records::{self, Stored};
 use crate::store::{BindingRecord, OpKind, OpState, StateStore, UpstreamRef};
@@ -110,21 +110,7 @@ impl Broker {
             return self.forward_bind(record, up, instance.version, call).await;
         }
         let (service, plan) = self.offering(&instance.record)?;
-        self.plan(service, &record.plan_id)?;
-        if !service.bindable(plan) {
-            return Err(OsbError::BadRequest(format!(
-                "plan {} of {} is not bindable",
-                plan.wire.name, service.wire.name
-            )));
-        }
-        if service.bindings_require_app && record.app_guid().is_none() {
-            return Err(OsbError::RequiresApp);
-        }
-        let backend = self.backend(service)?;
-        check_parameters(&*backend, plan, ParametersOf::Bind, req.parameters.as_ref())?;
-        if plan.asynchronous && !accepts_incomplete {
-            return Err(OsbError::AsyncRequired);
-        }
+        let backend = self.bindable(service, plan, &record, accepts_incomplete)?;
         record.operation = self.start(OpKind::Bind, plan.asynchronous);
         let version = match self.claim_new(&record, parent, accepts_incomplete).await? {
             Ok(claim) => claim.version,
@@ -161,6 +147,36 @@ impl Broker {
             },
         )
         .await
+    }
+
+    /// The backend that binds `record` to an instance of `service` on `plan`, once the
+    /// binding's plan is the service's, the instance's plan is bindable, the app is there
+    /// where the service needs one, the parameters fit the plan's schema, and an
+    /// asynchronous plan is allowed to answer 202.
+    fn bindable(
+        &self,
+        service: &LocalService,
+        plan: &LocalPlan,
+        record: &BindingRecord,
+        accepts_incomplete: bool,
+    ) -> Result<BackendRef, OsbError> {
+        self.plan(service, &record.plan_id)?;
+        if !service.bindable(plan) {
+            return Err(OsbError::BadRequest(format!(
+                "plan {} of {} is not bindable",
+                plan.wire.name, service.wire.name
+            )));
+        }
+        if service.bindings_require_app && record.app_guid().is_none() {
+            return Err(OsbError::RequiresApp);
+        }
+        let backend = self.backend(service)?;
+        let parameters = record.parameters.as_ref();
+        check_parameters(&*backend, plan, ParametersOf::Bind, parameters)?;
+        if plan.asynchronous && !accepts_incomplete {
+            return Err(OsbError::AsyncRequired);
+        }
+        Ok(backend)
     }
 
     /// A bind of an upstream's instance: held in process, forwarded with the upstream's own

@@ -156,13 +156,15 @@ const SERVICE: &str = "svc-fake";
 const SMALL: &str = "plan-small";
 const LARGE: &str = "plan-large";
 const SLOW: &str = "plan-async";
-/// A second service, whose deprovision takes its bindings along.
+/// A second service, whose deprovision takes its bindings along and whose plans are not
+/// updateable.
 const ALONG: &str = "svc-along";
 const ALONG_PLAN: &str = "plan-along";
+const ALONG_OTHER: &str = "plan-along-other";
 
 /// The catalog: one bindable, plan-updateable service on the `mysql` backend kind (the
 /// fake stands in for it) with a small, a large and an asynchronous plan, and one service
-/// that lets deprovision take its bindings along.
+/// with two plans that lets deprovision take its bindings along and allows no plan change.
 fn catalog(config: &Config, links: &sso::DashboardLinks) -> LocalCatalog {
     let services: Vec<ServiceConfig> = serde_yaml::from_str(&format!(
         "- {{id: {SERVICE}, name: fake, description: d, bindable: true, plan_updateable: true, backend: mysql,
@@ -170,7 +172,8 @@ fn catalog(config: &Config, links: &sso::DashboardLinks) -> LocalCatalog {
                     {{id: {LARGE}, name: large, description: d, max_storage_mb: 100, max_user_connections: 5}},
                     {{id: {SLOW}, name: slow, description: d, max_storage_mb: 10, max_user_connections: 2, asynchronous: true}}]}}
 - {{id: {ALONG}, name: along, description: d, bindable: true, backend: mysql, refuse_deprovision_with_bindings: false,
-    plans: [{{id: {ALONG_PLAN}, name: small, description: d, max_storage_mb: 10, max_user_connections: 2}}]}}"
+    plans: [{{id: {ALONG_PLAN}, name: small, description: d, max_storage_mb: 10, max_user_connections: 2}},
+            {{id: {ALONG_OTHER}, name: large, description: d, max_storage_mb: 100, max_user_connections: 5}}]}}"
     ))
     .unwrap();
     LocalCatalog::build(&services, &config.backends, links).unwrap()
@@ -596,6 +599,42 @@ async fn a_plan_change_hands_the_backend_both_plans_limits_and_records_the_new_p
     assert_eq!(instance(&store, "i1").await.unwrap().plan_id, LARGE);
     let fetched = broker.fetch_instance("i1", &ctx()).await.unwrap();
     assert_eq!(body(&fetched)["plan_id"], LARGE);
+}
+
+#[tokio::test]
+async fn plan_changes_follow_the_catalog_and_a_refused_one_changes_nothing() {
+    let (broker, fake, store) = setup();
+    let body = provision_body(ALONG, ALONG_PLAN);
+    assert_eq!(
+        broker
+            .provision("i1", body, false, &ctx())
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    let update = |plan: &str| -> upstreams::osb::UpdateRequest {
+        serde_json::from_value(json!({"service_id": ALONG, "plan_id": plan, "app_guid": "a"}))
+            .unwrap()
+    };
+    let not_updateable = broker
+        .update("i1", update(ALONG_OTHER), false, &ctx())
+        .await;
+    assert_eq!(
+        status(&not_updateable),
+        422,
+        "the service's plans are fixed"
+    );
+    let elsewhere = broker.update("i1", update(LARGE), false, &ctx()).await;
+    assert_eq!(status(&elsewhere), 400, "a plan of another service");
+    assert_eq!(
+        fake.calls("update"),
+        0,
+        "a refused change reaches no backend"
+    );
+    assert_eq!(instance(&store, "i1").await.unwrap().plan_id, ALONG_PLAN);
+    let same = broker.update("i1", update(ALONG_PLAN), false, &ctx()).await;
+    assert_eq!(status(&same), 200, "other fields on the same plan are fine");
 }
 
 #[tokio::test]

@@ -119,35 +119,6 @@ async fn fifty_concurrent_identical_provisions_create_one_database() {
     assert!(!database_exists(&database_name(&id)).await);
 }
 
-/// The same on one process with the embedded store.
-#[tokio::test]
-async fn concurrent_identical_provisions_on_the_embedded_store() {
-    let app = spawn_app().await;
-    let id = unique("crowd1");
-    let requests: Vec<_> = (0..50)
-        .map(|_| {
-            let req = app
-                .request(Method::PUT, &format!("/v2/service_instances/{id}"))
-                .json(&provision_body(SERVICE, SMALL));
-            tokio::spawn(async move { Answer::from(req.send().await.unwrap()).await })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for r in requests {
-        statuses.push(r.await.unwrap().status.as_u16());
-    }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 201).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert!(
-        statuses.iter().all(|s| [200, 201, 422].contains(s)),
-        "{statuses:?}"
-    );
-    app.deprovision(&id, SERVICE, SMALL).await.expect(200);
-}
-
 /// SIGTERM-style shutdown waits for background operations to record their end.
 #[tokio::test]
 async fn graceful_shutdown_lets_background_operations_finish() {

@@ -271,39 +271,6 @@ async fn an_asynchronous_plan_is_polled_to_succeeded() {
 }
 
 #[tokio::test]
-async fn plan_changes_follow_the_catalog() {
-    let app = spawn_app().await;
-    let id = unique("fixed");
-    app.provision_with(&id, provision_body(FIXED_SERVICE, FIXED_A), false)
-        .await
-        .expect(201);
-    app.update(
-        &id,
-        json!({"service_id": FIXED_SERVICE, "plan_id": FIXED_B}),
-        false,
-    )
-    .await
-    .expect_error(422, None);
-    app.update(
-        &id,
-        json!({"service_id": FIXED_SERVICE, "plan_id": SMALL}),
-        false,
-    )
-    .await
-    .expect_error(400, None);
-    app.update(
-        &id,
-        json!({"service_id": FIXED_SERVICE, "plan_id": FIXED_A, "app_guid": "app"}),
-        false,
-    )
-    .await
-    .expect(200);
-    app.deprovision(&id, FIXED_SERVICE, FIXED_A)
-        .await
-        .expect(200);
-}
-
-#[tokio::test]
 async fn deprovision_with_bindings_is_refused_or_takes_them_along_as_configured() {
     let app = spawn_app().await;
     let id = unique("refuse");

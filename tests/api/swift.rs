@@ -87,9 +87,13 @@ impl SwiftSession {
         self.send(Method::PUT, &url, vec![b'x'; bytes]).await
     }
 
-    /// Waits until the account's usage shows `bytes` (Swift updates it in the background).
+    /// Waits until the account's usage shows `bytes`. Swift carries object and container
+    /// changes up to the account in the background; no updater daemon runs while the
+    /// suite does, so each round runs one sweep of each updater first, as their
+    /// daemons would.
     pub(crate) async fn wait_for_usage(&self, bytes: u64) {
-        for _ in 0..100 {
+        for _ in 0..20 {
+            sweep_updaters().await;
             let head = self
                 .http
                 .head(&self.storage_url)
@@ -108,6 +112,26 @@ impl SwiftSession {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         panic!("the account's usage never reached {bytes} bytes");
+    }
+}
+
+/// One sweep of Swift's object updater (what the object server queued) and then of its
+/// container updater (container totals into the account), each run `--once`.
+async fn sweep_updaters() {
+    let conf = std::env::var("BKG_TEST_SWIFT_UPDATERS_CONF")
+        .expect("BKG_TEST_SWIFT_UPDATERS_CONF is not set: run the suite with ./scripts/test");
+    for updater in ["swift-object-updater", "swift-container-updater"] {
+        let out = tokio::process::Command::new(updater)
+            .arg(&conf)
+            .arg("--once")
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("{updater} did not run: {e}"));
+        assert!(
+            out.status.success(),
+            "{updater} --once failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
