@@ -259,6 +259,13 @@ async fn provision_and_bind(broker: &Broker) {
     assert_eq!(bound.unwrap().status, 201);
 }
 
+/// Instance `i1` of the service that takes its bindings along, on its first plan.
+async fn provision_along(broker: &Broker) {
+    let body = provision_body(ALONG, ALONG_PLAN);
+    let answer = broker.provision("i1", body, false, &ctx()).await;
+    assert_eq!(answer.unwrap().status, 201);
+}
+
 async fn deprovision(broker: &Broker, id: &str) -> Result<Reply, OsbError> {
     let (service, plan) = (Some(SERVICE.into()), Some(SMALL.into()));
     broker.deprovision(id, service, plan, false, &ctx()).await
@@ -526,15 +533,7 @@ async fn deprovision_with_bindings_is_refused_and_keeps_everything() {
 #[tokio::test]
 async fn a_deprovision_that_takes_bindings_along_unbinds_each_before_the_instance_goes() {
     let (broker, fake, store) = setup();
-    let body = provision_body(ALONG, ALONG_PLAN);
-    assert_eq!(
-        broker
-            .provision("i1", body, false, &ctx())
-            .await
-            .unwrap()
-            .status,
-        201
-    );
+    provision_along(&broker).await;
     for b in ["b1", "b2"] {
         let bind: upstreams::osb::BindRequest = serde_json::from_value(
             json!({"service_id": ALONG, "plan_id": ALONG_PLAN, "app_guid": "app"}),
@@ -604,15 +603,7 @@ async fn a_plan_change_hands_the_backend_both_plans_limits_and_records_the_new_p
 #[tokio::test]
 async fn plan_changes_follow_the_catalog_and_a_refused_one_changes_nothing() {
     let (broker, fake, store) = setup();
-    let body = provision_body(ALONG, ALONG_PLAN);
-    assert_eq!(
-        broker
-            .provision("i1", body, false, &ctx())
-            .await
-            .unwrap()
-            .status,
-        201
-    );
+    provision_along(&broker).await;
     let update = |plan: &str| -> upstreams::osb::UpdateRequest {
         serde_json::from_value(json!({"service_id": ALONG, "plan_id": plan, "app_guid": "a"}))
             .unwrap()
