@@ -17,6 +17,7 @@ ensure_packages() {
       redis) command -v redis-server >/dev/null 2>&1 || missing+=(redis-server) ;;
       postgresql) compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql) ;;
       galera-4) [ -f /usr/lib/galera/libgalera_smm.so ] || missing+=(galera-4) ;;
+      bsdutils) command -v logger >/dev/null 2>&1 || missing+=(bsdutils) ;;
       python3-lib2to3) /usr/bin/python3 -c 'import lib2to3' >/dev/null 2>&1 || missing+=(python3-lib2to3) ;;
       *) command -v "$p" >/dev/null 2>&1 || missing+=("$p") ;;
     esac
