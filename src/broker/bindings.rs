@@ -46,6 +46,16 @@ impl Resource for BindingRecord {
         bound(self, 200)
     }
 
+    fn offering(&self) -> (&str, &str) {
+        (&self.service_id, &self.plan_id)
+    }
+
+    fn cleanup_claim(&self) -> bool {
+        self.credentials.is_none()
+            && self.upstream.is_none()
+            && self.operation.kind == OpKind::Unbind
+    }
+
     fn accepted_answer(&self, operation: String) -> Answer {
         let operation = Some(operation);
         match self.operation.kind {
@@ -234,9 +244,23 @@ impl Broker {
                         backend.unbind(&binding).await
                     }
                 };
-                let unrecorded = (OpKind::Unbind, service_id.as_str(), plan_id.as_str());
+                let claim = BindingRecord {
+                    id: binding_id.to_string(),
+                    instance_id: instance_id.to_string(),
+                    service_id,
+                    plan_id,
+                    app_guid: None,
+                    bind_resource: None,
+                    parameters: None,
+                    context: None,
+                    credentials: None,
+                    drain: None,
+                    created_at: chrono::Utc::now(),
+                    operation: self.start(OpKind::Unbind, false),
+                    upstream: None,
+                };
                 return self
-                    .delete_unrecorded(&path, unrecorded, remove, accepts_incomplete, ctx)
+                    .delete_unrecorded(&path, claim, remove, accepts_incomplete, ctx)
                     .await;
             }
         };

@@ -39,6 +39,32 @@ fn done_instance(e: &InstanceRecord) -> Option<Reply> {
     e.provisioned.then(|| provisioned(e, 200))
 }
 
+/// The record a delete for an instance the broker never recorded holds while it removes
+/// what the id's names point at ([`Resource::cleanup_claim`]).
+fn cleanup_claim(
+    id: &str,
+    service_id: String,
+    plan_id: String,
+    operation: crate::store::OperationRecord,
+) -> InstanceRecord {
+    InstanceRecord {
+        id: id.to_string(),
+        service_id,
+        plan_id,
+        organization_guid: String::new(),
+        space_guid: String::new(),
+        context: None,
+        parameters: None,
+        maintenance_version: None,
+        dashboard_url: None,
+        provisioned: false,
+        created_at: chrono::Utc::now(),
+        operation,
+        upstream: None,
+        api_info_location: None,
+    }
+}
+
 impl Resource for InstanceRecord {
     fn same_request(&self, other: &Self) -> bool {
         same_instance(self, other)
@@ -46,6 +72,14 @@ impl Resource for InstanceRecord {
 
     fn done(&self) -> Option<Reply> {
         done_instance(self)
+    }
+
+    fn offering(&self) -> (&str, &str) {
+        (&self.service_id, &self.plan_id)
+    }
+
+    fn cleanup_claim(&self) -> bool {
+        !self.provisioned && self.upstream.is_none() && self.operation.kind == OpKind::Deprovision
     }
 
     fn accepted_answer(&self, operation: String) -> Answer {
@@ -331,9 +365,10 @@ impl Broker {
                 let id = id.to_string();
                 async move { backend.deprovision(&id, limits).await }
             };
-            let unrecorded = (OpKind::Deprovision, service_id.as_str(), plan_id.as_str());
+            let operation = self.start(OpKind::Deprovision, false);
+            let claim = cleanup_claim(id, service_id, plan_id, operation);
             return self
-                .delete_unrecorded(&path, unrecorded, remove, accepts_incomplete, ctx)
+                .delete_unrecorded(&path, claim, remove, accepts_incomplete, ctx)
                 .await;
         };
         let current = stored.record.clone();

@@ -20,15 +20,15 @@ use crate::config::{Config, ServiceConfig};
 use crate::error::OsbError;
 use crate::federation::Federation;
 use crate::store::records;
+use crate::store::{
+    BindingRecord, EmbeddedStore, Insert, InstanceRecord, Link, OpState, StateStore, StoreError,
+    Table, Versioned,
+};
 
 /// An answer as the JSON the HTTP layer writes.
 fn body(reply: &Reply) -> Value {
     serde_json::to_value(&reply.answer).expect("answers serialize")
 }
-use crate::store::{
-    BindingRecord, EmbeddedStore, Insert, InstanceRecord, Link, OpState, StateStore, StoreError,
-    Table, Versioned,
-};
 
 /// What the fake backend holds and was asked to do.
 #[derive(Default)]
@@ -41,6 +41,8 @@ struct Fake {
     fail_next: Mutex<Option<BackendError>>,
     /// While set, provisions wait for a permit (a backend that takes its time).
     gate: Mutex<Option<Arc<Semaphore>>>,
+    /// While set, deprovisions wait for a permit.
+    deprovision_gate: Mutex<Option<Arc<Semaphore>>>,
     /// Set: the next provision never finishes.
     stall: AtomicBool,
 }
@@ -118,6 +120,10 @@ impl Backend for Fake {
         instance_id: &str,
         _limits: PlanLimits,
     ) -> Result<(), BackendError> {
+        let gate = self.deprovision_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            let _permit = gate.acquire().await.unwrap();
+        }
         self.act("deprovision", instance_id).await?;
         self.remove(instance_id);
         Ok(())
@@ -665,6 +671,34 @@ async fn an_operation_past_its_timeout_is_503_leaves_no_record_and_the_orphan_de
 }
 
 #[tokio::test]
+async fn a_provision_while_an_orphan_delete_cleans_up_waits_and_the_cleanup_spares_it() {
+    let (broker, fake, store) = setup();
+    let gate = Arc::new(Semaphore::new(0));
+    *fake.deprovision_gate.lock().unwrap() = Some(gate.clone());
+    // Cloud Controller's orphan DELETE for an id never recorded, held in the backend.
+    let orphan = tokio::spawn({
+        let broker = broker.clone();
+        async move { status(&deprovision(&broker, "i1").await) }
+    });
+    for _ in 0..100 {
+        if instance(&store, "i1").await.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let meanwhile = provision(&broker, "i1", SMALL).await;
+    assert_eq!(status(&meanwhile), 422, "the cleanup holds the id");
+    gate.add_permits(1);
+    assert_eq!(orphan.await.unwrap(), 410);
+    assert!(instance(&store, "i1").await.is_none(), "the claim is gone");
+    assert_eq!(provision(&broker, "i1", SMALL).await.unwrap().status, 201);
+    assert!(
+        fake.holds("i1"),
+        "no cleanup removed what the provision made"
+    );
+}
+
+#[tokio::test]
 async fn a_crash_between_claim_and_outcome_is_taken_over_by_another_process() {
     let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::in_memory().unwrap());
     let timeout = Duration::from_millis(200);
@@ -941,4 +975,162 @@ async fn a_forwarded_answer_is_read_into_its_type_and_one_that_does_not_read_is_
         .await
         .unwrap()
         .is_none());
+}
+
+/// Property tests: random sequences and concurrent batches of calls on a few ids, with
+/// backend failures injected between them. Whatever the interleaving, once the calls have
+/// answered the store and the backend agree: an instance is recorded as provisioned exactly
+/// when the backend holds it, a binding holds credentials exactly when the backend holds
+/// it, no binding outlives its instance's record, and no answer is a 500.
+mod interleavings {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const INSTANCES: [&str; 2] = ["i0", "i1"];
+    const BINDINGS: [&str; 3] = ["b0", "b1", "b2"];
+
+    #[derive(Debug, Clone)]
+    enum Call {
+        /// Instance, on the large plan or the small one.
+        Provision(usize, bool),
+        Update(usize, bool),
+        Deprovision(usize),
+        /// Instance, binding.
+        Bind(usize, usize),
+        Unbind(usize, usize),
+        /// The backend's next call fails: unreachable (503) or refused (422).
+        FailNext(bool),
+    }
+
+    fn call() -> impl Strategy<Value = Call> {
+        let instance = 0..INSTANCES.len();
+        let binding = 0..BINDINGS.len();
+        prop_oneof![
+            (instance.clone(), any::<bool>()).prop_map(|(i, l)| Call::Provision(i, l)),
+            (instance.clone(), any::<bool>()).prop_map(|(i, l)| Call::Update(i, l)),
+            instance.clone().prop_map(Call::Deprovision),
+            (instance.clone(), binding.clone()).prop_map(|(i, b)| Call::Bind(i, b)),
+            (instance, binding).prop_map(|(i, b)| Call::Unbind(i, b)),
+            any::<bool>().prop_map(Call::FailNext),
+        ]
+    }
+
+    fn plan(large: bool) -> &'static str {
+        if large {
+            LARGE
+        } else {
+            SMALL
+        }
+    }
+
+    /// Plays one call; the status it answered (none for an injected failure).
+    async fn play(broker: &Broker, fake: &Fake, call: &Call) -> Option<u16> {
+        let ctx = ctx();
+        let (service, small) = (|| Some(SERVICE.to_string()), || Some(SMALL.to_string()));
+        let answer = match *call {
+            Call::Provision(i, large) => {
+                let body = provision_body(SERVICE, plan(large));
+                broker.provision(INSTANCES[i], body, false, &ctx).await
+            }
+            Call::Update(i, large) => {
+                let req = json!({"service_id": SERVICE, "plan_id": plan(large)});
+                let req = serde_json::from_value(req).unwrap();
+                broker.update(INSTANCES[i], req, false, &ctx).await
+            }
+            Call::Deprovision(i) => {
+                let id = INSTANCES[i];
+                broker
+                    .deprovision(id, service(), small(), false, &ctx)
+                    .await
+            }
+            Call::Bind(i, b) => {
+                let (iid, bid) = (INSTANCES[i], BINDINGS[b]);
+                broker.bind(iid, bid, bind_body(), false, &ctx).await
+            }
+            Call::Unbind(i, b) => {
+                let (iid, bid) = (INSTANCES[i], BINDINGS[b]);
+                broker
+                    .unbind(iid, bid, service(), small(), false, &ctx)
+                    .await
+            }
+            Call::FailNext(unreachable) => {
+                *fake.fail_next.lock().unwrap() = Some(if unreachable {
+                    BackendError::unavailable("the fake is down", "injected")
+                } else {
+                    BackendError::Rejected("the fake refuses".into())
+                });
+                return None;
+            }
+        };
+        Some(status(&answer))
+    }
+
+    /// Whether the store and the backend agree, and if not, where.
+    async fn agree(store: &Arc<dyn StateStore>, fake: &Fake) -> Result<(), String> {
+        for id in INSTANCES {
+            let recorded = instance(store, id).await.is_some_and(|r| r.provisioned);
+            if recorded != fake.holds(id) {
+                return Err(format!(
+                    "{id}: recorded {recorded}, held {}",
+                    fake.holds(id)
+                ));
+            }
+        }
+        for id in BINDINGS {
+            let record = binding(store, id).await;
+            let recorded = record.as_ref().is_some_and(|r| r.credentials.is_some());
+            if recorded != fake.holds(id) {
+                return Err(format!(
+                    "{id}: recorded {recorded}, held {}",
+                    fake.holds(id)
+                ));
+            }
+            if let Some(record) = record {
+                if instance(store, &record.instance_id).await.is_none() {
+                    return Err(format!("{id} outlived {}", record.instance_id));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Plays each batch's calls at once, checking after each batch has answered.
+    async fn run(batches: Vec<Vec<Call>>) -> Result<(), String> {
+        let (broker, fake, store) = setup();
+        for batch in batches {
+            let calls: Vec<_> = batch
+                .into_iter()
+                .map(|call| {
+                    let (broker, fake) = (broker.clone(), fake.clone());
+                    tokio::spawn(async move { (play(&broker, &fake, &call).await, call) })
+                })
+                .collect();
+            for call in calls {
+                let (answered, call) = call.await.unwrap();
+                if let Some(s) = answered.filter(|s| !matches!(s, 200 | 201 | 400..=422 | 503)) {
+                    return Err(format!("{call:?} answered {s}"));
+                }
+            }
+            agree(&store, &fake).await?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn the_store_and_the_backend_agree_after_any_interleaving(
+            batches in prop::collection::vec(prop::collection::vec(call(), 1..4), 1..12)
+        ) {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let outcome = runtime.block_on(run(batches));
+            prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
+        }
+    }
 }

@@ -39,7 +39,7 @@ use crate::backend::{Backend, BackendError, Backends};
 use crate::catalog::{LocalCatalog, LocalPlan, LocalService, ParametersOf, PlanLimits};
 use crate::error::OsbError;
 use crate::federation::Federation;
-use crate::store::{InstanceRecord, OpKind, OperationRecord, StateStore};
+use crate::store::{records, InstanceRecord, OpKind, OperationRecord, StateStore};
 
 /// A backend as the call kinds hold it.
 type BackendRef = Arc<dyn Backend>;
@@ -291,18 +291,21 @@ impl Broker {
     /// mitigation). A local service's backend removes whatever the derived names point at,
     /// if anything; an upstream's gets the DELETE; either way the answer is 410 unless the
     /// upstream says otherwise.
-    async fn delete_unrecorded<F, W>(
+    async fn delete_unrecorded<R, F, W>(
         &self,
         path: &str,
-        (kind, service_id, plan_id): (OpKind, &str, &str),
+        claim: R,
         remove: F,
         accepts_incomplete: bool,
         ctx: &CallContext,
     ) -> Result<Reply, OsbError>
     where
+        R: operation::Resource,
         F: FnOnce(BackendRef, PlanLimits) -> W,
         W: Future<Output = Result<(), BackendError>>,
     {
+        let kind = claim.operation().kind;
+        let (service_id, plan_id) = claim.offering();
         let Some(service) = self.inner.catalog.service(service_id) else {
             return self
                 .forward_orphan_delete(path, kind, service_id, plan_id, accepts_incomplete, ctx)
@@ -316,7 +319,17 @@ impl Broker {
             service_id,
             "a delete for an unrecorded resource: removing what its names point at"
         );
-        self.within(remove(backend, plan.limits)).await?;
+        // Held while the names are cleaned: a provision or bind of the id meanwhile is
+        // told to wait (422), so the cleanup never removes what it makes.
+        let inserted = records::insert(self.store_ref(), &claim, None).await?;
+        if !matches!(inserted, records::Inserted::Inserted) {
+            return Err(OsbError::concurrency());
+        }
+        let removed = self.within(remove(backend, plan.limits)).await;
+        let at = operation::At::Version(1);
+        self.record_outcome(claim.id(), at, operation::Outcome::<R>::Remove)
+            .await?;
+        removed?;
         Err(OsbError::Gone)
     }
 }

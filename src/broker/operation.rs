@@ -107,6 +107,11 @@ pub(super) trait Resource: Record + Clone + 'static {
     /// The answer to a repeat of the request once its operation is complete; `None` when
     /// the repeat must act again (a forwarded binding keeps no credentials to repeat).
     fn done(&self) -> Option<Reply>;
+    /// Whether the record is a delete's claim on an id the broker never recorded, held
+    /// while the delete removes what the id's names point at.
+    fn cleanup_claim(&self) -> bool;
+    /// The ids of the service and plan the record is of.
+    fn offering(&self) -> (&str, &str);
 }
 
 /// The token a `202` hands out for a record's operation.
@@ -154,6 +159,14 @@ fn answer_existing<R: Resource>(
     record: &R,
     accepts_incomplete: bool,
 ) -> Result<Option<Reply>, OsbError> {
+    // A delete cleaning up after an unrecorded attempt: wait for it, or take over once
+    // its lease has run out (its attributes are not a request's).
+    if existing.cleanup_claim() {
+        return match existing.operation().in_flight() {
+            true => Err(OsbError::concurrency()),
+            false => Ok(None),
+        };
+    }
     if !existing.same_request(record) {
         let what = match R::TABLE {
             Table::Instances => "instance",
