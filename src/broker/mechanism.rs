@@ -79,6 +79,14 @@ impl Fake {
     }
 }
 
+/// Waits for a permit while `gate` is set.
+async fn pass(gate: &Mutex<Option<Arc<Semaphore>>>) {
+    let gate = gate.lock().unwrap().clone();
+    if let Some(gate) = gate {
+        let _permit = gate.acquire().await.unwrap();
+    }
+}
+
 #[async_trait]
 impl Backend for Fake {
     fn describe(&self) -> String {
@@ -90,10 +98,7 @@ impl Backend for Fake {
     }
 
     async fn provision(&self, instance_id: &str, _limits: PlanLimits) -> Result<(), BackendError> {
-        let gate = self.gate.lock().unwrap().clone();
-        if let Some(gate) = gate {
-            let _permit = gate.acquire().await.unwrap();
-        }
+        pass(&self.gate).await;
         if self.stall.swap(false, Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
@@ -120,10 +125,7 @@ impl Backend for Fake {
         instance_id: &str,
         _limits: PlanLimits,
     ) -> Result<(), BackendError> {
-        let gate = self.deprovision_gate.lock().unwrap().clone();
-        if let Some(gate) = gate {
-            let _permit = gate.acquire().await.unwrap();
-        }
+        pass(&self.deprovision_gate).await;
         self.act("deprovision", instance_id).await?;
         self.remove(instance_id);
         Ok(())
